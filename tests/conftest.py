@@ -1,0 +1,68 @@
+"""Offline, fast settings and tiny-model fixtures shared by every test."""
+
+import os
+import tempfile
+
+# Before transformers / datasets / huggingface_hub are imported anywhere.
+_HF_HOME = tempfile.mkdtemp(prefix="vlfuse-test-hf-")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("HF_HOME", _HF_HOME)
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from vlfuse.config import Config, ModelConfig, load_config  # noqa: E402
+
+TINY_MODEL = [
+    "model.image_encoder.name=test_resnet",
+    "model.image_encoder.pretrained=false",
+    "model.image_encoder.image_size=64",
+    "model.text_encoder.name=vlfuse:tiny-bert",
+    "model.text_encoder.pretrained=false",
+    "model.text_encoder.max_length=16",
+    "model.fusion.dim=32",
+    "model.fusion.num_heads=4",
+    "model.fusion.num_layers=2",
+]
+
+
+def tiny_config(*overrides: str) -> Config:
+    """A full config with tiny random encoders (timm test_resnet with BatchNorm, a 2-layer BERT)."""
+    return load_config(overrides=[*TINY_MODEL, *overrides])
+
+
+def tiny_model_config(*overrides: str) -> ModelConfig:
+    return tiny_config(*overrides).model
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def bert_folder(tmp_path_factory):
+    """A BERT model (weights, config, tokenizer) saved to a local folder, as a Hub snapshot would be."""
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    from vlfuse.encoders.text import resolve_text_encoder_name
+
+    folder = tmp_path_factory.mktemp("bert")
+    tokenizer = BertTokenizer.from_pretrained(resolve_text_encoder_name("vlfuse:tiny-bert"))
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(1)
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -1,0 +1,298 @@
+"""Typed configuration: dataclasses validated by OmegaConf, YAML files and dotted ``key=value`` overrides.
+
+A config is a tree of plain dataclasses (``Config`` with ``model``, ``data`` and ``train`` sections).
+``load_config`` merges a YAML file and command-line overrides onto the schema; OmegaConf rejects unknown
+keys and values of the wrong type, and ``validate`` checks choices and ranges declared in each field's
+metadata. Every error names the dotted key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+TRAINABLE_ENCODERS = ("none", "image", "text", "all")
+FUSION_NAMES = ("concat", "transformer", "dense")
+TASKS = ("grounding",)
+BOX_FORMATS = ("xyxy", "xywh", "cxcywh")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, has the wrong type or an invalid value."""
+
+
+def _choices(default: str, choices: Sequence[str]) -> Any:
+    return field(default=default, metadata={"choices": tuple(choices)})
+
+
+def _at_least(default: Any, minimum: float) -> Any:
+    return field(default=default, metadata={"min": minimum})
+
+
+@dataclass
+class ImageEncoderConfig:
+    # Any timm model name (``timm.list_models()``), e.g. resnet50.a1_in1k.
+    name: str = "resnet50.a1_in1k"
+    # Load pretrained weights (from the Hub, or from ``checkpoint``); false: random init, no download.
+    pretrained: bool = True
+    # A local weights file (.safetensors / .pth / .bin) used instead of the Hub's weights.
+    checkpoint: str | None = None
+    # Square input size in pixels; ViTs are built for it (position embeddings resampled).
+    image_size: int = _at_least(384, 16)
+    # Extra keyword arguments for ``timm.create_model`` (e.g. {output_stride: 16, drop_path_rate: 0.1}).
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TextEncoderConfig:
+    # A Hub id, a local folder (config + tokenizer [+ weights]) or ``vlfuse:<name>`` for a bundled one.
+    name: str = "bert-base-uncased"
+    # Load pretrained weights; false: build from the config with random weights.
+    pretrained: bool = True
+    # Expressions are truncated to this many tokens.
+    max_length: int = _at_least(40, 2)
+    # Allow custom model code from the Hub (off unless you trust the repository).
+    trust_remote_code: bool = False
+
+
+@dataclass
+class FusionConfig:
+    # concat: pooled features -> MLP; transformer: tokens + query token(s) (TransVG-style);
+    # dense: text-conditioned (FiLM) feature map with coordinate channels, one box per location.
+    name: str = _choices("transformer", FUSION_NAMES)
+    # Width of the fusion head.
+    dim: int = _at_least(256, 8)
+    # Transformer / conv layers in the fusion head.
+    num_layers: int = _at_least(4, 1)
+    # Attention heads (transformer).
+    num_heads: int = _at_least(8, 1)
+    # Learnable query tokens (transformer); the first one is the fused vector.
+    num_queries: int = _at_least(1, 1)
+    # Feed-forward width as a multiple of ``dim``.
+    mlp_ratio: float = _at_least(4.0, 0.5)
+    dropout: float = _at_least(0.1, 0.0)
+
+
+@dataclass
+class ModelConfig:
+    image_encoder: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    # none: fusion + head only over frozen encoders; image / text: that encoder too; all: end-to-end.
+    trainable_encoders: str = _choices("none", TRAINABLE_ENCODERS)
+    # Which task head sits on the fusion output.
+    task: str = _choices("grounding", TASKS)
+
+
+@dataclass
+class DataConfig:
+    # A Hub dataset id, a local folder (Hub layout or save_to_disk) or an embedded dataset name ("shapes").
+    dataset: str = "shapes"
+    # Hub revision (branch, tag or commit) to pin the dataset.
+    revision: str | None = None
+    # Dataset configuration name (``load_dataset(path, name)``), if the dataset has several.
+    subset: str | None = None
+    train_split: str = "train"
+    # One split or a list of splits; metrics are reported per split.
+    eval_split: Any = "validation"
+    # Task field -> dataset column.
+    columns: dict[str, str] = field(default_factory=lambda: {"image": "image", "text": "text", "box": "box"})
+    # Folder that relative image paths are resolved against.
+    image_root: str | None = None
+    box_format: str = _choices("xyxy", BOX_FORMATS)
+    # Boxes are in [0, 1] relative to the image rather than in pixels.
+    box_normalized: bool = False
+    # Probability of a horizontal flip in training (left/right words are swapped with it).
+    hflip_prob: float = _at_least(0.0, 0.0)
+    # Cap the number of rows read per split (quick experiments); null = all.
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    # DataLoader worker processes.
+    num_workers: int = _at_least(0, 0)
+    # Embedded dataset only: images in the train / validation split, image size and seed.
+    shapes_train_size: int = _at_least(20000, 1)
+    shapes_eval_size: int = _at_least(1000, 1)
+    shapes_image_size: int = _at_least(64, 16)
+    shapes_seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/grounding"
+    epochs: int = _at_least(10, 1)
+    # When set, wins over epochs.
+    max_steps: int | None = None
+    # Per process.
+    batch_size: int = _at_least(32, 1)
+    # Evaluation batch size per process; null = batch_size.
+    eval_batch_size: int | None = None
+    # Learning rate of the fusion and task head.
+    lr: float = _at_least(1.0e-4, 0.0)
+    # Learning rate of trainable encoders.
+    encoder_lr: float = _at_least(1.0e-5, 0.0)
+    weight_decay: float = _at_least(0.01, 0.0)
+    # Linear warm-up steps, then cosine decay to zero.
+    warmup_steps: int = _at_least(0, 0)
+    max_grad_norm: float | None = 1.0
+    gradient_accumulation_steps: int = _at_least(1, 1)
+    mixed_precision: str = _choices("no", MIXED_PRECISION)
+    seed: int = 0
+    # Evaluate every N optimizer steps; null = once per epoch.
+    eval_every: int | None = None
+    # Save a resumable checkpoint every N optimizer steps; null = only at the end.
+    checkpoint_every: int | None = None
+    # Checkpoints kept in output_dir/checkpoints.
+    keep_last: int = _at_least(2, 1)
+    # A checkpoint folder, or "latest" (the newest in output_dir/checkpoints).
+    resume_from: str | None = None
+    # Frozen encoders only: compute their features once.
+    cache_features: bool = False
+    # Accelerate tracker: tensorboard | wandb | ... ; null = none.
+    log_with: str | None = None
+    # Print/log training loss every N steps.
+    log_every: int = _at_least(10, 1)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def _describe_allowed(schema: Any, key: str) -> str:
+    """The keys allowed next to ``key`` (a dotted path), for an unknown-key message."""
+    node = schema
+    for part in key.split(".")[:-1]:
+        if not dataclasses.is_dataclass(node):
+            return ""
+        node = getattr(node, part, None)
+    if dataclasses.is_dataclass(node):
+        return "allowed keys here: " + ", ".join(f.name for f in dataclasses.fields(node))
+    return ""
+
+
+def _merge(base: Any, other: Any, source: str) -> Any:
+    try:
+        return OmegaConf.merge(base, other)
+    except ConfigKeyError as err:
+        key = err.full_key or str(err.key)
+        allowed = _describe_allowed(Config(), key)
+        raise ConfigError(f"unknown config key '{key}' (from {source}); {allowed}") from None
+    except OmegaConfBaseException as err:
+        key = err.full_key or str(err.key)
+        msg = str(err).split("\n")[0]
+        raise ConfigError(f"bad value for config key '{key}' (from {source}): {msg}") from None
+
+
+def validate(cfg: Any, prefix: str = "") -> None:
+    """Checks choices and ranges declared in field metadata, recursively.
+
+    Raises:
+        ConfigError: naming the key, the bad value and what is allowed.
+    """
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            validate(value, key + ".")
+            continue
+        choices = f.metadata.get("choices")
+        if choices is not None and value not in choices:
+            raise ConfigError(f"invalid value {value!r} for '{key}'; allowed: {', '.join(choices)}")
+        minimum = f.metadata.get("min")
+        if minimum is not None and value is not None and value < minimum:
+            raise ConfigError(f"invalid value {value!r} for '{key}'; must be >= {minimum}")
+    if isinstance(cfg, DataConfig):
+        splits = cfg.eval_split if isinstance(cfg.eval_split, list | tuple) else [cfg.eval_split]
+        if not splits or not all(isinstance(s, str) and s for s in splits):
+            raise ConfigError(
+                f"invalid value {cfg.eval_split!r} for 'data.eval_split'; allowed: a split name or a list"
+            )
+        if isinstance(cfg.eval_split, tuple):
+            cfg.eval_split = list(cfg.eval_split)
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    base: Config | None = None,
+) -> Config:
+    """Builds a validated ``Config``: schema defaults < ``base`` < YAML file < ``key=value`` overrides.
+
+    Args:
+        path: a YAML file with any subset of the keys.
+        overrides: dotted ``key=value`` strings, values parsed as YAML (``data.eval_split=[testA,testB]``).
+        base: defaults to start from instead of the schema's (e.g. a recipe's embedded default).
+
+    Raises:
+        ConfigError: for an unknown key, a wrong type or an invalid value, naming the key.
+        FileNotFoundError: if ``path`` does not exist.
+    """
+    cfg = OmegaConf.structured(base if base is not None else Config())
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        loaded = OmegaConf.load(path)
+        cfg = _merge(cfg, loaded, str(path))
+    bad = [o for o in overrides if "=" not in o or o.startswith("=")]
+    if bad:
+        raise ConfigError(f"overrides must look like key=value (e.g. train.lr=3e-4); got {bad}")
+    if overrides:
+        try:
+            dotlist = OmegaConf.from_dotlist(list(overrides))
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"could not parse overrides {list(overrides)}: {err}") from None
+        cfg = _merge(cfg, dotlist, "command line")
+    obj = OmegaConf.to_object(cfg)
+    validate(obj)
+    return obj
+
+
+def parse_cli(argv: Sequence[str]) -> tuple[str | None, list[str]]:
+    """Splits ``[--config FILE] [key=value ...]`` into the file and the overrides."""
+    config_path = None
+    overrides: list[str] = []
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg in ("--config", "-c"):
+            if i + 1 >= len(args):
+                raise ConfigError("--config needs a file path")
+            config_path = args[i + 1]
+            i += 2
+            continue
+        if arg.startswith("--config="):
+            config_path = arg.split("=", 1)[1]
+        elif arg.startswith("-"):
+            raise ConfigError(f"unknown option {arg!r}; usage: [--config FILE] [key=value ...]")
+        else:
+            overrides.append(arg)
+        i += 1
+    return config_path, overrides
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A plain nested dict of a config (or any config section)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+
+
+def to_yaml(cfg: Any) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def section_from_dict(cls: type, values: dict[str, Any]) -> Any:
+    """Builds a config section (e.g. ``ModelConfig``) from a plain dict, validated like a file."""
+    merged = _merge(OmegaConf.structured(cls()), OmegaConf.create(values), cls.__name__)
+    obj = OmegaConf.to_object(merged)
+    validate(obj)
+    return obj

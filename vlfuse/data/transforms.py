@@ -1,0 +1,93 @@
+"""Image transforms that move the box with the image.
+
+Images are letterboxed to a square ``S x S`` input: scaled so the longer side is ``S``, centred, padded
+with the normalisation mean (zero after normalising). Boxes go through the same scale and offset. A
+horizontal flip mirrors the box and swaps left/right words in the expression.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vlfuse.tasks.boxes import convert_boxes
+
+_LR_SWAP = {
+    "left": "right",
+    "right": "left",
+    "leftmost": "rightmost",
+    "rightmost": "leftmost",
+    "lefter": "righter",
+    "righter": "lefter",
+}
+_LR_PATTERN = re.compile(r"\b(" + "|".join(sorted(_LR_SWAP, key=len, reverse=True)) + r")\b", re.IGNORECASE)
+
+_RESAMPLE = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+def swap_left_right(text: str) -> str:
+    """Swaps left/right words, keeping their capitalisation ("Left" -> "Right")."""
+
+    def repl(m: re.Match) -> str:
+        word = m.group(0)
+        swapped = _LR_SWAP[word.lower()]
+        return swapped.capitalize() if word[0].isupper() else swapped
+
+    return _LR_PATTERN.sub(repl, text)
+
+
+def letterbox(
+    image: Image.Image, size: int, box_xyxy: torch.Tensor | None = None, interpolation: str = "bilinear"
+) -> tuple[Image.Image, torch.Tensor | None, torch.Tensor]:
+    """Resizes ``image`` into an ``size x size`` square, keeping its aspect ratio, centred.
+
+    Args:
+        image: an RGB PIL image of any size.
+        size: the square side.
+        box_xyxy: ``[4]`` absolute pixel box in the original image, or None.
+        interpolation: timm's interpolation name.
+
+    Returns:
+        The square image, the box normalized ``cxcywh`` in it (or None), and the meta vector
+        (scale_x, scale_y, pad_x, pad_y, size, width, height) that ``boxes_to_pixels`` inverts.
+    """
+    w, h = image.size
+    scale = size / max(w, h)
+    new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
+    pad_x, pad_y = (size - new_w) // 2, (size - new_h) // 2
+    resized = image.resize((new_w, new_h), _RESAMPLE.get(interpolation, Image.Resampling.BILINEAR))
+    canvas = Image.new("RGB", (size, size))
+    canvas.paste(resized, (pad_x, pad_y))
+    sx, sy = new_w / w, new_h / h
+    meta = torch.tensor([sx, sy, pad_x, pad_y, size, w, h], dtype=torch.float32)
+    if box_xyxy is None:
+        return canvas, None, meta
+    b = box_xyxy.float()
+    moved = torch.stack([b[0] * sx + pad_x, b[1] * sy + pad_y, b[2] * sx + pad_x, b[3] * sy + pad_y]) / size
+    return canvas, convert_boxes(moved, "xyxy", "cxcywh"), meta
+
+
+def hflip(image: Image.Image, box_xyxy: torch.Tensor, text: str) -> tuple[Image.Image, torch.Tensor, str]:
+    """Mirrors the image and the box; left/right words are swapped so the expression stays true."""
+    w = image.size[0]
+    flipped = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    box = torch.stack([w - box_xyxy[2], box_xyxy[1], w - box_xyxy[0], box_xyxy[3]])
+    return flipped, box, swap_left_right(text)
+
+
+def to_tensor(image: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """A normalized ``[3, H, W]`` float tensor. Letterbox padding (black) is left as it normalizes."""
+    array = np.asarray(image, dtype=np.float32) / 255.0
+    tensor = torch.from_numpy(array).permute(2, 0, 1)
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    return (tensor - mean_t) / std_t

@@ -1,0 +1,25 @@
+"""The small interface both encoder towers share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class EncoderOutput:
+    """What a tower hands to the fusion head.
+
+    Attributes:
+        tokens: token features ``[B, N, C]`` (an image's flattened feature map or patch tokens; a text's
+            token states).
+        pooled: one vector per input ``[B, C_pooled]``.
+        mask: ``[B, N]`` bool, True where a token is real (text padding is False); None for images.
+        grid: ``(H, W)`` of the image token grid, ``H * W == N``; None for text.
+    """
+
+    tokens: torch.Tensor
+    pooled: torch.Tensor
+    mask: torch.Tensor | None = None
+    grid: tuple[int, int] | None = None

@@ -1,0 +1,121 @@
+"""A timm image encoder: any ``timm.create_model`` name, Hub or local weights, token + pooled features."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from timm.data import resolve_model_data_config
+from torch import nn
+
+from vlfuse.config import ImageEncoderConfig
+from vlfuse.encoders.base import EncoderOutput
+
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+
+
+def _create(cfg: ImageEncoderConfig, pretrained: bool) -> nn.Module:
+    kwargs: dict[str, Any] = {"num_classes": 0, **cfg.kwargs}
+    if cfg.checkpoint and pretrained:
+        path = Path(cfg.checkpoint).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"model.image_encoder.checkpoint: no such file: {path}")
+        if path.suffix not in WEIGHT_SUFFIXES:
+            raise ValueError(
+                f"model.image_encoder.checkpoint: {path.name} is not a weights file ("
+                f"{', '.join(WEIGHT_SUFFIXES)})"
+            )
+        # timm's own loader: drops the classifier for num_classes=0, resamples ViT position embeddings,
+        # reads safetensors directly and .pth with weights_only=True.
+        kwargs["pretrained_cfg_overlay"] = {"file": str(path)}
+    hub_prefixed = cfg.name.startswith(("hf-hub:", "hf_hub:", "local-dir:"))
+    if not hub_prefixed and not timm.is_model(cfg.name.split(".")[0]):
+        raise ValueError(
+            f"model.image_encoder.name: unknown timm model {cfg.name!r} (see timm.list_models())"
+        )
+    try:
+        # ViT-like models build their position embeddings for image_size; CNNs take any size.
+        return timm.create_model(cfg.name, pretrained=pretrained, img_size=cfg.image_size, **kwargs)
+    except TypeError as err:
+        if "img_size" not in str(err):
+            raise
+        return timm.create_model(cfg.name, pretrained=pretrained, **kwargs)
+
+
+class ImageEncoder(nn.Module):
+    """Wraps a timm model behind ``EncoderOutput``.
+
+    Token features are the final feature map flattened to ``[B, H*W, C]`` for CNNs (NCHW or NHWC) and the
+    patch tokens for ViT-style models (class/register prefix tokens removed); the pooled vector is timm's
+    own head pooling (``forward_head(pre_logits=True)``).
+
+    Args:
+        cfg: the image encoder section of the config.
+        pretrained: overrides ``cfg.pretrained`` (``from_pretrained`` rebuilds without downloading).
+        data_config: preprocessing settings to use instead of timm's (restored from a saved model).
+    """
+
+    def __init__(
+        self, cfg: ImageEncoderConfig, pretrained: bool | None = None, data_config: dict | None = None
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.model = _create(cfg, cfg.pretrained if pretrained is None else pretrained)
+        self.num_prefix_tokens = int(getattr(self.model, "num_prefix_tokens", 0) or 0)
+        self.output_fmt = str(getattr(self.model, "output_fmt", "NCHW"))
+        if data_config is None:
+            data_config = dict(resolve_model_data_config(self.model))
+            data_config["input_size"] = (3, cfg.image_size, cfg.image_size)
+            data_config = {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()}
+        self.data_config = data_config
+        # One dry run tells the token grid and widths for any architecture.
+        was_training = self.model.training
+        self.model.eval()
+        with torch.no_grad():
+            out = self.forward(torch.zeros(1, 3, cfg.image_size, cfg.image_size))
+        self.model.train(was_training)
+        self.token_dim = out.tokens.shape[-1]
+        self.pooled_dim = out.pooled.shape[-1]
+        self.grid = out.grid
+        self.num_tokens = out.tokens.shape[1]
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        return tuple(self.data_config["mean"])
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return tuple(self.data_config["std"])
+
+    def forward(self, pixel_values: torch.Tensor) -> EncoderOutput:
+        features = self.model.forward_features(pixel_values)
+        pooled = self.model.forward_head(features, pre_logits=True)
+        if features.ndim == 4:
+            if self.output_fmt == "NHWC":
+                features = features.permute(0, 3, 1, 2)
+            grid = (features.shape[2], features.shape[3])
+            tokens = features.flatten(2).transpose(1, 2)
+        elif features.ndim == 3:
+            tokens = features[:, self.num_prefix_tokens :]
+            grid = _square_grid(tokens.shape[1], pixel_values.shape[-2:])
+        else:
+            raise ValueError(f"{self.cfg.name}: unexpected feature shape {tuple(features.shape)}")
+        return EncoderOutput(tokens=tokens, pooled=pooled, grid=grid)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.model.set_grad_checkpointing(enable)
+
+    def classification_transform(self, train: bool) -> Any:
+        """timm's train/eval transform for this encoder (for tasks without boxes)."""
+        return timm.data.create_transform(**self.data_config, is_training=train)
+
+
+def _square_grid(n: int, image_hw: torch.Size) -> tuple[int, int]:
+    """A token grid with the image's aspect ratio (patch tokens carry no explicit shape)."""
+    h_px, w_px = int(image_hw[0]), int(image_hw[1])
+    for h in range(1, n + 1):
+        if n % h == 0 and abs(h / (n // h) - h_px / w_px) < 1e-6:
+            return h, n // h
+    raise ValueError(f"cannot arrange {n} patch tokens in a grid for a {h_px}x{w_px} image")

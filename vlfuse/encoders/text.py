@@ -1,0 +1,99 @@
+"""A transformers text encoder with its tokenizer: any Hub id or local folder."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+from vlfuse.config import TextEncoderConfig
+from vlfuse.encoders.base import EncoderOutput
+
+BUNDLED_PREFIX = "vlfuse:"
+
+
+def resolve_text_encoder_name(name: str) -> str:
+    """A Hub id or folder as given; ``vlfuse:<name>`` maps to a folder bundled in the package."""
+    if name.startswith(BUNDLED_PREFIX):
+        bundled = resources.files("vlfuse") / "assets" / name[len(BUNDLED_PREFIX) :]
+        if not bundled.is_dir():
+            available = sorted(p.name for p in (resources.files("vlfuse") / "assets").iterdir() if p.is_dir())
+            raise ValueError(f"model.text_encoder.name: no bundled encoder {name!r}; bundled: {available}")
+        return str(bundled)
+    return str(Path(name).expanduser()) if Path(name).expanduser().is_dir() else name
+
+
+class TextEncoder(nn.Module):
+    """Wraps a transformers encoder and its tokenizer behind ``EncoderOutput``.
+
+    The pooled vector is the mask-weighted mean of the last hidden states, so every architecture pools
+    the same way and no parameter goes unused: a pooler layer (BERT's) that the fusion never reads
+    is removed, since DDP fails on trainable parameters that receive no gradient. Encoder-decoder
+    models (T5) contribute their encoder only.
+
+    Args:
+        cfg: the text encoder section of the config.
+        pretrained: overrides ``cfg.pretrained``.
+        source: a folder to load config and tokenizer from instead of ``cfg.name`` (a saved model).
+    """
+
+    def __init__(self, cfg: TextEncoderConfig, pretrained: bool | None = None, source: str | None = None):
+        super().__init__()
+        self.cfg = cfg
+        path = source or resolve_text_encoder_name(cfg.name)
+        pretrained = cfg.pretrained if pretrained is None else pretrained
+        remote = cfg.trust_remote_code
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=remote)
+            if pretrained:
+                model = AutoModel.from_pretrained(path, trust_remote_code=remote)
+            else:
+                config = AutoConfig.from_pretrained(path, trust_remote_code=remote)
+                model = AutoModel.from_config(config, trust_remote_code=remote)
+        except OSError as err:
+            raise OSError(
+                f"model.text_encoder.name={cfg.name!r}: could not load a tokenizer and model from it "
+                f"(a Hub id needs network or the local cache; a folder needs config.json and tokenizer "
+                f"files): {err}"
+            ) from err
+        if getattr(model.config, "is_encoder_decoder", False):
+            model = model.get_encoder()
+        if getattr(model, "pooler", None) is not None:
+            model.pooler = None
+        self.model = model
+        self.dim = int(
+            model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.d_model
+        )
+        self.token_dim = self.pooled_dim = self.dim
+
+    @property
+    def max_length(self) -> int:
+        return self.cfg.max_length
+
+    def tokenize(self, texts: list[str], padding: str | bool = True) -> dict[str, torch.Tensor]:
+        """Token ids and attention mask, truncated to ``max_length``."""
+        encoded = self.tokenizer(
+            list(texts), padding=padding, truncation=True, max_length=self.cfg.max_length, return_tensors="pt"
+        )
+        return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> EncoderOutput:
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.bool()
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        return EncoderOutput(tokens=hidden, pooled=pooled, mask=mask)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        if enable:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            self.model.gradient_checkpointing_disable()
+
+    def save_source(self, folder: str | Path) -> None:
+        """Writes the config and tokenizer so the encoder can be rebuilt offline (weights go elsewhere)."""
+        self.model.config.save_pretrained(folder)
+        self.tokenizer.save_pretrained(folder)

@@ -1,0 +1,260 @@
+"""VLFuseModel: image encoder + text encoder + fusion head + task head, and the trainable_encoders switch."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from vlfuse.config import TRAINABLE_ENCODERS, ModelConfig, section_from_dict, to_dict
+from vlfuse.data.transforms import letterbox, to_tensor
+from vlfuse.encoders import EncoderOutput, ImageEncoder, TextEncoder
+from vlfuse.fusion import TowerShape, build_fusion
+from vlfuse.tasks.grounding import GroundingHead, boxes_to_pixels
+
+CONFIG_NAME = "vlfuse_config.json"
+WEIGHTS_NAME = "model.safetensors"
+TEXT_ENCODER_DIR = "text_encoder"
+
+# Which towers learn under each value of model.trainable_encoders.
+TRAINABLE_TOWERS: dict[str, frozenset[str]] = {
+    "none": frozenset(),
+    "image": frozenset({"image"}),
+    "text": frozenset({"text"}),
+    "all": frozenset({"image", "text"}),
+}
+TOWER_ATTRS = {"image": "image_encoder", "text": "text_encoder"}
+
+
+def _tower_shapes(image: ImageEncoder, text: TextEncoder) -> tuple[TowerShape, TowerShape]:
+    return (
+        TowerShape(image.token_dim, image.pooled_dim, image.num_tokens, image.grid),
+        TowerShape(text.token_dim, text.pooled_dim, text.max_length),
+    )
+
+
+def build_task_head(task: str, dim: int, kind: str) -> nn.Module:
+    if task == "grounding":
+        return GroundingHead(dim, kind)
+    raise ValueError(f"model.task: unknown task {task!r}")
+
+
+class VLFuseModel(nn.Module):
+    """Two pretrained towers, a fusion head and a task head, with one switch for what learns.
+
+    ``trainable_encoders`` (``none`` | ``image`` | ``text`` | ``all``) is applied by
+    ``set_trainable_encoders``: a frozen tower has ``requires_grad=False``, stays in ``eval()`` across
+    ``model.train()`` (BatchNorm statistics never move), runs under ``torch.no_grad()`` and is left out of
+    ``param_groups``.
+
+    Args:
+        cfg: the model section of the config.
+        pretrained: overrides both towers' ``pretrained`` (False when rebuilding a saved model).
+        image_data_config: saved preprocessing settings of the image tower.
+        text_source: a folder with the text tower's config and tokenizer (a saved model).
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        pretrained: bool | None = None,
+        image_data_config: dict | None = None,
+        text_source: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = cfg
+        self.image_encoder = ImageEncoder(
+            cfg.image_encoder, pretrained=pretrained, data_config=image_data_config
+        )
+        self.text_encoder = TextEncoder(cfg.text_encoder, pretrained=pretrained, source=text_source)
+        image_shape, text_shape = _tower_shapes(self.image_encoder, self.text_encoder)
+        self.fusion = build_fusion(
+            cfg.fusion, image_shape, text_shape, max_text_len=cfg.text_encoder.max_length
+        )
+        self.head = build_task_head(cfg.task, self.fusion.dim, self.fusion.output_kind)
+        self.set_trainable_encoders(cfg.trainable_encoders)
+
+    # ----------------------------------------------------------------------------------------- the switch
+    @property
+    def trainable_encoders(self) -> str:
+        return self.config.trainable_encoders
+
+    def tower_is_trainable(self, tower: str) -> bool:
+        return tower in TRAINABLE_TOWERS[self.config.trainable_encoders]
+
+    def set_trainable_encoders(self, mode: str) -> VLFuseModel:
+        """Applies ``mode`` to both towers; idempotent, and reversible in either direction."""
+        if mode not in TRAINABLE_TOWERS:
+            raise ValueError(
+                f"model.trainable_encoders: invalid value {mode!r}; allowed: {', '.join(TRAINABLE_ENCODERS)}"
+            )
+        self.config.trainable_encoders = mode
+        for tower, attr in TOWER_ATTRS.items():
+            encoder = getattr(self, attr)
+            trainable = tower in TRAINABLE_TOWERS[mode]
+            encoder.requires_grad_(trainable)
+            encoder.train(self.training and trainable)
+        self.fusion.requires_grad_(True)
+        self.head.requires_grad_(True)
+        return self
+
+    def train(self, mode: bool = True) -> VLFuseModel:
+        super().train(mode)
+        for tower, attr in TOWER_ATTRS.items():
+            if not self.tower_is_trainable(tower):
+                getattr(self, attr).eval()
+        return self
+
+    def frozen_towers(self) -> list[str]:
+        return [t for t in TOWER_ATTRS if not self.tower_is_trainable(t)]
+
+    def trainable_parameter_names(self) -> set[str]:
+        return {n for n, p in self.named_parameters() if p.requires_grad}
+
+    def _named_trainable(self, encoders: bool) -> Iterator[tuple[str, nn.Parameter]]:
+        for name, p in self.named_parameters():
+            in_encoder = name.split(".")[0] in TOWER_ATTRS.values()
+            if p.requires_grad and in_encoder == encoders:
+                yield name, p
+
+    def param_groups(self, lr: float, encoder_lr: float, weight_decay: float = 0.0) -> list[dict[str, Any]]:
+        """Optimizer groups holding only trainable parameters: fusion + head at ``lr``, trainable encoders
+        at ``encoder_lr``; biases and norm weights (1-d) get no weight decay."""
+        groups = []
+        for encoders, group_lr, label in ((False, lr, "head"), (True, encoder_lr, "encoders")):
+            decay, no_decay = [], []
+            for _, p in self._named_trainable(encoders):
+                (no_decay if p.ndim <= 1 else decay).append(p)
+            for params, wd, suffix in ((decay, weight_decay, ""), (no_decay, 0.0, "_no_decay")):
+                if params:
+                    groups.append(
+                        {"params": params, "lr": group_lr, "weight_decay": wd, "name": label + suffix}
+                    )
+        return groups
+
+    # ------------------------------------------------------------------------------------------ forward
+    def encode_image(self, pixel_values: torch.Tensor) -> EncoderOutput:
+        if self.tower_is_trainable("image"):
+            return self.image_encoder(pixel_values)
+        with torch.no_grad():
+            return self.image_encoder(pixel_values)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> EncoderOutput:
+        if self.tower_is_trainable("text"):
+            return self.text_encoder(input_ids, attention_mask)
+        with torch.no_grad():
+            return self.text_encoder(input_ids, attention_mask)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_features: EncoderOutput | None = None,
+        text_features: EncoderOutput | None = None,
+        **_: Any,
+    ) -> dict[str, torch.Tensor]:
+        """Runs the towers (or takes precomputed features), the fusion and the task head.
+
+        Extra keyword arguments (a batch's targets and metadata) are ignored, so ``model(**batch)`` works.
+        """
+        image = image_features if image_features is not None else self.encode_image(pixel_values)
+        text = text_features if text_features is not None else self.encode_text(input_ids, attention_mask)
+        return self.head(self.fusion(image, text))
+
+    # -------------------------------------------------------------------------------------- preprocessing
+    def preprocess_images(self, images: Sequence[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Letterboxed, normalized pixel values and the per-image meta that maps boxes back."""
+        size = self.config.image_encoder.image_size
+        interp = self.image_encoder.data_config.get("interpolation", "bilinear")
+        pixels, metas = [], []
+        for image in images:
+            square, _, meta = letterbox(image.convert("RGB"), size, None, interp)
+            pixels.append(to_tensor(square, self.image_encoder.mean, self.image_encoder.std))
+            metas.append(meta)
+        return torch.stack(pixels), torch.stack(metas)
+
+    @torch.no_grad()
+    def predict(
+        self, images: Sequence[Image.Image] | Image.Image, texts: Sequence[str] | str
+    ) -> torch.Tensor:
+        """Grounding: one ``xyxy`` box per (image, text) pair, in that input image's own pixels.
+
+        Args:
+            images: PIL images (any sizes), or one image for all texts.
+            texts: referring expressions, one per image (or one for a single image).
+        """
+        if self.config.task != "grounding":
+            raise ValueError(
+                f"predict returns boxes for task 'grounding'; this model's task is {self.config.task!r}"
+            )
+        if isinstance(images, Image.Image):
+            images = [images]
+        if isinstance(texts, str):
+            texts = [texts]
+        if len(images) == 1 and len(texts) > 1:
+            images = list(images) * len(texts)
+        if len(images) != len(texts):
+            raise ValueError(
+                f"predict got {len(images)} images and {len(texts)} texts; give one text per image"
+            )
+        was_training = self.training
+        self.eval()
+        device = next(self.parameters()).device
+        pixels, meta = self.preprocess_images(images)
+        tokens = self.text_encoder.tokenize(list(texts))
+        out = self(pixel_values=pixels.to(device), **{k: v.to(device) for k, v in tokens.items()})
+        self.train(was_training)
+        return boxes_to_pixels(out["boxes"], meta).cpu()
+
+    # ------------------------------------------------------------------------------------- save / load
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Writes the config, preprocessing settings, the text tower's config and tokenizer, and all weights
+        (safetensors) to ``folder``: everything needed to rebuild the model with no network."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "model": to_dict(self.config),
+            "image_data_config": self.image_encoder.data_config,
+            "format_version": 1,
+        }
+        (folder / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
+        self.text_encoder.save_source(folder / TEXT_ENCODER_DIR)
+        save_model(self, str(folder / WEIGHTS_NAME))
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, path_or_hub_id: str | Path, revision: str | None = None) -> VLFuseModel:
+        """Loads a model written by ``save_pretrained`` from a folder or a Hub model repository."""
+        folder = Path(path_or_hub_id).expanduser()
+        if not folder.is_dir():
+            if str(path_or_hub_id).startswith((".", "/", "~")) or folder.suffix:
+                raise FileNotFoundError(f"no saved vlfuse model at {folder}")
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(str(path_or_hub_id), revision=revision))
+        config_file = folder / CONFIG_NAME
+        if not config_file.is_file():
+            raise FileNotFoundError(f"{folder} is not a saved vlfuse model: {CONFIG_NAME} is missing")
+        meta = json.loads(config_file.read_text())
+        cfg = section_from_dict(ModelConfig, meta["model"])
+        model = cls(
+            cfg,
+            pretrained=False,
+            image_data_config=meta.get("image_data_config"),
+            text_source=str(folder / TEXT_ENCODER_DIR),
+        )
+        weights = folder / WEIGHTS_NAME
+        try:
+            load_model(model, str(weights), strict=True)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{weights} is missing") from None
+        except Exception as err:  # safetensors raises its own error types for damaged files
+            raise RuntimeError(f"could not load weights from {weights}: {err}") from err
+        return model
