@@ -87,6 +87,9 @@ class ModelConfig:
     fusion: FusionConfig = field(default_factory=FusionConfig)
     # none: fusion + head only over frozen encoders; image / text: that encoder too; all: end-to-end.
     trainable_encoders: str = _choices("none", TRAINABLE_ENCODERS)
+    # A saved vlfuse model (a final/ folder or a Hub id) to start from; its encoders, fusion and head
+    # replace the ones described above (trainable_encoders still applies).
+    init_from: str | None = None
     # Which task head sits on the fusion output.
     task: str = _choices("grounding", TASKS)
 
@@ -156,6 +159,9 @@ class TrainConfig:
     cache_features: bool = False
     # Accelerate tracker: tensorboard | wandb | ... ; null = none.
     log_with: str | None = None
+    # CPU threads per process when training on the CPU; null = cores / processes on this machine
+    # (accelerate launch sets OMP_NUM_THREADS=1 on CPU, which would leave cores idle).
+    cpu_threads: int | None = None
     # Print/log training loss every N steps.
     log_every: int = _at_least(10, 1)
 

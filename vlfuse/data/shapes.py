@@ -13,8 +13,10 @@ Rows follow the Hub grounding layout: ``image`` (PIL), ``text`` (a list of expre
 
 from __future__ import annotations
 
+import hashlib
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 from PIL import Image, ImageDraw
 
@@ -183,11 +185,18 @@ def make_example(rng: random.Random, size: int = 64) -> dict:
             "text": texts,
             "box": [float(v) for v in target.box],
             "num_objects": len(objects),
+            # Every object's box, referent included: lets one measure what ignoring the text would score.
+            "object_boxes": [[float(v) for v in o.box] for o in objects],
         }
 
 
-def generate(num_images: int, seed: int, size: int = 64):
-    """Yields ``num_images`` rows, deterministically from ``seed``."""
+def generator_version() -> str:
+    """A hash of this module's source: cached copies of the dataset are rebuilt when the generator changes."""
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+
+
+def generate(num_images: int, seed: int, size: int = 64, version: str = ""):
+    """Yields ``num_images`` rows, deterministically from ``seed`` (``version`` only keys the cache)."""
     rng = random.Random(seed)
     for _ in range(num_images):
         yield make_example(rng, size)

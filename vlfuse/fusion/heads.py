@@ -146,6 +146,10 @@ class _FiLMBlock(nn.Module):
 class DenseFusion(nn.Module):
     """The text conditions every location of the image feature map (FiLM), with coordinate channels so
     that locations know where they are. Converges far faster from scratch than a token transformer.
+
+    Each FiLM block reads its own attention-pooled view of the text tokens (so one block can pick out a
+    landmark phrase and a later one the relation), and a final attention layer over all locations and
+    text tokens relates distant objects ("left of the green triangle").
     """
 
     output_kind = "dense"
@@ -158,7 +162,21 @@ class DenseFusion(nn.Module):
         self.dim = d
         self.image_proj = nn.Conv2d(image.token_dim + 2, d, 1)
         self.text_proj = nn.Sequential(nn.Linear(text.pooled_dim, d), nn.LayerNorm(d), nn.GELU())
+        self.text_tokens = nn.Sequential(nn.Linear(text.token_dim, d), nn.LayerNorm(d))
+        self.block_queries = nn.Parameter(torch.randn(cfg.num_layers, d) * 0.02)
+        self.query_from_text = nn.Linear(d, d)
         self.blocks = nn.ModuleList(_FiLMBlock(d, d) for _ in range(cfg.num_layers))
+        heads = cfg.num_heads if d % cfg.num_heads == 0 else 1
+        self.relate = nn.TransformerEncoderLayer(
+            d,
+            heads,
+            int(d * cfg.mlp_ratio),
+            cfg.dropout,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
+        )
+        self.text_type = nn.Parameter(torch.zeros(1, 1, d))
 
     @staticmethod
     def coords(b: int, h: int, w: int, like: torch.Tensor) -> torch.Tensor:
@@ -172,9 +190,21 @@ class DenseFusion(nn.Module):
         h, w = image.grid
         fmap = image.tokens.transpose(1, 2).reshape(b, c, h, w)
         x = self.image_proj(torch.cat([fmap, self.coords(b, h, w, fmap)], dim=1))
-        t = self.text_proj(text.pooled)
-        for block in self.blocks:
-            x = block(x, t)
+        pooled = self.text_proj(text.pooled)
+        tokens = self.text_tokens(text.tokens)  # [B, T, d]
+        mask = text.mask if text.mask is not None else torch.ones(tokens.shape[:2], dtype=torch.bool)
+        mask = mask.to(tokens.device)
+        queries = self.block_queries.unsqueeze(0) + self.query_from_text(pooled).unsqueeze(1)  # [B, L, d]
+        scores = torch.einsum("bld,btd->blt", queries, tokens) / tokens.shape[-1] ** 0.5
+        attn = scores.masked_fill(~mask.unsqueeze(1), float("-inf")).softmax(dim=-1)
+        per_block = torch.einsum("blt,btd->bld", attn, tokens) + pooled.unsqueeze(1)
+        for i, block in enumerate(self.blocks):
+            x = block(x, per_block[:, i])
+        d = x.shape[1]
+        seq = torch.cat([x.flatten(2).transpose(1, 2), tokens + self.text_type], dim=1)
+        valid = torch.cat([torch.ones(b, h * w, dtype=torch.bool, device=x.device), mask], dim=1)
+        seq = self.relate(seq, src_key_padding_mask=~valid)
+        x = seq[:, : h * w].transpose(1, 2).reshape(b, d, h, w)
         return FusionOutput(dense=x)
 
 

@@ -117,3 +117,45 @@ def grounding_metrics(iou: torch.Tensor) -> dict[str, float]:
 
 def sample_iou(pred_xyxy: torch.Tensor, target_xyxy: torch.Tensor) -> torch.Tensor:
     return paired_iou(pred_xyxy, target_xyxy)
+
+
+class GroundingTask:
+    """Referring expression -> box: data, loss and metrics for the shared training loop."""
+
+    name = "grounding"
+    primary_metric = "acc@0.5"
+
+    def build_dataset(self, cfg, model, split: str, train: bool):
+        from vlfuse.data.grounding import GroundingDataset
+        from vlfuse.data.loading import load_split
+
+        ds = load_split(cfg.data, split)
+        limit = cfg.data.max_train_samples if train else cfg.data.max_eval_samples
+        if limit is not None and limit < len(ds):
+            ds = ds.select(range(limit))
+        enc = model.image_encoder
+        return GroundingDataset(
+            ds,
+            cfg.data,
+            image_size=model.config.image_encoder.image_size,
+            mean=enc.mean,
+            std=enc.std,
+            interpolation=enc.data_config.get("interpolation", "bilinear"),
+            train=train,
+            name=f"{cfg.data.dataset}[{split}]",
+        )
+
+    def collator(self, model):
+        from vlfuse.data.grounding import GroundingCollator
+
+        return GroundingCollator(model.text_encoder.tokenize)
+
+    def loss(self, outputs, batch):
+        return grounding_loss(outputs, batch["boxes"])
+
+    def eval_values(self, outputs, batch):
+        pred = boxes_to_pixels(outputs["boxes"], batch["meta"])
+        return {"iou": sample_iou(pred, batch["original_boxes"].float())}
+
+    def metrics(self, values):
+        return grounding_metrics(values["iou"])

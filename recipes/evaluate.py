@@ -1,0 +1,31 @@
+"""Score a trained model on one or several splits, without training.
+
+    accelerate launch recipes/evaluate.py --config recipes/configs/grounding/lmms_refcoco_eval.yaml \\
+        model.init_from=runs/grounding/final
+    python recipes/evaluate.py model.init_from=runs/grounding/final data.eval_split=[validation,test]
+
+Metrics are printed per split and appended to train.output_dir/metrics.jsonl.
+"""
+
+import sys
+from pathlib import Path
+
+from vlfuse.config import load_config, parse_cli
+from vlfuse.training import evaluate_saved
+
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "grounding" / "shapes.yaml"
+
+
+def main(argv: list[str]) -> None:
+    config_path, overrides = parse_cli(argv)
+    cfg = load_config(config_path or DEFAULT_CONFIG, overrides)
+    results = evaluate_saved(cfg)
+    for split, values in results.items():
+        print(
+            f"{split}: "
+            + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
+        )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

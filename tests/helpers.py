@@ -1,0 +1,81 @@
+"""Writers of tiny local datasets in the layouts of real Hub grounding datasets."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import datasets
+from PIL import Image, ImageDraw
+
+
+def _image(rng: random.Random, w: int, h: int) -> tuple[Image.Image, list[float]]:
+    image = Image.new("RGB", (w, h), (rng.randint(0, 60),) * 3)
+    bw, bh = rng.randint(8, w // 2), rng.randint(8, h // 2)
+    x0, y0 = rng.randint(0, w - bw), rng.randint(0, h - bh)
+    ImageDraw.Draw(image).rectangle([x0, y0, x0 + bw - 1, y0 + bh - 1], fill=(230, 40, 40))
+    return image, [float(x0), float(y0), float(x0 + bw), float(y0 + bh)]
+
+
+def write_jxu124_layout(root: Path, rows_per_split: int = 12, seed: int = 0) -> tuple[Path, Path]:
+    """jxu124/refcoco: ``image_path`` into COCO train2014 (under an image root), ``bbox`` absolute xyxy,
+    ``captions`` a list; splits train/validation/test/testB as Hub parquet shards.
+
+    Returns:
+        (dataset folder, image root)
+    """
+    rng = random.Random(seed)
+    dataset_dir, image_root = root / "refcoco", root / "coco_root"
+    (dataset_dir / "data").mkdir(parents=True)
+    (image_root / "coco" / "train2014").mkdir(parents=True)
+    counter = 0
+    for split in ("train", "validation", "test", "testB"):
+        rows = {"image_path": [], "bbox": [], "captions": [], "image_id": [], "sent_ids": []}
+        for _ in range(rows_per_split):
+            image, box = _image(rng, rng.randint(60, 120), rng.randint(50, 110))
+            rel = f"coco/train2014/COCO_train2014_{counter:012d}.jpg"
+            image.save(image_root / rel)
+            rows["image_path"].append(rel)
+            rows["bbox"].append(box)
+            rows["captions"].append(["the red box", "red rectangle"][: rng.randint(1, 2)])
+            rows["image_id"].append(counter)
+            rows["sent_ids"].append([counter])
+            counter += 1
+        datasets.Dataset.from_dict(rows).to_parquet(
+            str(dataset_dir / "data" / f"{split}-00000-of-00001.parquet")
+        )
+    return dataset_dir, image_root
+
+
+def write_lmms_layout(root: Path, rows_per_split: int = 10, seed: int = 1) -> Path:
+    """lmms-lab/RefCOCO: embedded ``image``, ``bbox`` absolute xywh, expressions in ``answer`` (a list),
+    a ``question`` prompt; splits val/test/testA/testB and no train."""
+    rng = random.Random(seed)
+    dataset_dir = root / "lmms_refcoco"
+    (dataset_dir / "data").mkdir(parents=True)
+    features = datasets.Features(
+        {
+            "question_id": datasets.Value("string"),
+            "image": datasets.Image(),
+            "question": datasets.Value("string"),
+            "answer": datasets.Sequence(datasets.Value("string")),
+            "bbox": datasets.Sequence(datasets.Value("float32")),
+            "file_name": datasets.Value("string"),
+        }
+    )
+    for split in ("val", "test", "testA", "testB"):
+        rows = {k: [] for k in features}
+        for i in range(rows_per_split):
+            image, (x0, y0, x1, y1) = _image(rng, rng.randint(60, 120), rng.randint(50, 110))
+            rows["question_id"].append(f"{split}-{i}")
+            rows["image"].append(image)
+            rows["question"].append(
+                "Please provide the bounding box coordinate of the region this sentence describes:"
+            )
+            rows["answer"].append(["red box", "the red one"])
+            rows["bbox"].append([x0, y0, x1 - x0, y1 - y0])
+            rows["file_name"].append(f"{i}.jpg")
+        datasets.Dataset.from_dict(rows, features=features).to_parquet(
+            str(dataset_dir / "data" / f"{split}-00000-of-00001.parquet")
+        )
+    return dataset_dir

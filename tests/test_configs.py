@@ -1,0 +1,36 @@
+"""Every YAML config shipped with the recipes loads into the schema."""
+
+from pathlib import Path
+
+import pytest
+
+from vlfuse.config import load_config
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "recipes" / "configs").rglob("*.yaml"))
+
+
+def test_there_are_configs():
+    names = {p.name for p in CONFIGS}
+    assert {
+        "shapes.yaml",
+        "refcoco_frozen.yaml",
+        "refcoco_end_to_end.yaml",
+        "lmms_refcoco_eval.yaml",
+    } <= names
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if "accelerate" not in p.parts], ids=lambda p: p.name)
+def test_config_loads(path):
+    text = path.read_text()
+    assert text.startswith("#") and "launch" in text.splitlines()[1] + text.splitlines()[2]
+    cfg = load_config(path)
+    assert cfg.model.trainable_encoders in ("none", "image", "text", "all")
+
+
+def test_refcoco_configs_differ_only_where_they_should():
+    base = Path(CONFIGS[0]).parent
+    frozen = load_config(base / "refcoco_frozen.yaml")
+    e2e = load_config(base / "refcoco_end_to_end.yaml")
+    assert (frozen.model.trainable_encoders, e2e.model.trainable_encoders) == ("none", "all")
+    assert frozen.data == e2e.data
+    assert frozen.model.fusion == e2e.model.fusion

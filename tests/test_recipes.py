@@ -1,0 +1,128 @@
+"""The grounding recipe launched for real through ``accelerate launch``, a few steps each."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_MODEL, tiny_config
+
+from vlfuse.model import VLFuseModel
+from vlfuse.training import list_checkpoints, train
+
+ROOT = Path(__file__).resolve().parents[1]
+ACCELERATE = str(Path(sys.executable).parent / "accelerate")
+SMALL_DATA = ["data.shapes_train_size=48", "data.shapes_eval_size=11", "train.batch_size=8"]
+
+
+def launch(script: str, *args: str, processes: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
+    cmd = [
+        ACCELERATE,
+        "launch",
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
+    env = dict(os.environ)
+    if processes > 1:
+        # Two gloo ranks on a CPU machine (DESIGN.md): --multi_gpu with ACCELERATE_USE_CPU.
+        cmd.append("--multi_gpu")
+        env["ACCELERATE_USE_CPU"] = "1"
+    result = subprocess.run(
+        [*cmd, str(ROOT / "recipes" / script), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["none", "all"])
+def test_recipe_through_accelerate_launch_and_resume(tmp_path, mode):
+    out = tmp_path / "run"
+    common = [
+        *TINY_MODEL,
+        *SMALL_DATA,
+        "model.fusion.name=dense",
+        f"model.trainable_encoders={mode}",
+        f"train.output_dir={out}",
+        "train.eval_every=2",
+        "train.checkpoint_every=2",
+        "train.keep_last=2",
+    ]
+    result = launch("grounding.py", *common, "train.max_steps=4")
+    assert "validation: acc@0.5=" in result.stdout
+    assert (out / "config.yaml").is_file() and (out / "final" / "model.safetensors").is_file()
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step_2", "step_4"]
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == [2, 4]
+    assert all(r["split"] == "validation" and r["count"] > 11 for r in records)
+    saved_cfg = (out / "config.yaml").read_text()
+    assert f"trainable_encoders: {mode}" in saved_cfg
+
+    resumed = launch("grounding.py", *common, "train.max_steps=6", "train.resume_from=latest")
+    assert "at step 4" in resumed.stdout
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == [2, 4, 6]
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step_4", "step_6"]  # keep_last=2
+
+
+@pytest.mark.slow
+def test_evaluate_recipe_matches_training_metrics(tmp_path):
+    out = tmp_path / "run"
+    cfg = tiny_config(
+        *SMALL_DATA,
+        "model.fusion.name=dense",
+        f"train.output_dir={out}",
+        "train.max_steps=3",
+        "train.eval_every=3",
+    )
+    last = train(cfg)["validation"]
+    result = launch(
+        "evaluate.py",
+        *TINY_MODEL,
+        *SMALL_DATA,
+        f"model.init_from={out / 'final'}",
+        f"train.output_dir={tmp_path / 'eval'}",
+        "data.eval_split=[validation,test]",
+    )
+    assert "validation: acc@0.5=" in result.stdout and "test: acc@0.5=" in result.stdout
+    records = {r["split"]: r for r in read_metrics(tmp_path / "eval" / "metrics.jsonl")}
+    for key in ("acc@0.5", "acc@0.75", "miou", "count"):
+        assert records["validation"][key] == pytest.approx(last[key], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_final_model_predicts_like_the_trained_one(tmp_path):
+    from PIL import Image
+
+    cfg = tiny_config(
+        *SMALL_DATA, "model.fusion.name=transformer", f"train.output_dir={tmp_path}", "train.max_steps=2"
+    )
+    train(cfg)
+    model = VLFuseModel.from_pretrained(tmp_path / "final")
+    again = VLFuseModel.from_pretrained(tmp_path / "final")
+    images = [Image.new("RGB", (90, 40), (200, 20, 20)), Image.new("RGB", (30, 70))]
+    texts = ["the red circle", "the lowest shape"]
+    assert torch.equal(model.predict(images, texts), again.predict(images, texts))
+    from safetensors.torch import load_file
+
+    saved = load_file(str(list_checkpoints(tmp_path / "checkpoints")[-1] / "model.safetensors"))
+    for k, v in model.state_dict().items():
+        assert torch.equal(saved[k], v), k

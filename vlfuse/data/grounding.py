@@ -1,0 +1,146 @@
+"""Grounding examples from a ``datasets.Dataset``: one (image, expression, box) per expression.
+
+Rows are mapped through ``data.columns``; a text column may hold one string or a list of expressions
+(each becomes its own example, in training and in evaluation). Boxes are read in ``data.box_format``
+(absolute pixels, or [0, 1] with ``data.box_normalized``), checked against the image, letterboxed with it
+and returned as normalized ``cxcywh`` in the model input.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import datasets
+import torch
+from torch.utils.data import Dataset
+
+from vlfuse.config import DataConfig
+from vlfuse.data.loading import DataError, check_columns, load_image
+from vlfuse.data.transforms import hflip, letterbox, to_tensor
+from vlfuse.tasks.boxes import convert_boxes
+
+FIELDS = ("image", "text", "box")
+
+
+def _expressions(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list | tuple):
+        return [v for v in value if isinstance(v, str)]
+    return []
+
+
+def to_absolute_xyxy(box: Any, box_format: str, normalized: bool, width: int, height: int) -> torch.Tensor:
+    """A dataset box as absolute ``xyxy`` pixels of its image."""
+    values = torch.as_tensor(box, dtype=torch.float32).flatten()
+    if values.numel() != 4 or not torch.isfinite(values).all():
+        raise DataError(f"box {box!r} is not 4 finite numbers")
+    xyxy = convert_boxes(values, box_format, "xyxy")
+    if normalized:
+        xyxy = xyxy * torch.tensor([width, height, width, height], dtype=torch.float32)
+    return xyxy
+
+
+def clip_box(xyxy: torch.Tensor, width: int, height: int) -> torch.Tensor | None:
+    """The box clipped to the image, or None if nothing of positive area is left."""
+    x0, x1 = sorted((float(xyxy[0]), float(xyxy[2])))
+    y0, y1 = sorted((float(xyxy[1]), float(xyxy[3])))
+    x0, x1 = max(0.0, x0), min(float(width), x1)
+    y0, y1 = max(0.0, y0), min(float(height), y1)
+    if x1 - x0 < 1e-3 or y1 - y0 < 1e-3:
+        return None
+    return torch.tensor([x0, y0, x1, y1])
+
+
+@dataclass
+class GroundingExample:
+    pixel_values: torch.Tensor  # [3, S, S]
+    text: str
+    box: torch.Tensor  # [4] normalized cxcywh in the input
+    original_box: torch.Tensor  # [4] xyxy in the original image's pixels
+    meta: torch.Tensor  # [7] letterbox meta (see boxes_to_pixels)
+
+
+class GroundingDataset(Dataset):
+    """One example per (row, expression) of a split.
+
+    Args:
+        ds: the split.
+        cfg: the data section (columns, box format, image root, flips).
+        image_size: the square model input side.
+        mean, std: normalisation of the image encoder.
+        interpolation: resize interpolation of the image encoder.
+        train: random horizontal flips (``data.hflip_prob``) only in training.
+        name: the dataset name, for messages.
+    """
+
+    def __init__(
+        self,
+        ds: datasets.Dataset,
+        cfg: DataConfig,
+        image_size: int,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        interpolation: str = "bilinear",
+        train: bool = False,
+        name: str = "",
+    ) -> None:
+        check_columns(ds, cfg.columns, FIELDS, name or cfg.dataset)
+        self.columns = {f: cfg.columns[f] for f in FIELDS}
+        self.ds = ds.select_columns(list(dict.fromkeys(self.columns.values())))
+        self.cfg = cfg
+        self.image_size = image_size
+        self.mean, self.std, self.interpolation = mean, std, interpolation
+        self.train = train
+        self.counts: Counter[str] = Counter()
+        # Only the text column is read here: images stay undecoded until an example is asked for.
+        self.index: list[tuple[int, int]] = []
+        for row, value in enumerate(ds[self.columns["text"]]):
+            for k, text in enumerate(_expressions(value)):
+                if text.strip():
+                    self.index.append((row, k))
+                else:
+                    self.counts["empty_expression"] += 1
+        self.counts["rows"] = len(ds)
+        self.counts["examples"] = len(self.index)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> GroundingExample:
+        row_idx, k = self.index[i]
+        row = self.ds[row_idx]
+        image = load_image(row[self.columns["image"]], self.cfg.image_root)
+        text = _expressions(row[self.columns["text"]])[k].strip()
+        w, h = image.size
+        box = to_absolute_xyxy(row[self.columns["box"]], self.cfg.box_format, self.cfg.box_normalized, w, h)
+        clipped = clip_box(box, w, h)
+        if clipped is None:
+            raise DataError(f"row {row_idx}: box {box.tolist()} has no area inside the {w}x{h} image")
+        if self.train and self.cfg.hflip_prob > 0 and random.random() < self.cfg.hflip_prob:
+            image, clipped, text = hflip(image, clipped, text)
+        square, target, meta = letterbox(image, self.image_size, clipped, self.interpolation)
+        return GroundingExample(to_tensor(square, self.mean, self.std), text, target, clipped, meta)
+
+
+class GroundingCollator:
+    """Stacks examples and tokenizes their expressions in one call."""
+
+    def __init__(self, tokenize) -> None:
+        self.tokenize = tokenize
+
+    def __call__(self, examples: list[GroundingExample]) -> dict[str, torch.Tensor]:
+        tokens = self.tokenize([e.text for e in examples])
+        return {
+            "pixel_values": torch.stack([e.pixel_values for e in examples]),
+            "input_ids": tokens["input_ids"],
+            "attention_mask": tokens["attention_mask"],
+            "boxes": torch.stack([e.box for e in examples]),
+            "original_boxes": torch.stack([e.original_box for e in examples]),
+            "meta": torch.stack([e.meta for e in examples]),
+        }

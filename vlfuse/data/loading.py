@@ -1,0 +1,134 @@
+"""Loading a split by ``data.dataset``: a Hub id, a local folder (Hub layout or ``save_to_disk``), or the
+embedded dataset's name."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import datasets
+from PIL import Image
+
+from vlfuse.config import DataConfig
+from vlfuse.data import shapes
+
+
+class DataError(ValueError):
+    """The data does not match the config: a missing split, column or image file."""
+
+
+def _shapes_split(cfg: DataConfig, split: str) -> datasets.Dataset:
+    sizes = {"train": cfg.shapes_train_size, "validation": cfg.shapes_eval_size, "test": cfg.shapes_eval_size}
+    if split not in sizes:
+        raise DataError(
+            f"the embedded dataset {shapes.NAME!r} has no split {split!r}; splits: {sorted(sizes)}"
+        )
+    # Distinct seeds per split: no image is shared between train and evaluation.
+    seed = cfg.shapes_seed * 1000 + {"train": 0, "validation": 1, "test": 2}[split]
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "text": datasets.Sequence(datasets.Value("string")),
+            "box": datasets.Sequence(datasets.Value("float32"), length=4),
+            "num_objects": datasets.Value("int32"),
+            "object_boxes": datasets.Sequence(datasets.Sequence(datasets.Value("float32"), length=4)),
+        }
+    )
+    # from_generator caches the result under HF_HOME keyed by the arguments: generated once per machine.
+    return datasets.Dataset.from_generator(
+        shapes.generate,
+        gen_kwargs={
+            "num_images": sizes[split],
+            "seed": seed,
+            "size": cfg.shapes_image_size,
+            "version": shapes.generator_version(),
+        },
+        features=features,
+        split=datasets.NamedSplit(split),
+    )
+
+
+def _is_saved_to_disk(path: Path) -> bool:
+    return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+
+
+def available_splits(cfg: DataConfig) -> list[str]:
+    """The split names of ``data.dataset`` (reads metadata only where it can)."""
+    if cfg.dataset == shapes.NAME:
+        return ["train", "validation", "test"]
+    path = Path(cfg.dataset).expanduser()
+    if path.is_dir() and _is_saved_to_disk(path):
+        loaded = datasets.load_from_disk(str(path))
+        return list(loaded.keys()) if isinstance(loaded, datasets.DatasetDict) else ["train"]
+    return list(
+        datasets.get_dataset_split_names(
+            str(path) if path.is_dir() else cfg.dataset, cfg.subset, revision=cfg.revision
+        )
+    )
+
+
+def load_split(cfg: DataConfig, split: str) -> datasets.Dataset:
+    """One split of ``data.dataset`` as a ``datasets.Dataset``.
+
+    Raises:
+        DataError: if the split does not exist (the message lists the splits there are).
+    """
+    if cfg.dataset == shapes.NAME:
+        return _shapes_split(cfg, split)
+    splits = available_splits(cfg)
+    if split not in splits:
+        raise DataError(f"dataset {cfg.dataset!r} has no split {split!r}; its splits: {splits}")
+    path = Path(cfg.dataset).expanduser()
+    if path.is_dir() and _is_saved_to_disk(path):
+        loaded = datasets.load_from_disk(str(path))
+        return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
+    source = str(path) if path.is_dir() else cfg.dataset
+    return datasets.load_dataset(source, cfg.subset, split=split, revision=cfg.revision)
+
+
+def check_columns(
+    ds: datasets.Dataset, columns: dict[str, str], required: tuple[str, ...], dataset: str
+) -> None:
+    """Every task field in ``required`` must map to a column of ``ds``."""
+    for field in required:
+        if field not in columns:
+            raise DataError(f"data.columns has no entry for {field!r}; it needs: {list(required)}")
+        if columns[field] not in ds.column_names:
+            raise DataError(
+                f"column {columns[field]!r} (data.columns.{field}) is not in dataset {dataset!r}; "
+                f"its columns: {ds.column_names}"
+            )
+
+
+def load_image(value: Any, image_root: str | None) -> Image.Image:
+    """An RGB PIL image from a decoded image, a ``{bytes, path}`` dict, raw bytes or a path string.
+
+    Raises:
+        DataError: a missing file (the message names the path and ``data.image_root``) or undecodable bytes.
+    """
+    if isinstance(value, Image.Image):
+        return value.convert("RGB")
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            return _open(io.BytesIO(value["bytes"]), "image bytes")
+        value = value.get("path")
+    if isinstance(value, bytes | bytearray):
+        return _open(io.BytesIO(value), "image bytes")
+    if isinstance(value, str) and value:
+        path = Path(value).expanduser()
+        if not path.is_absolute() and image_root is not None:
+            path = Path(image_root).expanduser() / path
+        if not path.is_file():
+            hint = "" if image_root else " (set data.image_root to the folder that relative paths start from)"
+            raise DataError(f"image file not found: {path}{hint}")
+        return _open(path, str(path))
+    raise DataError(f"cannot read an image from a value of type {type(value).__name__}")
+
+
+def _open(source: Any, what: str) -> Image.Image:
+    try:
+        with Image.open(source) as im:
+            return im.convert("RGB")
+    except Exception as err:  # PIL raises several types for damaged data
+        raise DataError(f"cannot decode {what}: {err}") from err

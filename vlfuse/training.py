@@ -1,0 +1,369 @@
+"""The one Accelerate training and evaluation loop that every recipe shares.
+
+``train(cfg)`` builds the model, data, optimizer and scheduler, runs the loop with periodic evaluation and
+checkpoints, and writes ``output_dir``:
+
+- ``config.yaml``: the resolved config;
+- ``metrics.jsonl``: one JSON object per evaluation of a split;
+- ``checkpoints/step_<N>/``: resumable state (``accelerator.save_state`` + ``trainer_state.json``);
+- ``final/``: the trained model (``VLFuseModel.save_pretrained``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from vlfuse.config import Config, to_yaml
+from vlfuse.model import VLFuseModel
+from vlfuse.tasks import get_task
+
+CHECKPOINT_PREFIX = "step_"
+TRAINER_STATE = "trainer_state.json"
+
+
+# ------------------------------------------------------------------------------------------- checkpoints
+def list_checkpoints(checkpoint_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first. A folder without ``trainer_state.json`` (written last) is not
+    complete; temporary folders of an interrupted save are ignored."""
+    if not checkpoint_dir.is_dir():
+        return []
+    found = []
+    for path in checkpoint_dir.iterdir():
+        if path.is_dir() and path.name.startswith(CHECKPOINT_PREFIX) and (path / TRAINER_STATE).is_file():
+            try:
+                found.append((int(path.name[len(CHECKPOINT_PREFIX) :]), path))
+            except ValueError:
+                continue
+    return [p for _, p in sorted(found)]
+
+
+def resolve_resume(resume_from: str | None, output_dir: Path) -> Path | None:
+    """The checkpoint folder to resume from: a path, or ``latest`` in ``output_dir/checkpoints``."""
+    if resume_from is None:
+        return None
+    if resume_from == "latest":
+        checkpoints = list_checkpoints(output_dir / "checkpoints")
+        return checkpoints[-1] if checkpoints else None
+    path = Path(resume_from).expanduser()
+    if not (path / TRAINER_STATE).is_file():
+        raise FileNotFoundError(
+            f"train.resume_from: {path} is not a complete checkpoint ({TRAINER_STATE} missing)"
+        )
+    return path
+
+
+def save_checkpoint(
+    accelerator: Accelerator, output_dir: Path, state: dict[str, Any], keep_last: int
+) -> Path:
+    """Saves to a temporary folder and publishes it by rename; prunes old ones only after that."""
+    checkpoint_dir = output_dir / "checkpoints"
+    final = checkpoint_dir / f"{CHECKPOINT_PREFIX}{state['step']}"
+    tmp = checkpoint_dir / f".tmp_{CHECKPOINT_PREFIX}{state['step']}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(checkpoint_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+# -------------------------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate(accelerator: Accelerator, model, task, loader: DataLoader) -> dict[str, float]:
+    """Metrics over the whole split on every process: per-example values are gathered (padding
+    duplicates that the sampler added to even out the processes are dropped) before reduction."""
+    was_training = model.training
+    model.eval()
+    values: dict[str, list[torch.Tensor]] = defaultdict(list)
+    for batch in loader:
+        outputs = model(**batch)
+        gathered = accelerator.gather_for_metrics(task.eval_values(outputs, batch))
+        for k, v in gathered.items():
+            values[k].append(v.detach().float().cpu())
+    model.train(was_training)
+    return task.metrics({k: torch.cat(v) for k, v in values.items()})
+
+
+def _eval_splits(cfg: Config) -> list[str]:
+    split = cfg.data.eval_split
+    return list(split) if isinstance(split, list | tuple) else [split]
+
+
+class MetricsWriter:
+    """Appends one JSON object per evaluated split to ``metrics.jsonl`` (main process only)."""
+
+    def __init__(self, path: Path, accelerator: Accelerator) -> None:
+        self.path, self.accelerator = path, accelerator
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}
+        tqdm.write(f"eval {shown}")
+
+
+# ----------------------------------------------------------------------------------------------- setup
+def build_accelerator(cfg: Config) -> Accelerator:
+    output_dir = Path(cfg.train.output_dir)
+    return Accelerator(
+        mixed_precision=cfg.train.mixed_precision,
+        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+        log_with=cfg.train.log_with,
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir), logging_dir=str(output_dir / "logs")
+        ),
+        # Epoch-seeded shuffling: the data order is a function of (seed, epoch), so a resumed run can
+        # replay it exactly and skip what it already saw.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+
+
+def set_cpu_threads(accelerator: Accelerator, threads: int | None) -> None:
+    """Uses the machine's cores on a CPU run: ``threads``, or cores / processes on this machine."""
+    if accelerator.device.type != "cpu":
+        return
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+    torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // max(local, 1)))
+
+
+def build_model(cfg: Config) -> VLFuseModel:
+    """The model of ``cfg.model``: built from the encoders, or loaded from ``model.init_from``."""
+    if cfg.model.init_from:
+        model = VLFuseModel.from_pretrained(cfg.model.init_from)
+        model.set_trainable_encoders(cfg.model.trainable_encoders)
+        return model
+    return VLFuseModel(cfg.model)
+
+
+def _loader(dataset, cfg: Config, collate, batch_size: int, shuffle: bool) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        collate_fn=collate,
+        num_workers=cfg.data.num_workers,
+        drop_last=shuffle,
+        persistent_workers=cfg.data.num_workers > 0,
+    )
+
+
+def _build_eval_loaders(accelerator, cfg, task, model, collate) -> dict[str, DataLoader]:
+    loaders = {}
+    batch_size = cfg.train.eval_batch_size or cfg.train.batch_size
+    for split in _eval_splits(cfg):
+        with accelerator.main_process_first():
+            dataset = task.build_dataset(cfg, model, split, train=False)
+        loaders[split] = _loader(dataset, cfg, collate, batch_size, shuffle=False)
+    return loaders
+
+
+# ------------------------------------------------------------------------------------------------ train
+def train(cfg: Config) -> dict[str, dict[str, float]]:
+    """Trains ``cfg.model`` on ``cfg.data`` as ``cfg.train`` says; returns the last metrics per split."""
+    accelerator = build_accelerator(cfg)
+    set_cpu_threads(accelerator, cfg.train.cpu_threads)
+    set_seed(cfg.train.seed)
+    output_dir = Path(cfg.train.output_dir)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.yaml").write_text(to_yaml(cfg))
+    task = get_task(cfg.model.task)
+    model = build_model(cfg)
+    collate = task.collator(model)
+    with accelerator.main_process_first():
+        train_set = task.build_dataset(cfg, model, cfg.data.train_split, train=True)
+    if len(train_set) < cfg.train.batch_size:
+        raise ValueError(
+            f"the train split has {len(train_set)} examples, "
+            f"fewer than train.batch_size={cfg.train.batch_size}"
+        )
+    train_loader = _loader(train_set, cfg, collate, cfg.train.batch_size, shuffle=True)
+    eval_loaders = _build_eval_loaders(accelerator, cfg, task, model, collate)
+
+    optimizer = torch.optim.AdamW(
+        model.param_groups(cfg.train.lr, cfg.train.encoder_lr, cfg.train.weight_decay)
+    )
+    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    eval_loaders = {k: accelerator.prepare(v) for k, v in eval_loaders.items()}
+    accum = cfg.train.gradient_accumulation_steps
+    steps_per_epoch = max(1, len(train_loader) // accum)
+    total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
+    # Stepped by hand once per optimizer step, so its length is in optimizer steps on any process count.
+    scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.train.warmup_steps, total_steps)
+    accelerator.register_for_checkpointing(scheduler)
+    if cfg.train.log_with:
+        accelerator.init_trackers(Path(cfg.train.output_dir).name, config={"lr": cfg.train.lr})
+
+    step = 0
+    resume = resolve_resume(cfg.train.resume_from, output_dir)
+    if resume is not None:
+        accelerator.load_state(str(resume))
+        saved = json.loads((resume / TRAINER_STATE).read_text())
+        step = int(saved["step"])
+        if (
+            saved.get("num_processes") != accelerator.num_processes
+            or saved.get("batch_size") != cfg.train.batch_size
+        ):
+            accelerator.print(
+                f"warning: resuming with {accelerator.num_processes} processes "
+                f"x batch {cfg.train.batch_size}, "
+                f"saved with {saved.get('num_processes')} x {saved.get('batch_size')}: the data order changes"
+            )
+        accelerator.print(f"resumed from {resume} at step {step}")
+    elif cfg.train.resume_from == "latest":
+        accelerator.print(
+            f"resume_from=latest: no checkpoint in {output_dir / 'checkpoints'}, starting fresh"
+        )
+
+    writer = MetricsWriter(output_dir / "metrics.jsonl", accelerator)
+    last_metrics: dict[str, dict[str, float]] = {}
+
+    def run_eval(epoch: int) -> None:
+        for split, loader in eval_loaders.items():
+            metrics = evaluate(accelerator, model, task, loader)
+            last_metrics[split] = metrics
+            writer.write({"step": step, "epoch": epoch, "split": split, **metrics})
+            if cfg.train.log_with:
+                accelerator.log({f"{split}/{k}": v for k, v in metrics.items()}, step=step)
+
+    def checkpoint(epoch: int) -> None:
+        state = {
+            "step": step,
+            "epoch": epoch,
+            "num_processes": accelerator.num_processes,
+            "batch_size": cfg.train.batch_size,
+        }
+        save_checkpoint(accelerator, output_dir, state, cfg.train.keep_last)
+
+    n_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    accelerator.print(
+        f"trainable_encoders={cfg.model.trainable_encoders}: {n_train:,} trainable, "
+        f"{n_frozen:,} frozen parameters; "
+        f"{len(train_set):,} train examples, {total_steps} steps, {accelerator.num_processes} process(es)"
+    )
+    progress = tqdm(
+        total=total_steps, initial=step, disable=not accelerator.is_local_main_process, desc="train"
+    )
+    timings = defaultdict(float)
+    samples, window_start, window_samples = 0, time.perf_counter(), 0
+    loss_sum, loss_count = torch.zeros((), device=accelerator.device), 0
+    model.train()
+    epoch = step // steps_per_epoch
+    while step < total_steps:
+        train_loader.set_epoch(epoch)
+        skip = (step - epoch * steps_per_epoch) * accum
+        loader = accelerator.skip_first_batches(train_loader, skip) if skip > 0 else train_loader
+        t_data = time.perf_counter()
+        for batch in loader:
+            t_step = time.perf_counter()
+            timings["data"] += t_step - t_data
+            with accelerator.accumulate(model):
+                outputs = model(**batch)
+                loss, _ = task.loss(outputs, batch)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.train.max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss.detach()
+            loss_count += 1
+            n = batch["pixel_values"].shape[0] * accelerator.num_processes
+            samples += n
+            window_samples += n
+            timings["step"] += time.perf_counter() - t_step
+            if accelerator.sync_gradients:
+                scheduler.step()
+                step += 1
+                progress.update(1)
+                if step % cfg.train.log_every == 0 or step == total_steps:
+                    mean_loss = accelerator.reduce(loss_sum, "mean").item() / max(loss_count, 1)
+                    now = time.perf_counter()
+                    rate = window_samples / max(now - window_start, 1e-9)
+                    lr = scheduler.get_last_lr()[0]
+                    progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.0f}")
+                    if cfg.train.log_with:
+                        accelerator.log({"train/loss": mean_loss, "train/lr": lr}, step=step)
+                    loss_sum.zero_()
+                    loss_count, window_start, window_samples = 0, now, 0
+                if cfg.train.eval_every and step % cfg.train.eval_every == 0:
+                    t_eval = time.perf_counter()
+                    run_eval(epoch)
+                    timings["eval"] += time.perf_counter() - t_eval
+                if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
+                    checkpoint(epoch)
+                if step >= total_steps:
+                    break
+            t_data = time.perf_counter()
+        if not cfg.train.eval_every:
+            t_eval = time.perf_counter()
+            run_eval(epoch)
+            timings["eval"] += time.perf_counter() - t_eval
+        epoch += 1
+    progress.close()
+    if cfg.train.eval_every and (step % cfg.train.eval_every != 0):
+        run_eval(epoch)
+    if not cfg.train.checkpoint_every or step % cfg.train.checkpoint_every != 0:
+        checkpoint(epoch)
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(output_dir / "final")
+    accelerator.wait_for_everyone()
+    accelerator.print(
+        f"done: {step} steps, {samples:,} samples; time in data loading {timings['data']:.1f} s, "
+        f"forward+backward+optimizer {timings['step']:.1f} s, evaluation {timings['eval']:.1f} s; "
+        f"model in {output_dir / 'final'}"
+    )
+    accelerator.end_training()
+    return last_metrics
+
+
+def evaluate_saved(cfg: Config) -> dict[str, dict[str, float]]:
+    """Scores ``model.init_from`` (a ``final/`` folder or a Hub id) on each of ``data.eval_split``,
+    printing the metrics and appending them to ``output_dir/metrics.jsonl``."""
+    if not cfg.model.init_from:
+        raise ValueError("evaluation needs model.init_from=<a saved model folder or Hub id>")
+    accelerator = build_accelerator(cfg)
+    set_cpu_threads(accelerator, cfg.train.cpu_threads)
+    output_dir = Path(cfg.train.output_dir)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.yaml").write_text(to_yaml(cfg))
+    task = get_task(cfg.model.task)
+    model = build_model(cfg)
+    loaders = _build_eval_loaders(accelerator, cfg, task, model, task.collator(model))
+    model = accelerator.prepare(model)
+    writer = MetricsWriter(output_dir / "metrics.jsonl", accelerator)
+    results = {}
+    for split, loader in loaders.items():
+        results[split] = evaluate(accelerator, model, task, accelerator.prepare(loader))
+        writer.write(
+            {"step": None, "epoch": None, "split": split, "model": str(cfg.model.init_from), **results[split]}
+        )
+    return results
+
+
+__all__ = ["evaluate", "evaluate_saved", "list_checkpoints", "resolve_resume", "save_checkpoint", "train"]
