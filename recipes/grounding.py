@@ -15,10 +15,10 @@ from vlfuse.training import train
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "grounding" / "shapes.yaml"
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str], on_end=None) -> None:
     config_path, overrides = parse_cli(argv)
     cfg = load_config(config_path or DEFAULT_CONFIG, overrides)
-    metrics = train(cfg)
+    metrics = train(cfg, on_end=on_end)
     for split, values in metrics.items():
         print(
             f"{split}: "

@@ -27,8 +27,23 @@ def test_config_loads(path):
     assert cfg.model.trainable_encoders in ("none", "image", "text", "all")
 
 
+@pytest.mark.parametrize("path", [p for p in CONFIGS if "accelerate" in p.parts], ids=lambda p: p.name)
+def test_accelerate_configs_parse(path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    text = path.read_text()
+    assert text.startswith("#") and "accelerate launch --config_file" in text
+    cfg = load_config_from_file(str(path))
+    assert cfg.num_processes >= 1
+
+
+def test_all_accelerate_configs_shipped():
+    names = {p.stem for p in CONFIGS if "accelerate" in p.parts}
+    assert names == {"single_gpu", "multi_gpu", "fsdp", "deepspeed_zero2", "multi_node", "cpu_2proc"}
+
+
 def test_refcoco_configs_differ_only_where_they_should():
-    base = Path(CONFIGS[0]).parent
+    base = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "grounding"
     frozen = load_config(base / "refcoco_frozen.yaml")
     e2e = load_config(base / "refcoco_end_to_end.yaml")
     assert (frozen.model.trainable_encoders, e2e.model.trainable_encoders) == ("none", "all")

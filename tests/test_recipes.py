@@ -19,23 +19,14 @@ SMALL_DATA = ["data.shapes_train_size=48", "data.shapes_eval_size=11", "train.ba
 
 
 def launch(script: str, *args: str, processes: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
-    cmd = [
-        ACCELERATE,
-        "launch",
-        "--num_processes",
-        str(processes),
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-    ]
     env = dict(os.environ)
-    if processes > 1:
-        # Two gloo ranks on a CPU machine (DESIGN.md): --multi_gpu with ACCELERATE_USE_CPU.
-        cmd.append("--multi_gpu")
+    if processes == 2:
+        # Two gloo ranks on a CPU machine, through the shipped config (MULTI_GPU + use_cpu + this variable).
+        cmd = [ACCELERATE, "launch", "--config_file", str(ROOT / "recipes/configs/accelerate/cpu_2proc.yaml")]
         env["ACCELERATE_USE_CPU"] = "1"
+    else:
+        cmd = [ACCELERATE, "launch", "--num_processes", str(processes), "--num_machines", "1"]
+        cmd += ["--mixed_precision", "no", "--dynamo_backend", "no"]
     result = subprocess.run(
         [*cmd, str(ROOT / "recipes" / script), *args],
         capture_output=True,

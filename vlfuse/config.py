@@ -155,6 +155,8 @@ class TrainConfig:
     keep_last: int = _at_least(2, 1)
     # A checkpoint folder, or "latest" (the newest in output_dir/checkpoints).
     resume_from: str | None = None
+    # Recompute activations of trainable encoders in the backward pass (less memory, more compute).
+    gradient_checkpointing: bool = False
     # Frozen encoders only: compute their features once.
     cache_features: bool = False
     # Accelerate tracker: tensorboard | wandb | ... ; null = none.

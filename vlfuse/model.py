@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 from PIL import Image
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file, save_model
 from torch import nn
 
 from vlfuse.config import TRAINABLE_ENCODERS, ModelConfig, section_from_dict, to_dict
@@ -111,6 +111,11 @@ class VLFuseModel(nn.Module):
                 getattr(self, attr).eval()
         return self
 
+    def set_gradient_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing in the trainable towers (frozen ones build no graph to save)."""
+        for tower, attr in TOWER_ATTRS.items():
+            getattr(self, attr).set_grad_checkpointing(enable and self.tower_is_trainable(tower))
+
     def frozen_towers(self) -> list[str]:
         return [t for t in TOWER_ATTRS if not self.tower_is_trainable(t)]
 
@@ -140,10 +145,11 @@ class VLFuseModel(nn.Module):
 
     # ------------------------------------------------------------------------------------------ forward
     def encode_image(self, pixel_values: torch.Tensor) -> EncoderOutput:
+        with_pooled = self.fusion.uses_image_pooled
         if self.tower_is_trainable("image"):
-            return self.image_encoder(pixel_values)
+            return self.image_encoder(pixel_values, with_pooled=with_pooled)
         with torch.no_grad():
-            return self.image_encoder(pixel_values)
+            return self.image_encoder(pixel_values, with_pooled=with_pooled)
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> EncoderOutput:
         if self.tower_is_trainable("text"):
@@ -214,9 +220,15 @@ class VLFuseModel(nn.Module):
         return boxes_to_pixels(out["boxes"], meta).cpu()
 
     # ------------------------------------------------------------------------------------- save / load
-    def save_pretrained(self, folder: str | Path) -> Path:
+    def save_pretrained(self, folder: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
         """Writes the config, preprocessing settings, the text tower's config and tokenizer, and all weights
-        (safetensors) to ``folder``: everything needed to rebuild the model with no network."""
+        (safetensors) to ``folder``: everything needed to rebuild the model with no network.
+
+        Args:
+            folder: created if missing.
+            state_dict: weights to write instead of this module's own (a full state dict gathered from a
+                sharded FSDP/DeepSpeed model by ``accelerator.get_state_dict``).
+        """
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         meta = {
@@ -226,7 +238,12 @@ class VLFuseModel(nn.Module):
         }
         (folder / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
         self.text_encoder.save_source(folder / TEXT_ENCODER_DIR)
-        save_model(self, str(folder / WEIGHTS_NAME))
+        if state_dict is None:
+            save_model(self, str(folder / WEIGHTS_NAME))
+        else:
+            save_file(
+                {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(folder / WEIGHTS_NAME)
+            )
         return folder
 
     @classmethod

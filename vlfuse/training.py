@@ -16,12 +16,13 @@ import os
 import shutil
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
@@ -182,8 +183,26 @@ def _build_eval_loaders(accelerator, cfg, task, model, collate) -> dict[str, Dat
 
 
 # ------------------------------------------------------------------------------------------------ train
-def train(cfg: Config) -> dict[str, dict[str, float]]:
-    """Trains ``cfg.model`` on ``cfg.data`` as ``cfg.train`` says; returns the last metrics per split."""
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak GPU memory allocated on ``device``, or the process's peak resident memory on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+def train(
+    cfg: Config, on_end: Callable[[Accelerator, torch.nn.Module], None] | None = None
+) -> dict[str, dict]:
+    """Trains ``cfg.model`` on ``cfg.data`` as ``cfg.train`` says; returns the last metrics per split.
+
+    Args:
+        cfg: the whole config.
+        on_end: called on every process with the accelerator and the prepared model after training
+            (for inspection in tests and notebooks).
+    """
+    wall_start = time.perf_counter()
     accelerator = build_accelerator(cfg)
     set_cpu_threads(accelerator, cfg.train.cpu_threads)
     set_seed(cfg.train.seed)
@@ -193,6 +212,8 @@ def train(cfg: Config) -> dict[str, dict[str, float]]:
         (output_dir / "config.yaml").write_text(to_yaml(cfg))
     task = get_task(cfg.model.task)
     model = build_model(cfg)
+    if cfg.train.gradient_checkpointing:
+        model.set_gradient_checkpointing(True)
     collate = task.collator(model)
     with accelerator.main_process_first():
         train_set = task.build_dataset(cfg, model, cfg.data.train_split, train=True)
@@ -271,6 +292,9 @@ def train(cfg: Config) -> dict[str, dict[str, float]]:
     )
     timings = defaultdict(float)
     samples, window_start, window_samples = 0, time.perf_counter(), 0
+    # Steady-state throughput: from the end of the first logging window on, evaluation excluded.
+    steady = {"start": None, "samples": 0, "eval": 0.0}
+    last_loss = float("nan")
     loss_sum, loss_count = torch.zeros((), device=accelerator.device), 0
     model.train()
     epoch = step // steps_per_epoch
@@ -302,6 +326,9 @@ def train(cfg: Config) -> dict[str, dict[str, float]]:
                 progress.update(1)
                 if step % cfg.train.log_every == 0 or step == total_steps:
                     mean_loss = accelerator.reduce(loss_sum, "mean").item() / max(loss_count, 1)
+                    last_loss = mean_loss
+                    if steady["start"] is None:
+                        steady.update(start=time.perf_counter(), samples=samples, eval=timings["eval"])
                     now = time.perf_counter()
                     rate = window_samples / max(now - window_start, 1e-9)
                     lr = scheduler.get_last_lr()[0]
@@ -329,14 +356,43 @@ def train(cfg: Config) -> dict[str, dict[str, float]]:
         run_eval(epoch)
     if not cfg.train.checkpoint_every or step % cfg.train.checkpoint_every != 0:
         checkpoint(epoch)
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    full_state = accelerator.get_state_dict(model) if sharded else None  # a collective: every rank calls it
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(output_dir / "final")
+        accelerator.unwrap_model(model).save_pretrained(output_dir / "final", state_dict=full_state)
     accelerator.wait_for_everyone()
+    if steady["start"] is not None and samples > steady["samples"]:
+        steady_time = time.perf_counter() - steady["start"] - (timings["eval"] - steady["eval"])
+        rate = (samples - steady["samples"]) / max(steady_time, 1e-9)
+    else:  # too short a run for a steady window: everything but evaluation
+        rate = samples / max(timings["data"] + timings["step"], 1e-9)
+    summary = {
+        "trainable_encoders": cfg.model.trainable_encoders,
+        "steps": step,
+        "samples": samples,
+        "num_processes": accelerator.num_processes,
+        "wall_time_s": time.perf_counter() - wall_start,
+        "train_samples_per_s": rate,
+        "peak_memory_mb": peak_memory_mb(accelerator.device),
+        "peak_memory_kind": "cuda_max_allocated" if accelerator.device.type == "cuda" else "cpu_max_rss",
+        "trainable_parameters": n_train,
+        "frozen_parameters": n_frozen,
+        "last_loss": last_loss,
+        "time_data_s": timings["data"],
+        "time_step_s": timings["step"],
+        "time_eval_s": timings["eval"],
+        "metrics": last_metrics,
+    }
+    if accelerator.is_main_process:
+        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     accelerator.print(
-        f"done: {step} steps, {samples:,} samples; time in data loading {timings['data']:.1f} s, "
-        f"forward+backward+optimizer {timings['step']:.1f} s, evaluation {timings['eval']:.1f} s; "
-        f"model in {output_dir / 'final'}"
+        f"done: {step} steps, {samples:,} samples, {rate:.1f} samples/s, peak memory "
+        f"{summary['peak_memory_mb']:.0f} MiB ({summary['peak_memory_kind']}); time in data loading "
+        f"{timings['data']:.1f} s, forward+backward+optimizer {timings['step']:.1f} s, evaluation "
+        f"{timings['eval']:.1f} s; model in {output_dir / 'final'}"
     )
+    if on_end is not None:
+        on_end(accelerator, model)
     accelerator.end_training()
     return last_metrics
 
@@ -361,7 +417,14 @@ def evaluate_saved(cfg: Config) -> dict[str, dict[str, float]]:
     for split, loader in loaders.items():
         results[split] = evaluate(accelerator, model, task, accelerator.prepare(loader))
         writer.write(
-            {"step": None, "epoch": None, "split": split, "model": str(cfg.model.init_from), **results[split]}
+            {
+                "step": None,
+                "epoch": None,
+                "split": split,
+                "model": str(cfg.model.init_from),
+                "num_processes": accelerator.num_processes,
+                **results[split],
+            }
         )
     return results
 

@@ -14,12 +14,12 @@ class EncoderOutput:
     Attributes:
         tokens: token features ``[B, N, C]`` (an image's flattened feature map or patch tokens; a text's
             token states).
-        pooled: one vector per input ``[B, C_pooled]``.
+        pooled: one vector per input ``[B, C_pooled]``; None when not asked for.
         mask: ``[B, N]`` bool, True where a token is real (text padding is False); None for images.
         grid: ``(H, W)`` of the image token grid, ``H * W == N``; None for text.
     """
 
     tokens: torch.Tensor
-    pooled: torch.Tensor
+    pooled: torch.Tensor | None
     mask: torch.Tensor | None = None
     grid: tuple[int, int] | None = None

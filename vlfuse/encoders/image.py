@@ -89,9 +89,11 @@ class ImageEncoder(nn.Module):
     def std(self) -> tuple[float, ...]:
         return tuple(self.data_config["std"])
 
-    def forward(self, pixel_values: torch.Tensor) -> EncoderOutput:
+    def forward(self, pixel_values: torch.Tensor, with_pooled: bool = True) -> EncoderOutput:
+        """Token features, and the pooled vector when ``with_pooled`` (a fusion head that does not read it
+        must not run the pooling head: its parameters would get no gradient, which DDP rejects)."""
         features = self.model.forward_features(pixel_values)
-        pooled = self.model.forward_head(features, pre_logits=True)
+        pooled = self.model.forward_head(features, pre_logits=True) if with_pooled else None
         if features.ndim == 4:
             if self.output_fmt == "NHWC":
                 features = features.permute(0, 3, 1, 2)

@@ -45,6 +45,7 @@ class ConcatFusion(nn.Module):
     """Pooled image ++ pooled text -> MLP. The simplest baseline; no token interaction."""
 
     output_kind = "vector"
+    uses_image_pooled = True
 
     def __init__(self, cfg: FusionConfig, image: TowerShape, text: TowerShape) -> None:
         super().__init__()
@@ -64,6 +65,7 @@ class TransformerFusion(nn.Module):
     token(s), through a transformer encoder; the first query's output is the fused vector."""
 
     output_kind = "vector"
+    uses_image_pooled = False
 
     def __init__(self, cfg: FusionConfig, image: TowerShape, text: TowerShape, max_text_len: int = 512):
         super().__init__()
@@ -153,6 +155,7 @@ class DenseFusion(nn.Module):
     """
 
     output_kind = "dense"
+    uses_image_pooled = False
 
     def __init__(self, cfg: FusionConfig, image: TowerShape, text: TowerShape) -> None:
         super().__init__()
