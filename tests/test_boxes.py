@@ -28,12 +28,8 @@ def test_dataset_boxes_to_absolute_xyxy():
         [80, 30, 120, 70]
     )
     assert clip_box(torch.tensor([-5.0, 10, 50, 300]), 100, 100).tolist() == [0, 10, 50, 100]
-    assert clip_box(torch.tensor([50.0, 10, 20, 30]), 100, 100).tolist() == [
-        20,
-        10,
-        50,
-        30,
-    ]  # x1 < x0: sorted
+    assert clip_box(torch.tensor([50.0, 10, 20, 30]), 100, 100) is None  # x1 < x0: not a box
+    assert clip_box(torch.tensor([10.0, 10, 10, 30]), 100, 100) is None  # zero width
     assert clip_box(torch.tensor([120.0, 10, 150, 30]), 100, 100) is None  # outside the image
 
 

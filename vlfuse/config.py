@@ -117,6 +117,9 @@ class DataConfig:
     # Cap the number of rows read per split (quick experiments); null = all.
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
+    # Stop if more than this fraction of the examples seen so far are unusable (undecodable image, invalid
+    # box); below it, bad examples are skipped and counted.
+    max_bad_fraction: float = _at_least(0.01, 0.0)
     # DataLoader worker processes.
     num_workers: int = _at_least(0, 0)
     # Embedded dataset only: images in the train / validation split, image size and seed.
@@ -159,6 +162,8 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     # Frozen encoders only: compute their features once.
     cache_features: bool = False
+    # Stop after this many consecutive optimizer steps with a NaN/inf loss or gradient (each is skipped).
+    max_bad_steps: int = _at_least(10, 1)
     # Accelerate tracker: tensorboard | wandb | ... ; null = none.
     log_with: str | None = None
     # CPU threads per process when training on the CPU; null = cores / processes on this machine

@@ -5,12 +5,15 @@ checkpoints, and writes ``output_dir``:
 
 - ``config.yaml``: the resolved config;
 - ``metrics.jsonl``: one JSON object per evaluation of a split;
+- ``train_log.jsonl``: training loss, learning rate and throughput every ``train.log_every`` steps;
 - ``checkpoints/step_<N>/``: resumable state (``accelerator.save_state`` + ``trainer_state.json``);
-- ``final/``: the trained model (``VLFuseModel.save_pretrained``).
+- ``final/``: the trained model (``VLFuseModel.save_pretrained``);
+- ``summary.json``: steps, throughput, peak memory, time split, bad data and skipped steps.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -33,12 +36,30 @@ from vlfuse.tasks import get_task
 
 CHECKPOINT_PREFIX = "step_"
 TRAINER_STATE = "trainer_state.json"
+# Bad-data fraction is judged only once this many examples were seen (a few bad rows early on are noise).
+MIN_EXAMPLES_FOR_BAD_FRACTION = 50
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on: too much bad data, or the loss keeps diverging."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is incomplete or damaged; the message names the file."""
 
 
 # ------------------------------------------------------------------------------------------- checkpoints
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def list_checkpoints(checkpoint_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first. A folder without ``trainer_state.json`` (written last) is not
-    complete; temporary folders of an interrupted save are ignored."""
+    """Published checkpoints, oldest first. A save interrupted before publication leaves only a
+    ``.tmp_*`` folder, which is ignored; so is a folder without ``trainer_state.json`` (written last)."""
     if not checkpoint_dir.is_dir():
         return []
     found = []
@@ -51,25 +72,56 @@ def list_checkpoints(checkpoint_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def resolve_resume(resume_from: str | None, output_dir: Path) -> Path | None:
-    """The checkpoint folder to resume from: a path, or ``latest`` in ``output_dir/checkpoints``."""
+def verify_checkpoint(path: Path) -> dict[str, Any]:
+    """Checks every file of a checkpoint against the SHA-256 recorded when it was saved.
+
+    Returns:
+        The checkpoint's trainer state.
+
+    Raises:
+        CheckpointError: naming the missing, truncated or corrupted file.
+    """
+    state_file = path / TRAINER_STATE
+    try:
+        state = json.loads(state_file.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{state_file} is missing or unreadable: {err}") from None
+    for name, expected in state.get("files", {}).items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{file} is missing")
+        if _sha256(file) != expected:
+            raise CheckpointError(f"{file} is truncated or corrupted (its checksum does not match)")
+    return state
+
+
+def resolve_resume(
+    resume_from: str | None, output_dir: Path, warn: Callable[[str], None] = print
+) -> Path | None:
+    """The checkpoint to resume from: a folder (verified), or ``latest``: the newest complete and intact
+    checkpoint in ``output_dir/checkpoints``, falling back past damaged ones with a warning."""
     if resume_from is None:
         return None
-    if resume_from == "latest":
-        checkpoints = list_checkpoints(output_dir / "checkpoints")
-        return checkpoints[-1] if checkpoints else None
-    path = Path(resume_from).expanduser()
-    if not (path / TRAINER_STATE).is_file():
-        raise FileNotFoundError(
-            f"train.resume_from: {path} is not a complete checkpoint ({TRAINER_STATE} missing)"
-        )
-    return path
+    if resume_from != "latest":
+        path = Path(resume_from).expanduser()
+        if not path.is_dir():
+            raise FileNotFoundError(f"train.resume_from: no checkpoint folder {path}")
+        verify_checkpoint(path)
+        return path
+    for path in reversed(list_checkpoints(output_dir / "checkpoints")):
+        try:
+            verify_checkpoint(path)
+            return path
+        except CheckpointError as err:
+            warn(f"warning: skipping checkpoint {path.name}: {err}")
+    return None
 
 
 def save_checkpoint(
     accelerator: Accelerator, output_dir: Path, state: dict[str, Any], keep_last: int
 ) -> Path:
-    """Saves to a temporary folder and publishes it by rename; prunes old ones only after that."""
+    """Saves into a temporary folder, records each file's checksum, publishes the folder by rename, and
+    only then prunes old checkpoints: a crash at any point leaves the previous checkpoint intact."""
     checkpoint_dir = output_dir / "checkpoints"
     final = checkpoint_dir / f"{CHECKPOINT_PREFIX}{state['step']}"
     tmp = checkpoint_dir / f".tmp_{CHECKPOINT_PREFIX}{state['step']}"
@@ -80,7 +132,8 @@ def save_checkpoint(
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2))
+        files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        (tmp / TRAINER_STATE).write_text(json.dumps({**state, "files": files}, indent=2))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -93,18 +146,23 @@ def save_checkpoint(
 # -------------------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def evaluate(accelerator: Accelerator, model, task, loader: DataLoader) -> dict[str, float]:
-    """Metrics over the whole split on every process: per-example values are gathered (padding
-    duplicates that the sampler added to even out the processes are dropped) before reduction."""
+    """Metrics over the whole split on any number of processes: per-example values are gathered (the
+    duplicates added to even out the processes are dropped) before reduction. Unusable rows are masked
+    out and reported as ``bad_rows``."""
     was_training = model.training
     model.eval()
     values: dict[str, list[torch.Tensor]] = defaultdict(list)
+    bad = torch.zeros((), device=accelerator.device)
     for batch in loader:
+        bad += batch.pop("bad_rows")
         outputs = model(**batch)
         gathered = accelerator.gather_for_metrics(task.eval_values(outputs, batch))
         for k, v in gathered.items():
             values[k].append(v.detach().float().cpu())
     model.train(was_training)
-    return task.metrics({k: torch.cat(v) for k, v in values.items()})
+    metrics = task.metrics({k: torch.cat(v) for k, v in values.items()})
+    metrics["bad_rows"] = int(accelerator.reduce(bad, "sum").item())
+    return metrics
 
 
 def _eval_splits(cfg: Config) -> list[str]:
@@ -112,19 +170,20 @@ def _eval_splits(cfg: Config) -> list[str]:
     return list(split) if isinstance(split, list | tuple) else [split]
 
 
-class MetricsWriter:
-    """Appends one JSON object per evaluated split to ``metrics.jsonl`` (main process only)."""
+class JsonlWriter:
+    """Appends JSON lines to a file on the main process."""
 
     def __init__(self, path: Path, accelerator: Accelerator) -> None:
         self.path, self.accelerator = path, accelerator
 
-    def write(self, record: dict[str, Any]) -> None:
+    def write(self, record: dict[str, Any], echo: bool = False) -> None:
         if not self.accelerator.is_main_process:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}
-        tqdm.write(f"eval {shown}")
+        if echo:
+            shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}
+            tqdm.write(f"eval {shown}")
 
 
 # ----------------------------------------------------------------------------------------------- setup
@@ -169,20 +228,23 @@ def _loader(dataset, cfg: Config, collate, batch_size: int, shuffle: bool) -> Da
         num_workers=cfg.data.num_workers,
         drop_last=shuffle,
         persistent_workers=cfg.data.num_workers > 0,
+        # Its own generator: starting an iterator must not draw from the global RNG, or a resumed run
+        # (which starts one more iterator) would see different dropout masks than a straight one.
+        generator=torch.Generator().manual_seed(cfg.train.seed),
     )
 
 
-def _build_eval_loaders(accelerator, cfg, task, model, collate) -> dict[str, DataLoader]:
+def _build_eval_loaders(accelerator, cfg, task, model) -> dict[str, DataLoader]:
     loaders = {}
     batch_size = cfg.train.eval_batch_size or cfg.train.batch_size
     for split in _eval_splits(cfg):
         with accelerator.main_process_first():
             dataset = task.build_dataset(cfg, model, split, train=False)
-        loaders[split] = _loader(dataset, cfg, collate, batch_size, shuffle=False)
+        accelerator.print(f"eval split {split}: {dataset.describe()}")
+        loaders[split] = _loader(dataset, cfg, task.collator(model, train=False), batch_size, shuffle=False)
     return loaders
 
 
-# ------------------------------------------------------------------------------------------------ train
 def peak_memory_mb(device: torch.device) -> float:
     """Peak GPU memory allocated on ``device``, or the process's peak resident memory on the CPU."""
     if device.type == "cuda":
@@ -192,6 +254,14 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
 
+DIVERGENCE_HINT = (
+    "likely causes: a learning rate too high (train.lr / train.encoder_lr), fp16 overflow "
+    "(try train.mixed_precision=bf16 or no), no gradient clipping (train.max_grad_norm), or bad boxes "
+    "(check data.box_format and data.box_normalized)"
+)
+
+
+# ------------------------------------------------------------------------------------------------ train
 def train(
     cfg: Config, on_end: Callable[[Accelerator, torch.nn.Module], None] | None = None
 ) -> dict[str, dict]:
@@ -201,6 +271,10 @@ def train(
         cfg: the whole config.
         on_end: called on every process with the accelerator and the prepared model after training
             (for inspection in tests and notebooks).
+
+    Raises:
+        TrainingError: more than ``data.max_bad_fraction`` of the examples are unusable, or
+            ``train.max_bad_steps`` optimizer steps in a row had a NaN/inf loss or gradient.
     """
     wall_start = time.perf_counter()
     accelerator = build_accelerator(cfg)
@@ -214,16 +288,18 @@ def train(
     model = build_model(cfg)
     if cfg.train.gradient_checkpointing:
         model.set_gradient_checkpointing(True)
-    collate = task.collator(model)
     with accelerator.main_process_first():
         train_set = task.build_dataset(cfg, model, cfg.data.train_split, train=True)
+    accelerator.print(f"train split {cfg.data.train_split}: {train_set.describe()}")
     if len(train_set) < cfg.train.batch_size:
         raise ValueError(
             f"the train split has {len(train_set)} examples, "
             f"fewer than train.batch_size={cfg.train.batch_size}"
         )
-    train_loader = _loader(train_set, cfg, collate, cfg.train.batch_size, shuffle=True)
-    eval_loaders = _build_eval_loaders(accelerator, cfg, task, model, collate)
+    train_loader = _loader(
+        train_set, cfg, task.collator(model, train=True), cfg.train.batch_size, shuffle=True
+    )
+    eval_loaders = _build_eval_loaders(accelerator, cfg, task, model)
 
     optimizer = torch.optim.AdamW(
         model.param_groups(cfg.train.lr, cfg.train.encoder_lr, cfg.train.weight_decay)
@@ -233,43 +309,52 @@ def train(
     accum = cfg.train.gradient_accumulation_steps
     steps_per_epoch = max(1, len(train_loader) // accum)
     total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
-    # Stepped by hand once per optimizer step, so its length is in optimizer steps on any process count.
+    # Stepped by hand once per optimizer step, so its length is in optimizer steps on any process count;
+    # its state travels as JSON in trainer_state.json (no pickle to load back).
     scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.train.warmup_steps, total_steps)
-    accelerator.register_for_checkpointing(scheduler)
     if cfg.train.log_with:
-        accelerator.init_trackers(Path(cfg.train.output_dir).name, config={"lr": cfg.train.lr})
+        accelerator.init_trackers(output_dir.name, config={"lr": cfg.train.lr})
 
     step = 0
-    resume = resolve_resume(cfg.train.resume_from, output_dir)
+    counters = {"seen": 0, "bad_rows": 0, "skipped_steps": 0}
+    resume = resolve_resume(cfg.train.resume_from, output_dir, accelerator.print)
     if resume is not None:
         accelerator.load_state(str(resume))
         saved = json.loads((resume / TRAINER_STATE).read_text())
+        scheduler.load_state_dict(saved["scheduler"])
         step = int(saved["step"])
+        counters.update(saved.get("counters", {}))
         if (
             saved.get("num_processes") != accelerator.num_processes
             or saved.get("batch_size") != cfg.train.batch_size
         ):
             accelerator.print(
-                f"warning: resuming with {accelerator.num_processes} processes "
-                f"x batch {cfg.train.batch_size}, "
-                f"saved with {saved.get('num_processes')} x {saved.get('batch_size')}: the data order changes"
+                f"warning: the data order changes: resuming with {accelerator.num_processes} process(es) x "
+                f"batch {cfg.train.batch_size}, the checkpoint was saved with {saved.get('num_processes')} x "
+                f"{saved.get('batch_size')}"
             )
         accelerator.print(f"resumed from {resume} at step {step}")
     elif cfg.train.resume_from == "latest":
         accelerator.print(
-            f"resume_from=latest: no checkpoint in {output_dir / 'checkpoints'}, starting fresh"
+            f"resume_from=latest: no usable checkpoint in {output_dir / 'checkpoints'}, starting fresh"
         )
 
-    writer = MetricsWriter(output_dir / "metrics.jsonl", accelerator)
+    metrics_log = JsonlWriter(output_dir / "metrics.jsonl", accelerator)
+    train_log = JsonlWriter(output_dir / "train_log.jsonl", accelerator)
     last_metrics: dict[str, dict[str, float]] = {}
 
     def run_eval(epoch: int) -> None:
+        t0 = time.perf_counter()
         for split, loader in eval_loaders.items():
             metrics = evaluate(accelerator, model, task, loader)
             last_metrics[split] = metrics
-            writer.write({"step": step, "epoch": epoch, "split": split, **metrics})
+            record = {"step": step, "epoch": epoch, "split": split, **metrics}
+            record["train_bad_rows"] = counters["bad_rows"]
+            record["skipped_steps"] = counters["skipped_steps"]
+            metrics_log.write(record, echo=True)
             if cfg.train.log_with:
                 accelerator.log({f"{split}/{k}": v for k, v in metrics.items()}, step=step)
+        timings["eval"] += time.perf_counter() - t0
 
     def checkpoint(epoch: int) -> None:
         state = {
@@ -277,25 +362,31 @@ def train(
             "epoch": epoch,
             "num_processes": accelerator.num_processes,
             "batch_size": cfg.train.batch_size,
+            "scheduler": scheduler.state_dict(),
+            "counters": counters,
         }
         save_checkpoint(accelerator, output_dir, state, cfg.train.keep_last)
 
     n_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     accelerator.print(
-        f"trainable_encoders={cfg.model.trainable_encoders}: {n_train:,} trainable, "
-        f"{n_frozen:,} frozen parameters; "
-        f"{len(train_set):,} train examples, {total_steps} steps, {accelerator.num_processes} process(es)"
+        f"trainable_encoders={cfg.model.trainable_encoders}: {n_train:,} trainable, {n_frozen:,} frozen "
+        f"parameters; {len(train_set):,} train examples, {total_steps} steps, "
+        f"{accelerator.num_processes} process(es)"
     )
     progress = tqdm(
         total=total_steps, initial=step, disable=not accelerator.is_local_main_process, desc="train"
     )
-    timings = defaultdict(float)
+    timings: dict[str, float] = defaultdict(float)
     samples, window_start, window_samples = 0, time.perf_counter(), 0
     # Steady-state throughput: from the end of the first logging window on, evaluation excluded.
-    steady = {"start": None, "samples": 0, "eval": 0.0}
-    last_loss = float("nan")
-    loss_sum, loss_count = torch.zeros((), device=accelerator.device), 0
+    steady: dict[str, Any] = {"start": None, "samples": 0, "eval": 0.0}
+    # Running sums since the last log, reduced across processes at log time: loss, finite micro-steps,
+    # examples seen, bad rows.
+    window = torch.zeros(4, device=accelerator.device)
+    last_loss, consecutive_bad = float("nan"), 0
+    max_norm = cfg.train.max_grad_norm or float("inf")
+    fp16 = accelerator.mixed_precision == "fp16"
     model.train()
     epoch = step // steps_per_epoch
     while step < total_steps:
@@ -306,53 +397,88 @@ def train(
         for batch in loader:
             t_step = time.perf_counter()
             timings["data"] += t_step - t_data
+            n_bad = batch.pop("bad_rows")
+            n_good = batch["pixel_values"].shape[0]
             with accelerator.accumulate(model):
                 outputs = model(**batch)
                 loss, _ = task.loss(outputs, batch)
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.train.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
-                optimizer.step()
+                stepped = False
+                loss_ok = torch.isfinite(loss.detach())
+                if accelerator.sync_gradients:
+                    # A NaN/inf loss on any rank makes the all-reduced gradient non-finite on every rank,
+                    # so all ranks skip the same step without an extra collective.
+                    norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+                    if fp16:  # the loss scaler skips overflowing steps itself and lowers its scale
+                        optimizer.step()
+                        stepped = not accelerator.optimizer_step_was_skipped
+                    elif torch.isfinite(norm):
+                        optimizer.step()
+                        stepped = True
                 optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach()
-            loss_count += 1
-            n = batch["pixel_values"].shape[0] * accelerator.num_processes
+            window += torch.stack(
+                [
+                    torch.where(loss_ok, loss.detach().float(), 0.0),
+                    loss_ok.float(),
+                    n_bad + n_good,
+                    n_bad.float(),
+                ]
+            )
+            n = n_good * accelerator.num_processes
             samples += n
             window_samples += n
             timings["step"] += time.perf_counter() - t_step
-            if accelerator.sync_gradients:
+            if accelerator.sync_gradients and not stepped:
+                counters["skipped_steps"] += 1
+                consecutive_bad += 1
+                if consecutive_bad >= cfg.train.max_bad_steps and not (fp16 and bool(loss_ok)):
+                    raise TrainingError(
+                        f"{consecutive_bad} optimizer steps in a row had a NaN/inf loss or gradient "
+                        f"(at step {step}); stopping. {DIVERGENCE_HINT}"
+                    )
+            elif accelerator.sync_gradients:
+                consecutive_bad = 0
                 scheduler.step()
                 step += 1
                 progress.update(1)
                 if step % cfg.train.log_every == 0 or step == total_steps:
-                    mean_loss = accelerator.reduce(loss_sum, "mean").item() / max(loss_count, 1)
-                    last_loss = mean_loss
-                    if steady["start"] is None:
-                        steady.update(start=time.perf_counter(), samples=samples, eval=timings["eval"])
+                    totals = accelerator.reduce(window, "sum").tolist()
+                    window.zero_()
+                    counters["seen"] += int(totals[2])
+                    counters["bad_rows"] += int(totals[3])
+                    if counters["seen"] >= MIN_EXAMPLES_FOR_BAD_FRACTION:
+                        fraction = counters["bad_rows"] / counters["seen"]
+                        if fraction > cfg.data.max_bad_fraction:
+                            raise TrainingError(
+                                f"{counters['bad_rows']:,} of {counters['seen']:,} training examples "
+                                f"({fraction:.1%}) are unusable (undecodable images or invalid boxes), more "
+                                f"than data.max_bad_fraction={cfg.data.max_bad_fraction}; "
+                                "check data.columns, "
+                                "data.box_format, data.box_normalized and data.image_root"
+                            )
+                    last_loss = totals[0] / max(totals[1], 1.0)
                     now = time.perf_counter()
                     rate = window_samples / max(now - window_start, 1e-9)
                     lr = scheduler.get_last_lr()[0]
-                    progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.0f}")
+                    progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.0f}")
+                    train_log.write({"step": step, "loss": last_loss, "lr": lr, "samples_per_s": rate})
                     if cfg.train.log_with:
-                        accelerator.log({"train/loss": mean_loss, "train/lr": lr}, step=step)
-                    loss_sum.zero_()
-                    loss_count, window_start, window_samples = 0, now, 0
+                        accelerator.log({"train/loss": last_loss, "train/lr": lr}, step=step)
+                    if steady["start"] is None:
+                        steady.update(start=now, samples=samples, eval=timings["eval"])
+                    window_start, window_samples = now, 0
                 if cfg.train.eval_every and step % cfg.train.eval_every == 0:
-                    t_eval = time.perf_counter()
                     run_eval(epoch)
-                    timings["eval"] += time.perf_counter() - t_eval
                 if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
                     checkpoint(epoch)
                 if step >= total_steps:
                     break
             t_data = time.perf_counter()
         if not cfg.train.eval_every:
-            t_eval = time.perf_counter()
             run_eval(epoch)
-            timings["eval"] += time.perf_counter() - t_eval
         epoch += 1
     progress.close()
-    if cfg.train.eval_every and (step % cfg.train.eval_every != 0):
+    if cfg.train.eval_every and step % cfg.train.eval_every != 0:
         run_eval(epoch)
     if not cfg.train.checkpoint_every or step % cfg.train.checkpoint_every != 0:
         checkpoint(epoch)
@@ -381,6 +507,7 @@ def train(
         "time_data_s": timings["data"],
         "time_step_s": timings["step"],
         "time_eval_s": timings["eval"],
+        **counters,
         "metrics": last_metrics,
     }
     if accelerator.is_main_process:
@@ -389,7 +516,8 @@ def train(
         f"done: {step} steps, {samples:,} samples, {rate:.1f} samples/s, peak memory "
         f"{summary['peak_memory_mb']:.0f} MiB ({summary['peak_memory_kind']}); time in data loading "
         f"{timings['data']:.1f} s, forward+backward+optimizer {timings['step']:.1f} s, evaluation "
-        f"{timings['eval']:.1f} s; model in {output_dir / 'final'}"
+        f"{timings['eval']:.1f} s; {counters['bad_rows']} bad rows skipped, {counters['skipped_steps']} "
+        f"steps skipped; model in {output_dir / 'final'}"
     )
     if on_end is not None:
         on_end(accelerator, model)
@@ -410,23 +538,25 @@ def evaluate_saved(cfg: Config) -> dict[str, dict[str, float]]:
         (output_dir / "config.yaml").write_text(to_yaml(cfg))
     task = get_task(cfg.model.task)
     model = build_model(cfg)
-    loaders = _build_eval_loaders(accelerator, cfg, task, model, task.collator(model))
+    loaders = _build_eval_loaders(accelerator, cfg, task, model)
     model = accelerator.prepare(model)
-    writer = MetricsWriter(output_dir / "metrics.jsonl", accelerator)
+    writer = JsonlWriter(output_dir / "metrics.jsonl", accelerator)
     results = {}
     for split, loader in loaders.items():
         results[split] = evaluate(accelerator, model, task, accelerator.prepare(loader))
-        writer.write(
-            {
-                "step": None,
-                "epoch": None,
-                "split": split,
-                "model": str(cfg.model.init_from),
-                "num_processes": accelerator.num_processes,
-                **results[split],
-            }
-        )
+        record = {"step": None, "epoch": None, "split": split, "model": str(cfg.model.init_from)}
+        writer.write({**record, "num_processes": accelerator.num_processes, **results[split]}, echo=True)
     return results
 
 
-__all__ = ["evaluate", "evaluate_saved", "list_checkpoints", "resolve_resume", "save_checkpoint", "train"]
+__all__ = [
+    "CheckpointError",
+    "TrainingError",
+    "evaluate",
+    "evaluate_saved",
+    "list_checkpoints",
+    "resolve_resume",
+    "save_checkpoint",
+    "train",
+    "verify_checkpoint",
+]

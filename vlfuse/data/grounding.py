@@ -47,14 +47,22 @@ def to_absolute_xyxy(box: Any, box_format: str, normalized: bool, width: int, he
 
 
 def clip_box(xyxy: torch.Tensor, width: int, height: int) -> torch.Tensor | None:
-    """The box clipped to the image, or None if nothing of positive area is left."""
-    x0, x1 = sorted((float(xyxy[0]), float(xyxy[2])))
-    y0, y1 = sorted((float(xyxy[1]), float(xyxy[3])))
+    """The box clipped to the image, or None if that leaves no valid box (zero or negative width or
+    height, ``x1 < x0``, or nothing inside the image)."""
+    x0, y0, x1, y1 = (float(v) for v in xyxy)
     x0, x1 = max(0.0, x0), min(float(width), x1)
     y0, y1 = max(0.0, y0), min(float(height), y1)
-    if x1 - x0 < 1e-3 or y1 - y0 < 1e-3:
+    if x1 - x0 < 1.0 or y1 - y0 < 1.0:  # under a pixel: nothing a model could be scored on
         return None
     return torch.tensor([x0, y0, x1, y1])
+
+
+@dataclass
+class BadExample:
+    """A row that could not be used; the collator drops (training) or masks (evaluation) it and counts it."""
+
+    reason: str
+    detail: str
 
 
 @dataclass
@@ -77,6 +85,9 @@ class GroundingDataset(Dataset):
         interpolation: resize interpolation of the image encoder.
         train: random horizontal flips (``data.hflip_prob``) only in training.
         name: the dataset name, for messages.
+        tokenizer: when given, expressions longer than ``max_length`` tokens are counted (they are
+            truncated at collation) and the rate is reported in ``counts``.
+        max_length: the text encoder's ``max_length``.
     """
 
     def __init__(
@@ -89,6 +100,8 @@ class GroundingDataset(Dataset):
         interpolation: str = "bilinear",
         train: bool = False,
         name: str = "",
+        tokenizer: Any = None,
+        max_length: int | None = None,
     ) -> None:
         check_columns(ds, cfg.columns, FIELDS, name or cfg.dataset)
         self.columns = {f: cfg.columns[f] for f in FIELDS}
@@ -100,28 +113,63 @@ class GroundingDataset(Dataset):
         self.counts: Counter[str] = Counter()
         # Only the text column is read here: images stay undecoded until an example is asked for.
         self.index: list[tuple[int, int]] = []
+        texts = []
         for row, value in enumerate(ds[self.columns["text"]]):
-            for k, text in enumerate(_expressions(value)):
+            expressions = _expressions(value)
+            if not expressions:
+                self.counts["missing_expression"] += 1
+            for k, text in enumerate(expressions):
                 if text.strip():
                     self.index.append((row, k))
+                    texts.append(text.strip())
                 else:
                     self.counts["empty_expression"] += 1
         self.counts["rows"] = len(ds)
         self.counts["examples"] = len(self.index)
+        if tokenizer is not None and max_length is not None and texts:
+            lengths = [len(ids) for ids in tokenizer(texts, truncation=False)["input_ids"]]
+            self.counts["truncated_expression"] = sum(n > max_length for n in lengths)
+
+    def describe(self) -> str:
+        """One line: rows, examples, and what was dropped or truncated."""
+        c = self.counts
+        parts = [f"{c['rows']:,} rows -> {c['examples']:,} examples"]
+        for key in ("empty_expression", "missing_expression"):
+            if c[key]:
+                parts.append(f"{c[key]:,} {key.replace('_', ' ')}s dropped")
+        if "truncated_expression" in c:
+            rate = c["truncated_expression"] / max(c["examples"], 1)
+            parts.append(f"{c['truncated_expression']:,} expressions ({rate:.1%}) truncated to max_length")
+        return ", ".join(parts)
 
     def __len__(self) -> int:
         return len(self.index)
 
-    def __getitem__(self, i: int) -> GroundingExample:
+    def __getitem__(self, i: int) -> GroundingExample | BadExample:
         row_idx, k = self.index[i]
-        row = self.ds[row_idx]
-        image = load_image(row[self.columns["image"]], self.cfg.image_root)
+        try:
+            row = self.ds[row_idx]
+        except Exception as err:  # an undecodable embedded image fails inside datasets' decoding
+            return BadExample("bad_image", f"row {row_idx}: {err}")
+        try:
+            image = load_image(row[self.columns["image"]], self.cfg.image_root)
+        except DataError as err:
+            if "not found" in str(err) and self.cfg.image_root is None:
+                raise  # a configuration problem, not a bad row: stop with the hint
+            return BadExample("bad_image", f"row {row_idx}: {err}")
         text = _expressions(row[self.columns["text"]])[k].strip()
         w, h = image.size
-        box = to_absolute_xyxy(row[self.columns["box"]], self.cfg.box_format, self.cfg.box_normalized, w, h)
+        try:
+            box = to_absolute_xyxy(
+                row[self.columns["box"]], self.cfg.box_format, self.cfg.box_normalized, w, h
+            )
+        except (DataError, TypeError, ValueError) as err:
+            return BadExample("bad_box", f"row {row_idx}: {err}")
         clipped = clip_box(box, w, h)
         if clipped is None:
-            raise DataError(f"row {row_idx}: box {box.tolist()} has no area inside the {w}x{h} image")
+            return BadExample(
+                "bad_box", f"row {row_idx}: box {box.tolist()} is not a valid box in the {w}x{h} image"
+            )
         if self.train and self.cfg.hflip_prob > 0 and random.random() < self.cfg.hflip_prob:
             image, clipped, text = hflip(image, clipped, text)
         square, target, meta = letterbox(image, self.image_size, clipped, self.interpolation)
@@ -129,12 +177,32 @@ class GroundingDataset(Dataset):
 
 
 class GroundingCollator:
-    """Stacks examples and tokenizes their expressions in one call."""
+    """Stacks examples and tokenizes their expressions in one call.
 
-    def __init__(self, tokenize) -> None:
+    Bad examples are dropped in training. In evaluation (``keep_bad=True``) they stay as masked
+    placeholders (``valid`` False) so every process gathers batches of the same shape. ``bad_rows`` counts
+    them either way.
+    """
+
+    def __init__(self, tokenize, keep_bad: bool = False) -> None:
         self.tokenize = tokenize
+        self.keep_bad = keep_bad
 
-    def __call__(self, examples: list[GroundingExample]) -> dict[str, torch.Tensor]:
+    def __call__(self, examples: list[GroundingExample | BadExample]) -> dict[str, torch.Tensor]:
+        good = [e for e in examples if isinstance(e, GroundingExample)]
+        n_bad = len(examples) - len(good)
+        if not good:
+            raise DataError(
+                f"all {len(examples)} examples of a batch are unusable; first: {examples[0].detail}. "
+                "Check data.columns, data.box_format, data.box_normalized and data.image_root"
+            )
+        if self.keep_bad and n_bad:
+            filler = good[0]
+            valid = torch.tensor([isinstance(e, GroundingExample) for e in examples])
+            examples = [e if isinstance(e, GroundingExample) else filler for e in examples]
+        else:
+            examples = good
+            valid = torch.ones(len(good), dtype=torch.bool)
         tokens = self.tokenize([e.text for e in examples])
         return {
             "pixel_values": torch.stack([e.pixel_values for e in examples]),
@@ -143,4 +211,6 @@ class GroundingCollator:
             "boxes": torch.stack([e.box for e in examples]),
             "original_boxes": torch.stack([e.original_box for e in examples]),
             "meta": torch.stack([e.meta for e in examples]),
+            "valid": valid,
+            "bad_rows": torch.tensor(n_bad),
         }

@@ -25,8 +25,9 @@ class Task(Protocol):
     def build_dataset(self, cfg: Config, model: VLFuseModel, split: str, train: bool) -> Dataset:
         """The examples of one split, preprocessed for ``model``."""
 
-    def collator(self, model: VLFuseModel) -> Any:
-        """Turns a list of examples into a batch dict of tensors."""
+    def collator(self, model: VLFuseModel, train: bool) -> Any:
+        """Turns a list of examples into a batch dict of tensors, with ``bad_rows`` (the count of unusable
+        examples in it) and, for evaluation, a ``valid`` mask over placeholders kept for them."""
 
     def loss(
         self, outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]

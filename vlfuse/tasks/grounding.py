@@ -143,19 +143,21 @@ class GroundingTask:
             interpolation=enc.data_config.get("interpolation", "bilinear"),
             train=train,
             name=f"{cfg.data.dataset}[{split}]",
+            tokenizer=model.text_encoder.tokenizer,
+            max_length=model.text_encoder.max_length,
         )
 
-    def collator(self, model):
+    def collator(self, model, train: bool):
         from vlfuse.data.grounding import GroundingCollator
 
-        return GroundingCollator(model.text_encoder.tokenize)
+        return GroundingCollator(model.text_encoder.tokenize, keep_bad=not train)
 
     def loss(self, outputs, batch):
         return grounding_loss(outputs, batch["boxes"])
 
     def eval_values(self, outputs, batch):
         pred = boxes_to_pixels(outputs["boxes"], batch["meta"])
-        return {"iou": sample_iou(pred, batch["original_boxes"].float())}
+        return {"iou": sample_iou(pred, batch["original_boxes"].float()), "valid": batch["valid"]}
 
     def metrics(self, values):
-        return grounding_metrics(values["iou"])
+        return grounding_metrics(values["iou"][values["valid"].bool()])
