@@ -144,7 +144,7 @@ def test_accumulation_matches_one_big_batch(tmp_path):
 def test_gradient_checkpointing_only_in_trainable_towers():
     model = VLFuseModel(tiny_config("model.trainable_encoders=text").model)
     model.set_gradient_checkpointing(True)
-    assert model.text_encoder.model.is_gradient_checkpointing
+    assert model.text_encoder.is_grad_checkpointing
     assert not getattr(model.image_encoder.model, "grad_checkpointing", False)
     batch = model.text_encoder.tokenize(["the red circle", "the blue one"])
     model.train()

@@ -227,7 +227,8 @@ def _loader(dataset, cfg: Config, collate, batch_size: int, shuffle: bool) -> Da
         collate_fn=collate,
         num_workers=cfg.data.num_workers,
         drop_last=shuffle,
-        persistent_workers=cfg.data.num_workers > 0,
+        # Not persistent: workers get a fresh copy of the dataset, with its epoch, every epoch.
+        persistent_workers=False,
         # Its own generator: starting an iterator must not draw from the global RNG, or a resumed run
         # (which starts one more iterator) would see different dropout masks than a straight one.
         generator=torch.Generator().manual_seed(cfg.train.seed),
@@ -391,6 +392,8 @@ def train(
     epoch = step // steps_per_epoch
     while step < total_steps:
         train_loader.set_epoch(epoch)
+        if hasattr(train_set, "set_epoch"):
+            train_set.set_epoch(epoch)
         skip = (step - epoch * steps_per_epoch) * accum
         loader = accelerator.skip_first_batches(train_loader, skip) if skip > 0 else train_loader
         t_data = time.perf_counter()

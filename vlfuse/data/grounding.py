@@ -58,20 +58,27 @@ def clip_box(xyxy: torch.Tensor, width: int, height: int) -> torch.Tensor | None
 
 
 @dataclass
-class BadExample:
-    """A row that could not be used; the collator drops (training) or masks (evaluation) it and counts it."""
-
-    reason: str
-    detail: str
-
-
-@dataclass
 class GroundingExample:
     pixel_values: torch.Tensor  # [3, S, S]
     text: str
     box: torch.Tensor  # [4] normalized cxcywh in the input
     original_box: torch.Tensor  # [4] xyxy in the original image's pixels
     meta: torch.Tensor  # [7] letterbox meta (see boxes_to_pixels)
+
+
+@dataclass
+class BadExample:
+    """A row that could not be used; the collator drops (training) or masks (evaluation) it and counts it.
+
+    Attributes:
+        reason: ``bad_image`` or ``bad_box``.
+        detail: what was wrong, naming the row.
+        placeholder: a blank example of the right shapes, standing in for it in evaluation batches.
+    """
+
+    reason: str
+    detail: str
+    placeholder: GroundingExample
 
 
 class GroundingDataset(Dataset):
@@ -88,6 +95,8 @@ class GroundingDataset(Dataset):
         tokenizer: when given, expressions longer than ``max_length`` tokens are counted (they are
             truncated at collation) and the rate is reported in ``counts``.
         max_length: the text encoder's ``max_length``.
+        seed: with the epoch (``set_epoch``) and the index, decides each random flip, so that
+            augmentation does not depend on the global RNG (prefetching would make resumes inexact).
     """
 
     def __init__(
@@ -102,6 +111,7 @@ class GroundingDataset(Dataset):
         name: str = "",
         tokenizer: Any = None,
         max_length: int | None = None,
+        seed: int = 0,
     ) -> None:
         check_columns(ds, cfg.columns, FIELDS, name or cfg.dataset)
         self.columns = {f: cfg.columns[f] for f in FIELDS}
@@ -110,6 +120,7 @@ class GroundingDataset(Dataset):
         self.image_size = image_size
         self.mean, self.std, self.interpolation = mean, std, interpolation
         self.train = train
+        self.seed, self.epoch = seed, 0
         self.counts: Counter[str] = Counter()
         # Only the text column is read here: images stay undecoded until an example is asked for.
         self.index: list[tuple[int, int]] = []
@@ -129,6 +140,20 @@ class GroundingDataset(Dataset):
         if tokenizer is not None and max_length is not None and texts:
             lengths = [len(ids) for ids in tokenizer(texts, truncation=False)["input_ids"]]
             self.counts["truncated_expression"] = sum(n > max_length for n in lengths)
+
+    def _bad(self, reason: str, detail: str) -> BadExample:
+        s = self.image_size
+        blank = GroundingExample(
+            pixel_values=torch.zeros(3, s, s),
+            text="",
+            box=torch.tensor([0.5, 0.5, 1.0, 1.0]),
+            original_box=torch.tensor([0.0, 0.0, float(s), float(s)]),
+            meta=torch.tensor([1.0, 1.0, 0.0, 0.0, s, s, s]),
+        )
+        return BadExample(reason, detail, blank)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def describe(self) -> str:
         """One line: rows, examples, and what was dropped or truncated."""
@@ -150,13 +175,13 @@ class GroundingDataset(Dataset):
         try:
             row = self.ds[row_idx]
         except Exception as err:  # an undecodable embedded image fails inside datasets' decoding
-            return BadExample("bad_image", f"row {row_idx}: {err}")
+            return self._bad("bad_image", f"row {row_idx}: {err}")
         try:
             image = load_image(row[self.columns["image"]], self.cfg.image_root)
         except DataError as err:
             if "not found" in str(err) and self.cfg.image_root is None:
                 raise  # a configuration problem, not a bad row: stop with the hint
-            return BadExample("bad_image", f"row {row_idx}: {err}")
+            return self._bad("bad_image", f"row {row_idx}: {err}")
         text = _expressions(row[self.columns["text"]])[k].strip()
         w, h = image.size
         try:
@@ -164,13 +189,14 @@ class GroundingDataset(Dataset):
                 row[self.columns["box"]], self.cfg.box_format, self.cfg.box_normalized, w, h
             )
         except (DataError, TypeError, ValueError) as err:
-            return BadExample("bad_box", f"row {row_idx}: {err}")
+            return self._bad("bad_box", f"row {row_idx}: {err}")
         clipped = clip_box(box, w, h)
         if clipped is None:
-            return BadExample(
+            return self._bad(
                 "bad_box", f"row {row_idx}: box {box.tolist()} is not a valid box in the {w}x{h} image"
             )
-        if self.train and self.cfg.hflip_prob > 0 and random.random() < self.cfg.hflip_prob:
+        flip_draw = random.Random(f"{self.seed}-{self.epoch}-{i}").random() if self.train else 1.0
+        if flip_draw < self.cfg.hflip_prob:
             image, clipped, text = hflip(image, clipped, text)
         square, target, meta = letterbox(image, self.image_size, clipped, self.interpolation)
         return GroundingExample(to_tensor(square, self.mean, self.std), text, target, clipped, meta)
@@ -191,15 +217,15 @@ class GroundingCollator:
     def __call__(self, examples: list[GroundingExample | BadExample]) -> dict[str, torch.Tensor]:
         good = [e for e in examples if isinstance(e, GroundingExample)]
         n_bad = len(examples) - len(good)
-        if not good:
+        if self.keep_bad:
+            valid = torch.tensor([isinstance(e, GroundingExample) for e in examples])
+            examples = [e if isinstance(e, GroundingExample) else e.placeholder for e in examples]
+        elif not good:
             raise DataError(
-                f"all {len(examples)} examples of a batch are unusable; first: {examples[0].detail}. "
+                f"all {len(examples)} examples of a training batch are unusable; "
+                f"first: {examples[0].detail}. "
                 "Check data.columns, data.box_format, data.box_normalized and data.image_root"
             )
-        if self.keep_bad and n_bad:
-            filler = good[0]
-            valid = torch.tensor([isinstance(e, GroundingExample) for e in examples])
-            examples = [e if isinstance(e, GroundingExample) else filler for e in examples]
         else:
             examples = good
             valid = torch.ones(len(good), dtype=torch.bool)

@@ -88,10 +88,21 @@ class TextEncoder(nn.Module):
         return EncoderOutput(tokens=hidden, pooled=pooled, mask=mask)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        if enable:
+        # transformers 5 renamed gradient_checkpointing_* to activation_checkpointing_*; 4.x has the old.
+        if hasattr(self.model, "activation_checkpointing_enable"):
+            if enable:
+                self.model.activation_checkpointing_enable({"use_reentrant": False})
+            else:
+                self.model.activation_checkpointing_disable()
+        elif enable:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         else:
             self.model.gradient_checkpointing_disable()
+
+    @property
+    def is_grad_checkpointing(self) -> bool:
+        flag = getattr(self.model, "is_activation_checkpointing", None)
+        return bool(flag if flag is not None else self.model.is_gradient_checkpointing)
 
     def save_source(self, folder: str | Path) -> None:
         """Writes the config and tokenizer so the encoder can be rebuilt offline (weights go elsewhere)."""

@@ -145,6 +145,7 @@ class GroundingTask:
             name=f"{cfg.data.dataset}[{split}]",
             tokenizer=model.text_encoder.tokenizer,
             max_length=model.text_encoder.max_length,
+            seed=cfg.train.seed,
         )
 
     def collator(self, model, train: bool):
