@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from vlfuse.config import load_config, parse_cli
-from vlfuse.training import train
+from vlfuse.training import USER_ERRORS, train
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "grounding" / "shapes.yaml"
 
@@ -27,4 +27,7 @@ def main(argv: list[str], on_end=None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except USER_ERRORS as err:  # a clear message, not a stack trace, for a problem in the config or data
+        sys.exit(f"error: {err}")

@@ -160,8 +160,12 @@ class TrainConfig:
     resume_from: str | None = None
     # Recompute activations of trainable encoders in the backward pass (less memory, more compute).
     gradient_checkpointing: bool = False
-    # Frozen encoders only: compute their features once.
+    # Frozen encoders only: compute their features once per split and read them back.
     cache_features: bool = False
+    # Where cached features live; null = $VLFUSE_CACHE or ~/.cache/vlfuse, then features/.
+    cache_dir: str | None = None
+    # Storage type of cached features (float16 halves the disk and read cost).
+    cache_dtype: str = _choices("float32", ("float32", "float16"))
     # Stop after this many consecutive optimizer steps with a NaN/inf loss or gradient (each is skipped).
     max_bad_steps: int = _at_least(10, 1)
     # Accelerate tracker: tensorboard | wandb | ... ; null = none.
@@ -233,6 +237,21 @@ def validate(cfg: Any, prefix: str = "") -> None:
             cfg.eval_split = list(cfg.eval_split)
 
 
+def check_combinations(cfg: Config) -> None:
+    """Settings that are valid alone but not together."""
+    if cfg.train.cache_features and cfg.model.trainable_encoders == "all":
+        raise ConfigError(
+            "train.cache_features=true needs a frozen encoder, but model.trainable_encoders=all trains both; "
+            "use none, image or text, or turn the cache off"
+        )
+    if cfg.train.cache_features and cfg.data.hflip_prob > 0:
+        raise ConfigError(
+            "train.cache_features=true cannot be combined with random flips "
+            f"(data.hflip_prob={cfg.data.hflip_prob}): cached features are computed once from unaugmented "
+            "inputs; set data.hflip_prob=0 or turn the cache off"
+        )
+
+
 def load_config(
     path: str | Path | None = None,
     overrides: Sequence[str] = (),
@@ -267,6 +286,7 @@ def load_config(
         cfg = _merge(cfg, dotlist, "command line")
     obj = OmegaConf.to_object(cfg)
     validate(obj)
+    check_combinations(obj)
     return obj
 
 

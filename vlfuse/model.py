@@ -162,16 +162,26 @@ class VLFuseModel(nn.Module):
         pixel_values: torch.Tensor | None = None,
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        image_features: EncoderOutput | None = None,
-        text_features: EncoderOutput | None = None,
+        image_tokens: torch.Tensor | None = None,
+        image_pooled: torch.Tensor | None = None,
+        text_tokens: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
+        text_pooled: torch.Tensor | None = None,
         **_: Any,
     ) -> dict[str, torch.Tensor]:
-        """Runs the towers (or takes precomputed features), the fusion and the task head.
+        """Runs the towers, or takes their cached features (``image_tokens``/``image_pooled``,
+        ``text_tokens``/``text_mask``/``text_pooled``), then the fusion and the task head.
 
         Extra keyword arguments (a batch's targets and metadata) are ignored, so ``model(**batch)`` works.
         """
-        image = image_features if image_features is not None else self.encode_image(pixel_values)
-        text = text_features if text_features is not None else self.encode_text(input_ids, attention_mask)
+        if image_tokens is not None:
+            image = EncoderOutput(image_tokens, image_pooled, grid=self.image_encoder.grid)
+        else:
+            image = self.encode_image(pixel_values)
+        if text_tokens is not None:
+            text = EncoderOutput(text_tokens, text_pooled, mask=text_mask.bool())
+        else:
+            text = self.encode_text(input_ids, attention_mask)
         return self.head(self.fusion(image, text))
 
     # -------------------------------------------------------------------------------------- preprocessing

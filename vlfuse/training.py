@@ -30,7 +30,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from vlfuse.config import Config, to_yaml
+from vlfuse.config import Config, ConfigError, to_yaml
+from vlfuse.data.loading import DataError
 from vlfuse.model import VLFuseModel
 from vlfuse.tasks import get_task
 
@@ -46,6 +47,10 @@ class TrainingError(RuntimeError):
 
 class CheckpointError(RuntimeError):
     """A checkpoint is incomplete or damaged; the message names the file."""
+
+
+# Errors whose message is the whole story: recipes print them without a stack trace.
+USER_ERRORS = (ConfigError, DataError, TrainingError, CheckpointError, FileNotFoundError)
 
 
 # ------------------------------------------------------------------------------------------- checkpoints
@@ -235,12 +240,25 @@ def _loader(dataset, cfg: Config, collate, batch_size: int, shuffle: bool) -> Da
     )
 
 
+def _maybe_cached(accelerator, cfg: Config, model, dataset, split: str):
+    """With ``train.cache_features``, the dataset reading its frozen towers' features from the cache."""
+    if not cfg.train.cache_features:
+        return dataset
+    from vlfuse.data.feature_cache import cached_dataset
+
+    batch_size = cfg.train.eval_batch_size or cfg.train.batch_size
+    return cached_dataset(
+        model, dataset, split, cfg.train.cache_dir, cfg.train.cache_dtype, batch_size, accelerator
+    )
+
+
 def _build_eval_loaders(accelerator, cfg, task, model) -> dict[str, DataLoader]:
     loaders = {}
     batch_size = cfg.train.eval_batch_size or cfg.train.batch_size
     for split in _eval_splits(cfg):
         with accelerator.main_process_first():
             dataset = task.build_dataset(cfg, model, split, train=False)
+        dataset = _maybe_cached(accelerator, cfg, model, dataset, split)
         accelerator.print(f"eval split {split}: {dataset.describe()}")
         loaders[split] = _loader(dataset, cfg, task.collator(model, train=False), batch_size, shuffle=False)
     return loaders
@@ -291,6 +309,7 @@ def train(
         model.set_gradient_checkpointing(True)
     with accelerator.main_process_first():
         train_set = task.build_dataset(cfg, model, cfg.data.train_split, train=True)
+    train_set = _maybe_cached(accelerator, cfg, model, train_set, cfg.data.train_split)
     accelerator.print(f"train split {cfg.data.train_split}: {train_set.describe()}")
     if len(train_set) < cfg.train.batch_size:
         raise ValueError(
@@ -401,7 +420,7 @@ def train(
             t_step = time.perf_counter()
             timings["data"] += t_step - t_data
             n_bad = batch.pop("bad_rows")
-            n_good = batch["pixel_values"].shape[0]
+            n_good = batch["boxes"].shape[0]
             with accelerator.accumulate(model):
                 outputs = model(**batch)
                 loss, _ = task.loss(outputs, batch)
@@ -553,6 +572,7 @@ def evaluate_saved(cfg: Config) -> dict[str, dict[str, float]]:
 
 
 __all__ = [
+    "USER_ERRORS",
     "CheckpointError",
     "TrainingError",
     "evaluate",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import datasets
@@ -59,11 +59,13 @@ def clip_box(xyxy: torch.Tensor, width: int, height: int) -> torch.Tensor | None
 
 @dataclass
 class GroundingExample:
-    pixel_values: torch.Tensor  # [3, S, S]
+    pixel_values: torch.Tensor | None  # [3, S, S]; None when the image tower's features are cached
     text: str
     box: torch.Tensor  # [4] normalized cxcywh in the input
     original_box: torch.Tensor  # [4] xyxy in the original image's pixels
     meta: torch.Tensor  # [7] letterbox meta (see boxes_to_pixels)
+    # Cached frozen-tower features (image_tokens, image_pooled, text_tokens, text_mask, text_pooled).
+    features: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -124,7 +126,8 @@ class GroundingDataset(Dataset):
         self.counts: Counter[str] = Counter()
         # Only the text column is read here: images stay undecoded until an example is asked for.
         self.index: list[tuple[int, int]] = []
-        texts = []
+        self.texts: list[str] = []  # the expression of each example, stripped
+        texts = self.texts
         for row, value in enumerate(ds[self.columns["text"]]):
             expressions = _expressions(value)
             if not expressions:
@@ -229,11 +232,15 @@ class GroundingCollator:
         else:
             examples = good
             valid = torch.ones(len(good), dtype=torch.bool)
-        tokens = self.tokenize([e.text for e in examples])
+        batch: dict[str, torch.Tensor] = {}
+        if examples[0].pixel_values is not None:
+            batch["pixel_values"] = torch.stack([e.pixel_values for e in examples])
+        for name in examples[0].features:
+            batch[name] = torch.stack([e.features[name] for e in examples])
+        if "text_tokens" not in batch:
+            batch.update(self.tokenize([e.text for e in examples]))
         return {
-            "pixel_values": torch.stack([e.pixel_values for e in examples]),
-            "input_ids": tokens["input_ids"],
-            "attention_mask": tokens["attention_mask"],
+            **batch,
             "boxes": torch.stack([e.box for e in examples]),
             "original_boxes": torch.stack([e.original_box for e in examples]),
             "meta": torch.stack([e.meta for e in examples]),
