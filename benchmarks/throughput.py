@@ -1,0 +1,288 @@
+"""Train throughput and peak memory: end-to-end vs frozen vs frozen + feature cache vs a bare PyTorch loop.
+
+    python benchmarks/throughput.py                   # resnet50 @224 px + a 6-layer 384-wide BERT
+    python benchmarks/throughput.py --preset default  # the embedded default model (shapes.yaml)
+    python benchmarks/throughput.py --steps 20 --warmup 3 --batch-size 32
+
+Each measurement runs in its own process (so peak memory is its own): vlfuse's loop (`vlfuse.training.train`,
+Accelerate included) for trainable_encoders=all, none, and none with train.cache_features=true (the one-off
+caching time reported separately), and for each the same modules in a bare PyTorch loop (plain DataLoader,
+AdamW, no Accelerate) as the floor. Train samples/s are steady state (warm-up steps excluded, evaluation
+excluded). Peak memory is the process's peak RSS on CPU, max_memory_allocated on GPU. The bare loop also
+splits its time into data loading, forward, backward and optimizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _text_encoder_folder(preset: str, folder: Path) -> str:
+    """The realistic preset's 6-layer, 384-wide BERT config with the bundled tokenizer (random weights)."""
+    if preset == "default":
+        return "vlfuse:tiny-bert"
+    from transformers import BertConfig, BertTokenizer
+
+    from vlfuse.encoders.text import resolve_text_encoder_name
+
+    tokenizer = BertTokenizer.from_pretrained(resolve_text_encoder_name("vlfuse:tiny-bert"))
+    BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=384,
+        num_hidden_layers=6,
+        num_attention_heads=6,
+        intermediate_size=1536,
+        max_position_embeddings=64,
+    ).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def _config(args, mode: str, cache: bool, work: Path):
+    from vlfuse.config import load_config
+
+    overrides = [
+        f"model.trainable_encoders={mode}",
+        f"train.cache_features={str(cache).lower()}",
+        f"train.batch_size={args.batch_size}",
+        f"train.max_steps={args.warmup + args.steps}",
+        f"train.log_every={args.warmup}",
+        "train.eval_every=1000000",
+        "train.checkpoint_every=1000000",
+        f"train.output_dir={work / 'run'}",
+        f"train.cache_dir={work / 'cache'}",
+        f"data.shapes_train_size={args.train_images}",
+        "data.shapes_eval_size=8",
+        "data.max_eval_samples=8",
+    ]
+    if args.preset == "realistic":
+        overrides += [
+            "model.image_encoder.name=resnet50",
+            "model.image_encoder.pretrained=false",
+            "model.image_encoder.image_size=224",
+            "model.image_encoder.kwargs={}",
+            f"model.text_encoder.name={_text_encoder_folder('realistic', work / 'bert')}",
+            "model.text_encoder.pretrained=false",
+            "model.text_encoder.max_length=16",
+            "model.fusion.name=transformer",
+            "model.fusion.dim=256",
+            "model.fusion.num_layers=4",
+        ]
+    return load_config(ROOT / "recipes/configs/grounding/shapes.yaml", overrides)
+
+
+def _peak_mb() -> float:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_vlfuse(args, mode: str, cache: bool, work: Path) -> dict:
+    from vlfuse.training import train
+
+    cfg = _config(args, mode, cache, work)
+    caching_s = 0.0
+    if cache:  # build the cache first, timed on its own; train() then reuses it
+        import torch
+        from accelerate import Accelerator
+
+        from vlfuse.data.feature_cache import cached_dataset
+        from vlfuse.model import VLFuseModel
+        from vlfuse.tasks import get_task
+
+        torch.manual_seed(cfg.train.seed)
+        model = VLFuseModel(cfg.model)
+        dataset = get_task("grounding").build_dataset(cfg, model, "train", train=True)
+        t0 = time.perf_counter()
+        cached_dataset(model, dataset, "train", cfg.train.cache_dir, cfg.train.cache_dtype, 64, Accelerator())
+        caching_s = time.perf_counter() - t0
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(True)
+    train(cfg)
+    summary = json.loads((Path(cfg.train.output_dir) / "summary.json").read_text())
+    return {"samples_per_s": summary["train_samples_per_s"], "peak_mb": _peak_mb(), "caching_s": caching_s}
+
+
+def run_bare(args, mode: str, cache: bool, work: Path) -> dict:
+    """The same model, data and optimizer in a plain loop: the floor for vlfuse's loop."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from vlfuse.model import VLFuseModel
+    from vlfuse.tasks import get_task
+
+    cfg = _config(args, mode, cache, work)
+    torch.manual_seed(cfg.train.seed)
+    torch.set_num_threads(os.cpu_count() or 1)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    task = get_task("grounding")
+    model = VLFuseModel(cfg.model)
+    dataset = task.build_dataset(cfg, model, "train", train=True)
+    if cache:
+        from accelerate import Accelerator
+
+        from vlfuse.data.feature_cache import cached_dataset
+
+        dataset = cached_dataset(
+            model, dataset, "train", cfg.train.cache_dir, cfg.train.cache_dtype, 64, Accelerator()
+        )
+    model.to(device).train()
+    loader = DataLoader(
+        dataset,
+        batch_size=cfg.train.batch_size,
+        shuffle=True,
+        drop_last=True,
+        collate_fn=task.collator(model, train=True),
+    )
+    optimizer = torch.optim.AdamW(
+        model.param_groups(cfg.train.lr, cfg.train.encoder_lr, cfg.train.weight_decay)
+    )
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    phases = {"data": 0.0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0}
+    done, samples, start = 0, 0, None
+    iterator = iter(loader)
+    while done < args.warmup + args.steps:
+        t0 = time.perf_counter()
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            iterator = iter(loader)
+            batch = next(iterator)
+        batch.pop("bad_rows")
+        batch = {k: v.to(device) for k, v in batch.items()}
+        sync()
+        t1 = time.perf_counter()
+        loss, _ = task.loss(model(**batch), batch)
+        sync()
+        t2 = time.perf_counter()
+        loss.backward()
+        sync()
+        t3 = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm or float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync()
+        t4 = time.perf_counter()
+        done += 1
+        if done == args.warmup:
+            start = time.perf_counter()
+        elif done > args.warmup:
+            samples += batch["boxes"].shape[0]
+            for name, (a, b) in zip(phases, ((t0, t1), (t1, t2), (t2, t3), (t3, t4)), strict=True):
+                phases[name] += b - a
+    elapsed = time.perf_counter() - start
+    return {
+        "samples_per_s": samples / elapsed,
+        "peak_mb": _peak_mb(),
+        "phases_ms_per_step": {k: 1000 * v / args.steps for k, v in phases.items()},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--preset", choices=("realistic", "default"), default="realistic")
+    parser.add_argument("--steps", type=int, default=8, help="measured steps per run")
+    parser.add_argument("--warmup", type=int, default=2, help="steps excluded from the measurement")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--train-images", type=int, default=400, help="embedded train images (cache size)")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one measurement, print JSON
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if args.one:
+        loop, mode, cache = args.one.split(":")
+        with tempfile.TemporaryDirectory() as tmp:
+            work = Path(os.environ.get("VLFUSE_BENCH_WORK", tmp))
+            runner = run_vlfuse if loop == "vlfuse" else run_bare
+            result = runner(args, mode, cache == "cache", work)
+        print("RESULT " + json.dumps(result))
+        return
+    shared = Path(tempfile.mkdtemp(prefix="vlfuse-bench-"))  # the cache is shared by the runs that use it
+    rows = {}
+    for label, loop, mode, cache in [
+        ("end-to-end (all)", "vlfuse", "all", "live"),
+        ("frozen (none)", "vlfuse", "none", "live"),
+        ("frozen + cache", "vlfuse", "none", "cache"),
+        ("bare all", "bare", "all", "live"),
+        ("bare none", "bare", "none", "live"),
+        ("bare none + cache", "bare", "none", "cache"),
+    ]:
+        cmd = [
+            sys.executable,
+            __file__,
+            "--one",
+            f"{loop}:{mode}:{cache}",
+            "--preset",
+            args.preset,
+            "--steps",
+            str(args.steps),
+            "--warmup",
+            str(args.warmup),
+            "--batch-size",
+            str(args.batch_size),
+            "--train-images",
+            str(args.train_images),
+        ]
+        env = {**os.environ, "VLFUSE_BENCH_WORK": str(shared / f"{loop}-{mode}-{cache}")}
+        if cache == "cache":
+            env["VLFUSE_BENCH_WORK"] = str(shared / f"{loop}-cache")
+        print(f"running {label} ...", flush=True)
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+        if out.returncode != 0 or not line:
+            sys.exit(f"{label} failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
+        rows[label] = json.loads(line[0][len("RESULT ") :])
+    import torch
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    print(
+        f"\npreset={args.preset} batch={args.batch_size} steps={args.steps} "
+        f"(+{args.warmup} warm-up) on {device}"
+    )
+    print(f"{'run':<20} {'samples/s':>10} {'peak MiB':>10}")
+    for label, r in rows.items():
+        print(f"{label:<20} {r['samples_per_s']:>10.1f} {r['peak_mb']:>10.0f}")
+    e2e = rows["end-to-end (all)"]
+    print(f"\none-off caching time: {rows['frozen + cache']['caching_s']:.1f} s")
+    print("ratios:")
+    print(
+        "  frozen + cache / end-to-end samples/s: "
+        f"{rows['frozen + cache']['samples_per_s'] / e2e['samples_per_s']:.2f}x"
+    )
+    print(
+        "  frozen / end-to-end samples/s:         "
+        f"{rows['frozen (none)']['samples_per_s'] / e2e['samples_per_s']:.2f}x"
+    )
+    print(
+        f"  frozen / end-to-end peak memory:       {rows['frozen (none)']['peak_mb'] / e2e['peak_mb']:.2f}x"
+    )
+    for vl, bare in (
+        ("end-to-end (all)", "bare all"),
+        ("frozen (none)", "bare none"),
+        ("frozen + cache", "bare none + cache"),
+    ):
+        print(f"  vlfuse / bare loop, {vl:<17} {rows[vl]['samples_per_s'] / rows[bare]['samples_per_s']:.3f}")
+    print("\nwhere a bare step's time goes (ms per step):")
+    for bare in ("bare all", "bare none", "bare none + cache"):
+        phases = rows[bare]["phases_ms_per_step"]
+        print(f"  {bare:<18} " + ", ".join(f"{k} {v:.0f}" for k, v in phases.items()))
+
+
+if __name__ == "__main__":
+    main()
