@@ -178,10 +178,19 @@ class TrainConfig:
 
 
 @dataclass
+class CompareConfig:
+    # recipes/compare.py: the trainable_encoders values to train side by side (same data, head, budget).
+    modes: list[str] = field(default_factory=lambda: ["none", "image", "text", "all"])
+    # The metric to plot against wall time (default: the task's primary metric).
+    metric: str | None = None
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
 
 
 def _describe_allowed(schema: Any, key: str) -> str:
@@ -227,6 +236,13 @@ def validate(cfg: Any, prefix: str = "") -> None:
         minimum = f.metadata.get("min")
         if minimum is not None and value is not None and value < minimum:
             raise ConfigError(f"invalid value {value!r} for '{key}'; must be >= {minimum}")
+    if isinstance(cfg, CompareConfig):
+        bad = [m for m in cfg.modes if m not in TRAINABLE_ENCODERS]
+        if bad or not cfg.modes or len(set(cfg.modes)) != len(cfg.modes):
+            raise ConfigError(
+                f"invalid value {cfg.modes!r} for 'compare.modes'; allowed: distinct values of "
+                f"{', '.join(TRAINABLE_ENCODERS)}"
+            )
     if isinstance(cfg, DataConfig):
         splits = cfg.eval_split if isinstance(cfg.eval_split, list | tuple) else [cfg.eval_split]
         if not splits or not all(isinstance(s, str) and s for s in splits):

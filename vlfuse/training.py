@@ -369,6 +369,7 @@ def train(
             metrics = evaluate(accelerator, model, task, loader)
             last_metrics[split] = metrics
             record = {"step": step, "epoch": epoch, "split": split, **metrics}
+            record["time_s"] = round(time.perf_counter() - wall_start, 3)  # since the run started
             record["train_bad_rows"] = counters["bad_rows"]
             record["skipped_steps"] = counters["skipped_steps"]
             metrics_log.write(record, echo=True)

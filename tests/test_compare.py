@@ -1,0 +1,40 @@
+import json
+
+import pytest
+from conftest import TINY_MODEL
+from test_recipes import SMALL_DATA, launch
+
+
+@pytest.mark.slow
+def test_compare_recipe_two_modes(tmp_path):
+    out = tmp_path / "cmp"
+    result = launch(
+        "compare.py",
+        "--config",
+        "recipes/configs/grounding/shapes.yaml",
+        *TINY_MODEL,
+        *SMALL_DATA,
+        "compare.modes=[none,all]",
+        "train.max_steps=4",
+        "train.eval_every=2",
+        f"train.output_dir={out}",
+    )
+    assert "| none |" in result.stdout and "| all |" in result.stdout
+    comparison = json.loads((out / "comparison.json").read_text())
+    assert [r["mode"] for r in comparison["runs"]] == ["none", "all"] and comparison["metric"] == "acc@0.5"
+    table = (out / "comparison.md").read_text().splitlines()
+    for run in comparison["runs"]:
+        records = [
+            json.loads(line) for line in (out / run["mode"] / "metrics.jsonl").read_text().splitlines()
+        ]
+        summary = json.loads((out / run["mode"] / "summary.json").read_text())
+        assert run["metrics"] == records[-1]  # the numbers are the run's own
+        assert [p["step"] for p in run["curve"]] == [r["step"] for r in records] == [2, 4]
+        assert run["trainable_parameters"] == summary["trainable_parameters"]
+        assert run["train_samples_per_s"] == summary["train_samples_per_s"]
+        (row,) = [line for line in table if line.startswith(f"| {run['mode']} |")]
+        assert f"{records[-1]['miou']:.4f}" in row and f"{summary['trainable_parameters']:,}" in row
+    frozen, e2e = comparison["runs"]
+    assert frozen["trainable_parameters"] < e2e["trainable_parameters"]
+    png = (out / "comparison.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000

@@ -1,0 +1,123 @@
+"""Frozen vs end-to-end, side by side: one run per ``trainable_encoders`` value, then a table and a plot.
+
+Every mode trains the same task, data, fusion head and budget (``train.max_steps`` / ``train.epochs``);
+each keeps its own run folder under ``train.output_dir/<mode>``. The comparison is written beside them:
+``comparison.json``, ``comparison.md`` and ``comparison.png`` (the eval metric against wall time).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+from vlfuse.config import Config
+from vlfuse.training import train
+
+
+def _first_split(cfg: Config) -> str:
+    split = cfg.data.eval_split
+    return split[0] if isinstance(split, list) else split
+
+
+def run_comparison(cfg: Config) -> dict[str, Any]:
+    """Trains one run per ``compare.modes`` value and writes the comparison files.
+
+    ``train.cache_features`` applies to the modes with a frozen tower and is turned off for ``all``.
+
+    Returns:
+        The content of ``comparison.json``.
+    """
+    from accelerate.state import PartialState
+
+    root = Path(cfg.train.output_dir)
+    split = _first_split(cfg)
+    metric = cfg.compare.metric
+    rows = []
+    for mode in cfg.compare.modes:
+        run_cfg = copy.deepcopy(cfg)
+        run_cfg.model.trainable_encoders = mode
+        run_cfg.train.output_dir = str(root / mode)
+        if mode == "all":
+            run_cfg.train.cache_features = False
+        train(run_cfg)
+        summary = json.loads((root / mode / "summary.json").read_text())
+        records = [json.loads(line) for line in (root / mode / "metrics.jsonl").read_text().splitlines()]
+        records = [r for r in records if r["split"] == split]
+        if metric is None:
+            from vlfuse.tasks import get_task
+
+            metric = get_task(cfg.model.task).primary_metric
+        rows.append(
+            {
+                "mode": mode,
+                "metrics": records[-1] if records else {},
+                "curve": [{"time_s": r["time_s"], "step": r["step"], metric: r[metric]} for r in records],
+                "trainable_parameters": summary["trainable_parameters"],
+                "wall_time_s": summary["wall_time_s"],
+                "train_samples_per_s": summary["train_samples_per_s"],
+                "peak_memory_mb": summary["peak_memory_mb"],
+                "peak_memory_kind": summary["peak_memory_kind"],
+                "steps": summary["steps"],
+                "run_dir": str(root / mode),
+            }
+        )
+    result = {"task": cfg.model.task, "split": split, "metric": metric, "runs": rows}
+    if PartialState().is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "comparison.json").write_text(json.dumps(result, indent=2))
+        (root / "comparison.md").write_text(comparison_markdown(result))
+        plot_comparison(result, root / "comparison.png")
+    return result
+
+
+def comparison_markdown(result: dict[str, Any]) -> str:
+    """The comparison as a Markdown table."""
+    metric_names = [k for k in ("acc@0.5", "acc@0.75", "miou") if k in result["runs"][0]["metrics"]]
+    metric_names = metric_names or [result["metric"]]
+    head = [
+        "mode",
+        *metric_names,
+        "trainable params",
+        "wall time (s)",
+        "train samples/s",
+        "peak memory (MiB)",
+    ]
+    lines = [
+        f"# {result['task']}: trainable_encoders compared on split `{result['split']}`",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for r in result["runs"]:
+        values = [f"{r['metrics'].get(m, float('nan')):.4f}" for m in metric_names]
+        lines.append(
+            f"| {r['mode']} | "
+            + " | ".join(values)
+            + f" | {r['trainable_parameters']:,} | {r['wall_time_s']:.1f} | "
+            f"{r['train_samples_per_s']:.1f} | {r['peak_memory_mb']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_comparison(result: dict[str, Any], path: Path) -> None:
+    """The eval metric against wall time, one line per mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = result["metric"]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for r in result["runs"]:
+        curve = r["curve"]
+        ax.plot([p["time_s"] for p in curve], [p[metric] for p in curve], marker="o", label=r["mode"])
+    ax.set_xlabel("wall time (s)")
+    ax.set_ylabel(f"{metric} ({result['split']})")
+    ax.set_title(f"{result['task']}: trainable_encoders compared")
+    ax.grid(alpha=0.3)
+    ax.legend(title="trainable_encoders")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
