@@ -264,13 +264,42 @@ def _build_eval_loaders(accelerator, cfg, task, model) -> dict[str, DataLoader]:
     return loaders
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak GPU memory allocated on ``device``, or the process's peak resident memory on the CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
+class PeakMemory:
+    """Peak memory of one run: ``max_memory_allocated`` on a GPU (reset at the start), or on the CPU the
+    highest resident set size sampled every 50 ms by a thread (the process-lifetime peak, ru_maxrss, would
+    carry over from an earlier run in the same process, as in recipes/compare.py)."""
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+    def __init__(self, device: torch.device) -> None:
+        import threading
+
+        import psutil
+
+        self.device, self.peak = device, 0
+        self._stop = threading.Event()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            return
+        process = psutil.Process()
+
+        def sample() -> None:
+            while True:
+                self.peak = max(self.peak, process.memory_info().rss)
+                if self._stop.wait(0.05):
+                    break
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+
+    @property
+    def kind(self) -> str:
+        return "cuda_max_allocated" if self.device.type == "cuda" else "cpu_rss_peak"
+
+    def stop_mb(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        self._stop.set()
+        self._thread.join()
+        return self.peak / 2**20
 
 
 DIVERGENCE_HINT = (
@@ -297,6 +326,7 @@ def train(
     """
     wall_start = time.perf_counter()
     accelerator = build_accelerator(cfg)
+    memory = PeakMemory(accelerator.device)
     set_cpu_threads(accelerator, cfg.train.cpu_threads)
     set_seed(cfg.train.seed)
     output_dir = Path(cfg.train.output_dir)
@@ -522,8 +552,8 @@ def train(
         "num_processes": accelerator.num_processes,
         "wall_time_s": time.perf_counter() - wall_start,
         "train_samples_per_s": rate,
-        "peak_memory_mb": peak_memory_mb(accelerator.device),
-        "peak_memory_kind": "cuda_max_allocated" if accelerator.device.type == "cuda" else "cpu_max_rss",
+        "peak_memory_mb": memory.stop_mb(),
+        "peak_memory_kind": memory.kind,
         "trainable_parameters": n_train,
         "frozen_parameters": n_frozen,
         "last_loss": last_loss,
