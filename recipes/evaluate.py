@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from vlfuse.config import load_config, parse_cli
-from vlfuse.training import USER_ERRORS, evaluate_saved
+from vlfuse.training import USER_ERRORS, evaluate_saved, format_metrics
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "grounding" / "shapes.yaml"
 
@@ -20,11 +20,7 @@ def main(argv: list[str]) -> None:
     config_path, overrides = parse_cli(argv)
     cfg = load_config(config_path or DEFAULT_CONFIG, overrides)
     results = evaluate_saved(cfg)
-    for split, values in results.items():
-        print(
-            f"{split}: "
-            + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
-        )
+    print(format_metrics(results))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from vlfuse.config import load_config, parse_cli
-from vlfuse.training import USER_ERRORS, train
+from vlfuse.training import USER_ERRORS, format_metrics, train
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "grounding" / "shapes.yaml"
 
@@ -19,11 +19,7 @@ def main(argv: list[str], on_end=None) -> None:
     config_path, overrides = parse_cli(argv)
     cfg = load_config(config_path or DEFAULT_CONFIG, overrides)
     metrics = train(cfg, on_end=on_end)
-    for split, values in metrics.items():
-        print(
-            f"{split}: "
-            + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
-        )
+    print(format_metrics(metrics))
 
 
 if __name__ == "__main__":

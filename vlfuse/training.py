@@ -215,6 +215,26 @@ def set_cpu_threads(accelerator: Accelerator, threads: int | None) -> None:
     torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // max(local, 1)))
 
 
+def _start_run(cfg: Config) -> tuple[Accelerator, Path]:
+    """The accelerator (CPU threads set) and the output folder, with the resolved ``config.yaml`` in it."""
+    accelerator = build_accelerator(cfg)
+    set_cpu_threads(accelerator, cfg.train.cpu_threads)
+    output_dir = Path(cfg.train.output_dir)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.yaml").write_text(to_yaml(cfg))
+    return accelerator, output_dir
+
+
+def format_metrics(results: dict[str, dict[str, Any]]) -> str:
+    """One line per split: ``validation: acc@0.5=0.9746, ...``."""
+    return "\n".join(
+        f"{split}: "
+        + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
+        for split, values in results.items()
+    )
+
+
 def build_model(cfg: Config) -> VLFuseModel:
     """The model of ``cfg.model``: built from the encoders, or loaded from ``model.init_from``."""
     if cfg.model.init_from:
@@ -325,14 +345,9 @@ def train(
             ``train.max_bad_steps`` optimizer steps in a row had a NaN/inf loss or gradient.
     """
     wall_start = time.perf_counter()
-    accelerator = build_accelerator(cfg)
+    accelerator, output_dir = _start_run(cfg)
     memory = PeakMemory(accelerator.device)
-    set_cpu_threads(accelerator, cfg.train.cpu_threads)
     set_seed(cfg.train.seed)
-    output_dir = Path(cfg.train.output_dir)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "config.yaml").write_text(to_yaml(cfg))
     task = get_task(cfg.model.task)
     model = build_model(cfg)
     if cfg.train.gradient_checkpointing:
@@ -583,12 +598,7 @@ def evaluate_saved(cfg: Config) -> dict[str, dict[str, float]]:
     printing the metrics and appending them to ``output_dir/metrics.jsonl``."""
     if not cfg.model.init_from:
         raise ValueError("evaluation needs model.init_from=<a saved model folder or Hub id>")
-    accelerator = build_accelerator(cfg)
-    set_cpu_threads(accelerator, cfg.train.cpu_threads)
-    output_dir = Path(cfg.train.output_dir)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "config.yaml").write_text(to_yaml(cfg))
+    accelerator, output_dir = _start_run(cfg)
     task = get_task(cfg.model.task)
     model = build_model(cfg)
     loaders = _build_eval_loaders(accelerator, cfg, task, model)
@@ -608,6 +618,7 @@ __all__ = [
     "TrainingError",
     "evaluate",
     "evaluate_saved",
+    "format_metrics",
     "list_checkpoints",
     "resolve_resume",
     "save_checkpoint",
