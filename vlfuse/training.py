@@ -546,6 +546,8 @@ def train(
             run_eval(epoch)
         epoch += 1
     progress.close()
+    # Throughput covers the training loop only: not the final evaluation, checkpoint and model save below.
+    loop_end, eval_in_loop = time.perf_counter(), timings["eval"]
     if cfg.train.eval_every and step % cfg.train.eval_every != 0:
         run_eval(epoch)
     if not cfg.train.checkpoint_every or step % cfg.train.checkpoint_every != 0:
@@ -556,7 +558,7 @@ def train(
         accelerator.unwrap_model(model).save_pretrained(output_dir / "final", state_dict=full_state)
     accelerator.wait_for_everyone()
     if steady["start"] is not None and samples > steady["samples"]:
-        steady_time = time.perf_counter() - steady["start"] - (timings["eval"] - steady["eval"])
+        steady_time = loop_end - steady["start"] - (eval_in_loop - steady["eval"])
         rate = (samples - steady["samples"]) / max(steady_time, 1e-9)
     else:  # too short a run for a steady window: everything but evaluation
         rate = samples / max(timings["data"] + timings["step"], 1e-9)
