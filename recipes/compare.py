@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from vlfuse.compare import run_comparison
-from vlfuse.config import load_config, parse_cli
+from vlfuse.config import load_cli_config
 from vlfuse.training import USER_ERRORS
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "grounding" / "shapes.yaml"
@@ -21,8 +21,7 @@ DEFAULT_OVERRIDES = ["train.output_dir=runs/compare", "train.max_steps=400", "tr
 
 
 def main(argv: list[str]) -> None:
-    config_path, overrides = parse_cli(argv)
-    cfg = load_config(config_path or DEFAULT_CONFIG, ([] if config_path else DEFAULT_OVERRIDES) + overrides)
+    cfg = load_cli_config(argv, DEFAULT_CONFIG, DEFAULT_OVERRIDES)
     run_comparison(cfg)
     print((Path(cfg.train.output_dir) / "comparison.md").read_text())
     print(f"plot: {Path(cfg.train.output_dir) / 'comparison.png'}")

@@ -10,15 +10,14 @@ Metrics are printed per split and appended to train.output_dir/metrics.jsonl.
 import sys
 from pathlib import Path
 
-from vlfuse.config import load_config, parse_cli
+from vlfuse.config import load_cli_config
 from vlfuse.training import USER_ERRORS, evaluate_saved, format_metrics
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "grounding" / "shapes.yaml"
 
 
 def main(argv: list[str]) -> None:
-    config_path, overrides = parse_cli(argv)
-    cfg = load_config(config_path or DEFAULT_CONFIG, overrides)
+    cfg = load_cli_config(argv, DEFAULT_CONFIG)
     results = evaluate_saved(cfg)
     print(format_metrics(results))
 

@@ -9,15 +9,14 @@ With no --config, trains on the embedded offline dataset (recipes/configs/ground
 import sys
 from pathlib import Path
 
-from vlfuse.config import load_config, parse_cli
+from vlfuse.config import load_cli_config
 from vlfuse.training import USER_ERRORS, format_metrics, train
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "grounding" / "shapes.yaml"
 
 
 def main(argv: list[str], on_end=None) -> None:
-    config_path, overrides = parse_cli(argv)
-    cfg = load_config(config_path or DEFAULT_CONFIG, overrides)
+    cfg = load_cli_config(argv, DEFAULT_CONFIG)
     metrics = train(cfg, on_end=on_end)
     print(format_metrics(metrics))
 

@@ -13,12 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from vlfuse.config import Config
-from vlfuse.training import train
-
-
-def _first_split(cfg: Config) -> str:
-    split = cfg.data.eval_split
-    return split[0] if isinstance(split, list) else split
+from vlfuse.tasks import get_task
+from vlfuse.training import eval_splits, train
 
 
 def run_comparison(cfg: Config) -> dict[str, Any]:
@@ -32,8 +28,8 @@ def run_comparison(cfg: Config) -> dict[str, Any]:
     from accelerate.state import PartialState
 
     root = Path(cfg.train.output_dir)
-    split = _first_split(cfg)
-    metric = cfg.compare.metric
+    split = eval_splits(cfg)[0]
+    metric = cfg.compare.metric or get_task(cfg.model.task).primary_metric
     rows = []
     for mode in cfg.compare.modes:
         run_cfg = copy.deepcopy(cfg)
@@ -45,10 +41,6 @@ def run_comparison(cfg: Config) -> dict[str, Any]:
         summary = json.loads((root / mode / "summary.json").read_text())
         records = [json.loads(line) for line in (root / mode / "metrics.jsonl").read_text().splitlines()]
         records = [r for r in records if r["split"] == split]
-        if metric is None:
-            from vlfuse.tasks import get_task
-
-            metric = get_task(cfg.model.task).primary_metric
         rows.append(
             {
                 "mode": mode,

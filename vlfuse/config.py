@@ -330,6 +330,17 @@ def parse_cli(argv: Sequence[str]) -> tuple[str | None, list[str]]:
     return config_path, overrides
 
 
+def load_cli_config(
+    argv: Sequence[str], default_config: str | Path, default_overrides: Sequence[str] = ()
+) -> Config:
+    """A recipe's config from ``[--config FILE] [key=value ...]``: with no ``--config``, ``default_config``
+    plus ``default_overrides``; the command line's overrides always apply last."""
+    config_path, overrides = parse_cli(argv)
+    if config_path is None:
+        return load_config(default_config, [*default_overrides, *overrides])
+    return load_config(config_path, overrides)
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     """A plain nested dict of a config (or any config section)."""
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)

@@ -170,7 +170,8 @@ def evaluate(accelerator: Accelerator, model, task, loader: DataLoader) -> dict[
     return metrics
 
 
-def _eval_splits(cfg: Config) -> list[str]:
+def eval_splits(cfg: Config) -> list[str]:
+    """``data.eval_split`` as a list."""
     split = cfg.data.eval_split
     return list(split) if isinstance(split, list | tuple) else [split]
 
@@ -275,7 +276,7 @@ def _maybe_cached(accelerator, cfg: Config, model, dataset, split: str):
 def _build_eval_loaders(accelerator, cfg, task, model) -> dict[str, DataLoader]:
     loaders = {}
     batch_size = cfg.train.eval_batch_size or cfg.train.batch_size
-    for split in _eval_splits(cfg):
+    for split in eval_splits(cfg):
         with accelerator.main_process_first():
             dataset = task.build_dataset(cfg, model, split, train=False)
         dataset = _maybe_cached(accelerator, cfg, model, dataset, split)

@@ -147,8 +147,11 @@ def _compute(model, dataset: GroundingDataset, folder: Path, dtype: str, batch_s
                 arrays["meta"][i] = ex.meta.numpy()
                 arrays["valid"][i] = True
         if image_frozen:
-            todo = [(i, ex) for i, ex in zip(idx, examples, strict=True) if isinstance(ex, GroundingExample)]
-            todo = [(i, ex) for i, ex in todo if rows[i] not in done_rows and not done_rows.add(rows[i])]
+            todo = []  # one image per row: expressions of the same row share its features
+            for i, ex in zip(idx, examples, strict=True):
+                if isinstance(ex, GroundingExample) and rows[i] not in done_rows:
+                    done_rows.add(rows[i])
+                    todo.append((i, ex))
             if todo:
                 pixels = torch.stack([ex.pixel_values for _, ex in todo]).to(device)
                 out = enc_img(pixels, with_pooled=model.fusion.uses_image_pooled)

@@ -174,7 +174,7 @@ class GroundingDataset(Dataset):
         return len(self.index)
 
     def __getitem__(self, i: int) -> GroundingExample | BadExample:
-        row_idx, k = self.index[i]
+        row_idx, _ = self.index[i]
         try:
             row = self.ds[row_idx]
         except Exception as err:  # an undecodable embedded image fails inside datasets' decoding
@@ -185,7 +185,7 @@ class GroundingDataset(Dataset):
             if "not found" in str(err) and self.cfg.image_root is None:
                 raise  # a configuration problem, not a bad row: stop with the hint
             return self._bad("bad_image", f"row {row_idx}: {err}")
-        text = _expressions(row[self.columns["text"]])[k].strip()
+        text = self.texts[i]
         w, h = image.size
         try:
             box = to_absolute_xyxy(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torchvision.ops import box_convert, box_iou, generalized_box_iou
 
-BOX_FORMATS = ("xyxy", "xywh", "cxcywh")
+from vlfuse.config import BOX_FORMATS
 
 
 def convert_boxes(boxes: torch.Tensor, in_fmt: str, out_fmt: str) -> torch.Tensor:

@@ -115,10 +115,6 @@ def grounding_metrics(iou: torch.Tensor) -> dict[str, float]:
     }
 
 
-def sample_iou(pred_xyxy: torch.Tensor, target_xyxy: torch.Tensor) -> torch.Tensor:
-    return paired_iou(pred_xyxy, target_xyxy)
-
-
 class GroundingTask:
     """Referring expression -> box: data, loss and metrics for the shared training loop."""
 
@@ -158,7 +154,7 @@ class GroundingTask:
 
     def eval_values(self, outputs, batch):
         pred = boxes_to_pixels(outputs["boxes"], batch["meta"])
-        return {"iou": sample_iou(pred, batch["original_boxes"].float()), "valid": batch["valid"]}
+        return {"iou": paired_iou(pred, batch["original_boxes"].float()), "valid": batch["valid"]}
 
     def metrics(self, values):
         return grounding_metrics(values["iou"][values["valid"].bool()])
