@@ -7,11 +7,11 @@ import torch
 from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from conftest import TINY_MODEL, tiny_config
-from safetensors.torch import load_file
+from safetensors.torch import load_file, load_model
 from test_recipes import SMALL_DATA, launch, read_metrics
 
 from vlfuse.model import VLFuseModel
-from vlfuse.training import train
+from vlfuse.training import list_checkpoints, train
 
 
 @pytest.fixture(autouse=True)
@@ -53,6 +53,14 @@ def test_two_processes_keep_ranks_identical_and_frozen_towers_untouched(tmp_path
         else:
             assert moved == [], f"frozen {tower} tower's weights or buffers moved: {moved[:5]}"
     assert any(not torch.equal(rank0[k], start[k]) for k in start if k.startswith("head."))
+    # The 2-process checkpoint and final model load strictly into a plain single-process model.
+    (checkpoint,) = list_checkpoints(tmp_path / "checkpoints")
+    load_model(VLFuseModel(tiny_config(*args).model), str(checkpoint / "model.safetensors"), strict=True)
+    assert not [
+        k for k in load_file(str(checkpoint / "model.safetensors")) if k.startswith(("module.", "_orig_mod."))
+    ]
+    reloaded = VLFuseModel.from_pretrained(tmp_path / "final").state_dict()
+    assert all(torch.equal(reloaded[k], rank0[k]) for k in rank0)
 
 
 def _odd_eval_rows(tmp_path) -> int:
