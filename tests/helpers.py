@@ -79,3 +79,60 @@ def write_lmms_layout(root: Path, rows_per_split: int = 10, seed: int = 1) -> Pa
             str(dataset_dir / "data" / f"{split}-00000-of-00001.parquet")
         )
     return dataset_dir
+
+
+def write_flickr_layout(root: Path, rows_per_split: int = 8, seed: int = 2) -> Path:
+    """AnyModal/flickr30k: embedded ``image``, ``alt_text`` a list of five captions, ``split``, ``img_id``;
+    splits train/validation/test. (lmms-lab/flickr30k is the same with ``caption`` and only ``test``.)"""
+    rng = random.Random(seed)
+    dataset_dir = root / "flickr30k"
+    (dataset_dir / "data").mkdir(parents=True)
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "alt_text": datasets.Sequence(datasets.Value("string")),
+            "sentids": datasets.Sequence(datasets.Value("string")),
+            "split": datasets.Value("string"),
+            "img_id": datasets.Value("string"),
+            "filename": datasets.Value("string"),
+        }
+    )
+    for split in ("train", "validation", "test"):
+        rows = {k: [] for k in features}
+        for i in range(rows_per_split):
+            image, _ = _image(rng, rng.randint(60, 120), rng.randint(50, 110))
+            rows["image"].append(image)
+            rows["alt_text"].append([f"a red box number {i} on grey", f"picture {i}", "", "red", "a box"])
+            rows["sentids"].append([str(5 * i + k) for k in range(5)])
+            rows["split"].append(split)
+            rows["img_id"].append(str(i))
+            rows["filename"].append(f"{i}.jpg")
+        datasets.Dataset.from_dict(rows, features=features).to_parquet(
+            str(dataset_dir / "data" / f"{split}-00000-of-00001.parquet")
+        )
+    return dataset_dir
+
+
+def write_vqav2_layout(root: Path, rows: int = 24, seed: int = 3) -> Path:
+    """VQAv2 on the Hub (merve/vqav2-small and the full sets): embedded ``image``, ``question``,
+    ``multiple_choice_answer`` (a string) and ``answers`` (ten ``{answer, answer_confidence, answer_id}``
+    dicts); merve/vqav2-small has only a ``validation`` split."""
+    rng = random.Random(seed)
+    dataset_dir = root / "vqav2"
+    (dataset_dir / "data").mkdir(parents=True)
+    data = {"image": [], "question": [], "multiple_choice_answer": [], "answers": []}
+    for i in range(rows):
+        image, _ = _image(rng, rng.randint(60, 120), rng.randint(50, 110))
+        data["image"].append(image)
+        data["question"].append(rng.choice(["what colour is the box?", "is there a box?", "how many boxes?"]))
+        main = rng.choice(["red", "yes", "1"])
+        given = [main] * rng.randint(4, 10) + ["Rare answer " + str(i)]
+        given = (given + ["no"] * 10)[:10]
+        data["multiple_choice_answer"].append(main)
+        data["answers"].append(
+            [{"answer": a, "answer_confidence": "yes", "answer_id": k + 1} for k, a in enumerate(given)]
+        )
+    datasets.Dataset.from_dict(data).to_parquet(
+        str(dataset_dir / "data" / "validation-00000-of-00001.parquet")
+    )
+    return dataset_dir

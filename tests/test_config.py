@@ -57,3 +57,46 @@ def test_parse_cli_and_yaml_round_trip(tmp_path):
     dumped = tmp_path / "resolved.yaml"
     dumped.write_text(to_yaml(cfg))
     assert load_config(dumped) == cfg
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (["model.task=retrieval"], "retrieval needs fusion.name=projection"),
+        (["model.fusion.name=projection"], "projection serves retrieval only"),
+        (["model.task=classification", "model.fusion.name=projection"], "projection serves retrieval only"),
+        (
+            ["model.task=retrieval", "model.fusion.name=projection", "train.cache_features=true"],
+            "model.task=grounding only",
+        ),
+        (["model.task=classification", "data.hflip_prob=0.5"], "data.hflip_prob=0.5 with model.task"),
+        (["model.task=vqa"], "'model.task'; allowed: grounding, retrieval, classification"),
+    ],
+)
+def test_task_combinations_are_checked(overrides, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_config(overrides=overrides)
+
+
+def test_split_slices(tmp_path):
+    import datasets
+
+    from vlfuse.data.loading import DataError, load_split, parse_split
+
+    assert parse_split("test") == ("test", None)
+    assert parse_split("test[1000:]") == ("test", slice(1000, None))
+    assert parse_split("validation[:-5]") == ("validation", slice(None, -5))
+    with pytest.raises(DataError, match="name\\[start:stop\\]"):
+        parse_split("test[a:b]")
+    folder = tmp_path / "ds"
+    (folder / "data").mkdir(parents=True)
+    datasets.Dataset.from_dict({"x": list(range(10))}).to_parquet(
+        str(folder / "data" / "test-00000-of-00001.parquet")
+    )
+    cfg = load_config(overrides=[f"data.dataset={folder}"]).data
+    assert load_split(cfg, "test[7:]")["x"] == [7, 8, 9]
+    assert load_split(cfg, "test[:-8]")["x"] == [0, 1]
+    with pytest.raises(DataError, match="selects no rows"):
+        load_split(cfg, "test[20:]")
+    with pytest.raises(DataError, match="has no split 'train'"):
+        load_split(cfg, "train[:2]")

@@ -29,6 +29,9 @@ def test_shapes_and_gradients(name):
     if head.output_kind == "vector":
         assert out.vector.shape == (3, 32)
         loss = out.vector.pow(2).sum()
+    elif head.output_kind == "embedding":
+        assert out.image.shape == (3, 32) and out.text.shape == (3, 32)
+        loss = (out.image * out.text).sum()
     else:
         assert out.dense.shape == (3, 32, 4, 5)
         loss = out.dense.pow(2).sum()
@@ -65,3 +68,12 @@ def test_unknown_fusion_name():
     cfg.name = "nope"
     with pytest.raises(ValueError, match="model.fusion.name"):
         build_fusion(cfg, ishape, tshape, 10)
+
+
+def test_projection_embeds_one_modality_alone():
+    image, text, ishape, tshape = _inputs()
+    head = build_fusion(FusionConfig(name="projection", dim=32), ishape, tshape, 10)
+    both = head(image, text)
+    alone = head(image, None)
+    assert alone.text is None and torch.equal(alone.image, both.image)
+    assert torch.equal(head(None, text).text, both.text)

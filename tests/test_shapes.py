@@ -1,4 +1,5 @@
 import random
+import re
 from collections import Counter
 
 from vlfuse.config import TextEncoderConfig
@@ -111,3 +112,97 @@ def test_bundled_tokenizer_covers_the_vocabulary():
     for word in shapes.VOCABULARY:
         assert tok.tokenize(word) == [word], word
     assert resolve_text_encoder_name("vlfuse:tiny-bert").endswith("tiny-bert")
+
+
+# ----------------------------------------------------------------- captions and questions (retrieval, VQA)
+def _matching(desc: str, objects):
+    """The objects a description ("small red object", "blue circle") fits: an independent reader."""
+    words = desc.split()
+    return [
+        o
+        for o in objects
+        if all(
+            (w not in shapes.SIZES or o.size == w)
+            and (w not in shapes.COLOURS or o.colour == w)
+            and (w not in shapes.SHAPES or o.shape == w)
+            for w in words
+        )
+    ]
+
+
+def _holds(a, rel, b, margin):
+    if rel == "left of":
+        return a.box[2] + margin <= b.box[0]
+    if rel == "right of":
+        return a.box[0] >= b.box[2] + margin
+    if rel == "above":
+        return a.box[3] + margin <= b.box[1]
+    return a.box[1] >= b.box[3] + margin
+
+
+def _scenes(n, seed=0):
+    rng = random.Random(seed)
+    for _ in range(n):
+        objects = shapes.make_example(rng, 64)["objects"]
+        yield objects, rng
+
+
+def test_every_question_is_answered_correctly():
+
+    kinds, answers = Counter(), Counter()
+    for objects, rng in _scenes(400):
+        question, answer, kind = shapes.question_for(objects, rng, 64)
+        kinds[kind] += 1
+        answers[(kind, answer)] += 1
+        if m := re.fullmatch(r"what (colour|shape) is the (.+)\?", question):
+            found = _matching(m[2], objects)
+            assert len(found) == 1, question  # the description picks out one object
+            assert getattr(found[0], m[1]) == answer
+            assert m[1] == "colour" and not any(c in m[2] for c in shapes.COLOURS) or m[1] == "shape"
+        elif m := re.fullmatch(r"how many (\w+ )?(\w+) are there\?", question):
+            if m[2] == "shapes" and m[1] is None:
+                expected = len(objects)
+            elif m[2] == "shapes":
+                expected = sum(o.colour == m[1].strip() for o in objects)
+            else:
+                expected = sum(o.shape + "s" == m[2] for o in objects)
+            assert answer == str(expected), question
+        elif m := re.fullmatch(r"is there an? (\w+) (\w+)\?", question):
+            present = any(o.colour == m[1] and o.shape == m[2] for o in objects)
+            assert answer == ("yes" if present else "no"), question
+        elif m := re.fullmatch(r"is the (.+) (left of|right of|above|below) the (.+)\?", question):
+            a, b = _matching(m[1], objects), _matching(m[3], objects)
+            assert len(a) == 1 and len(b) == 1, question
+            opposite = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+            if answer == "yes":
+                assert _holds(a[0], m[2], b[0], 64 * 0.04)
+            else:  # asked only where the opposite clearly holds
+                assert _holds(a[0], opposite[m[2]], b[0], 64 * 0.04)
+        else:
+            raise AssertionError(f"unexpected question {question!r}")
+    assert set(kinds) == set(shapes.QUESTION_TYPES) and min(kinds.values()) > 40, kinds
+    for kind in ("exist", "relation"):  # yes/no balanced within 35-65 %
+        yes, no = answers[(kind, "yes")], answers[(kind, "no")]
+        assert 0.35 < yes / (yes + no) < 0.65, (kind, yes, no)
+
+
+def test_captions_describe_the_image():
+    for objects, rng in _scenes(200, seed=1):
+        full, pair, third = shapes.captions_for(objects, rng, 64)
+        phrases = re.split(r", | and ", full)
+        assert len(phrases) == len(objects)
+        described = sorted(p.split(" ", 1)[1] for p in phrases)
+        assert described == sorted(f"{o.size} {o.colour} {o.shape}" for o in objects)
+        assert all(len(_matching(p.split(" ", 1)[1], objects)) >= 1 for p in re.split(r" and ", pair))
+        if m := re.fullmatch(r"an? (\w+ \w+) (left of|right of|above|below) an? (\w+ \w+)", third):
+            a, b = _matching(m[1], objects), _matching(m[3], objects)
+            assert any(_holds(x, m[2], y, 64 * 0.04) for x in a for y in b), third
+
+
+def test_generated_rows_have_all_three_tasks_and_keep_grounding_rows():
+    rows = _rows(30, 7)
+    assert all(len(r["captions"]) == 3 and r["question"].endswith("?") and r["answer"] for r in rows)
+    rng = random.Random(7)
+    for r in rows:  # the grounding columns are what make_example alone draws from the seed
+        alone = shapes.make_example(rng, 64)
+        assert r["text"] == alone["text"] and r["box"] == alone["box"]

@@ -66,7 +66,8 @@ def run_comparison(cfg: Config) -> dict[str, Any]:
 
 def comparison_markdown(result: dict[str, Any]) -> str:
     """The comparison as a Markdown table."""
-    metric_names = [k for k in ("acc@0.5", "acc@0.75", "miou") if k in result["runs"][0]["metrics"]]
+    shown = get_task(result["task"]).report_metrics
+    metric_names = [k for k in shown if k in result["runs"][0]["metrics"]]
     metric_names = metric_names or [result["metric"]]
     head = [
         "mode",

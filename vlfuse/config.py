@@ -18,8 +18,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 TRAINABLE_ENCODERS = ("none", "image", "text", "all")
-FUSION_NAMES = ("concat", "transformer", "dense")
-TASKS = ("grounding",)
+FUSION_NAMES = ("concat", "transformer", "dense", "projection")
+TASKS = ("grounding", "retrieval", "classification")
 BOX_FORMATS = ("xyxy", "xywh", "cxcywh")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 
@@ -65,7 +65,8 @@ class TextEncoderConfig:
 @dataclass
 class FusionConfig:
     # concat: pooled features -> MLP; transformer: tokens + query token(s) (TransVG-style);
-    # dense: text-conditioned (FiLM) feature map with coordinate channels, one box per location.
+    # dense: text-conditioned (FiLM) feature map with coordinate channels, one box per location;
+    # projection: no fusion, each tower's pooled vector projected to a shared embedding (retrieval).
     name: str = _choices("transformer", FUSION_NAMES)
     # Width of the fusion head.
     dim: int = _at_least(256, 8)
@@ -90,8 +91,14 @@ class ModelConfig:
     # A saved vlfuse model (a final/ folder or a Hub id) to start from; its encoders, fusion and head
     # replace the ones described above (trainable_encoders still applies).
     init_from: str | None = None
-    # Which task head sits on the fusion output.
+    # Which task head sits on the fusion output: grounding (text -> box), retrieval (image-text
+    # embeddings; needs fusion.name=projection), classification (VQA-style answers).
     task: str = _choices("grounding", TASKS)
+    # classification: the answer vocabulary (the classifier's classes, most frequent first). Left empty,
+    # it is built from the train split's data.num_answers most frequent answers and saved with the model.
+    answers: list[str] = field(default_factory=list)
+    # retrieval: the learnable temperature's starting value (logits = similarity / temperature).
+    temperature: float = _at_least(0.07, 1e-4)
 
 
 @dataclass
@@ -102,10 +109,14 @@ class DataConfig:
     revision: str | None = None
     # Dataset configuration name (``load_dataset(path, name)``), if the dataset has several.
     subset: str | None = None
+    # A split name, optionally sliced by rows: "train", "validation[:1000]", "test[1000:]" (for datasets
+    # that ship one split, e.g. lmms-lab/flickr30k).
     train_split: str = "train"
-    # One split or a list of splits; metrics are reported per split.
+    # One split or a list of splits (each may be sliced); metrics are reported per split.
     eval_split: Any = "validation"
-    # Task field -> dataset column.
+    # Task field -> dataset column. grounding: image, text, box; retrieval: image, text (a caption or a
+    # list of captions); classification: image, question, answer (a string, a list of strings or a list
+    # of {answer: ...} dicts).
     columns: dict[str, str] = field(default_factory=lambda: {"image": "image", "text": "text", "box": "box"})
     # Folder that relative image paths are resolved against.
     image_root: str | None = None
@@ -122,6 +133,9 @@ class DataConfig:
     max_bad_fraction: float = _at_least(0.01, 0.0)
     # DataLoader worker processes.
     num_workers: int = _at_least(0, 0)
+    # classification: the answer vocabulary keeps this many most frequent train answers; the rest map to
+    # "unknown" (counted, never predicted).
+    num_answers: int = _at_least(1000, 1)
     # Embedded dataset only: images in the train / validation split, image size and seed.
     shapes_train_size: int = _at_least(20000, 1)
     shapes_eval_size: int = _at_least(1000, 1)
@@ -255,6 +269,23 @@ def validate(cfg: Any, prefix: str = "") -> None:
 
 def check_combinations(cfg: Config) -> None:
     """Settings that are valid alone but not together."""
+    task, fusion = cfg.model.task, cfg.model.fusion.name
+    if (task == "retrieval") != (fusion == "projection"):
+        raise ConfigError(
+            f"model.task={task} with model.fusion.name={fusion}: retrieval needs fusion.name=projection "
+            "(separate image and text embeddings, compared all against all), and projection serves "
+            "retrieval only; grounding and classification take concat, transformer or dense"
+        )
+    if task != "grounding" and cfg.train.cache_features:
+        raise ConfigError(
+            f"train.cache_features=true is implemented for model.task=grounding only (not {task}); "
+            "turn it off"
+        )
+    if task == "classification" and cfg.data.hflip_prob > 0:
+        raise ConfigError(
+            f"data.hflip_prob={cfg.data.hflip_prob} with model.task=classification: a flip would need the "
+            "answer changed too (left/right answers); set data.hflip_prob=0"
+        )
     if cfg.train.cache_features and cfg.model.trainable_encoders == "all":
         raise ConfigError(
             "train.cache_features=true needs a frozen encoder, but model.trainable_encoders=all trains both; "

@@ -16,7 +16,9 @@ from vlfuse.config import TRAINABLE_ENCODERS, ModelConfig, section_from_dict, to
 from vlfuse.data.transforms import letterbox, to_tensor
 from vlfuse.encoders import EncoderOutput, ImageEncoder, TextEncoder
 from vlfuse.fusion import TowerShape, build_fusion
+from vlfuse.tasks.classification import UNKNOWN, ClassificationHead, predicted_classes
 from vlfuse.tasks.grounding import GroundingHead, boxes_to_pixels
+from vlfuse.tasks.retrieval import RetrievalHead
 
 CONFIG_NAME = "vlfuse_config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -39,10 +41,21 @@ def _tower_shapes(image: ImageEncoder, text: TextEncoder) -> tuple[TowerShape, T
     )
 
 
-def build_task_head(task: str, dim: int, kind: str) -> nn.Module:
-    if task == "grounding":
-        return GroundingHead(dim, kind)
-    raise ValueError(f"model.task: unknown task {task!r}")
+def build_task_head(cfg: ModelConfig, fusion: nn.Module) -> nn.Module:
+    """The head of ``cfg.task`` over ``fusion``'s output."""
+    kind = fusion.output_kind
+    if (cfg.task == "retrieval") != (kind == "embedding"):
+        raise ValueError(
+            f"model.task={cfg.task} cannot sit on model.fusion.name={cfg.fusion.name}: retrieval needs "
+            "fusion.name=projection, and projection serves retrieval only"
+        )
+    if cfg.task == "grounding":
+        return GroundingHead(fusion.dim, kind)
+    if cfg.task == "retrieval":
+        return RetrievalHead(cfg.temperature)
+    if cfg.task == "classification":
+        return ClassificationHead(fusion.dim, kind, len(cfg.answers) + 1, cfg.fusion.dropout)
+    raise ValueError(f"model.task: unknown task {cfg.task!r}")
 
 
 class VLFuseModel(nn.Module):
@@ -77,7 +90,7 @@ class VLFuseModel(nn.Module):
         self.fusion = build_fusion(
             cfg.fusion, image_shape, text_shape, max_text_len=cfg.text_encoder.max_length
         )
-        self.head = build_task_head(cfg.task, self.fusion.dim, self.fusion.output_kind)
+        self.head = build_task_head(cfg, self.fusion)
         self.set_trainable_encoders(cfg.trainable_encoders)
 
     # ----------------------------------------------------------------------------------------- the switch
@@ -173,15 +186,21 @@ class VLFuseModel(nn.Module):
         ``text_tokens``/``text_mask``/``text_pooled``), then the fusion and the task head.
 
         Extra keyword arguments (a batch's targets and metadata) are ignored, so ``model(**batch)`` works.
+        A retrieval model also takes images alone or texts alone (and returns only those embeddings).
         """
+        image = text = None
         if image_tokens is not None:
             image = EncoderOutput(image_tokens, image_pooled, grid=self.image_encoder.grid)
-        else:
+        elif pixel_values is not None:
             image = self.encode_image(pixel_values)
         if text_tokens is not None:
             text = EncoderOutput(text_tokens, text_pooled, mask=text_mask.bool())
-        else:
+        elif input_ids is not None:
             text = self.encode_text(input_ids, attention_mask)
+        if (image is None or text is None) and self.config.task != "retrieval":
+            raise ValueError(f"task {self.config.task!r} needs both images and texts")
+        if image is None and text is None:
+            raise ValueError("forward needs pixel_values (or image features) or input_ids (or text features)")
         return self.head(self.fusion(image, text))
 
     # -------------------------------------------------------------------------------------- preprocessing
@@ -196,38 +215,91 @@ class VLFuseModel(nn.Module):
             metas.append(meta)
         return torch.stack(pixels), torch.stack(metas)
 
-    @torch.no_grad()
-    def predict(
-        self, images: Sequence[Image.Image] | Image.Image, texts: Sequence[str] | str
-    ) -> torch.Tensor:
-        """Grounding: one ``xyxy`` box per (image, text) pair, in that input image's own pixels.
+    def _device(self) -> torch.device:
+        return next(self.parameters()).device
 
-        Args:
-            images: PIL images (any sizes), or one image for all texts.
-            texts: referring expressions, one per image (or one for a single image).
-        """
-        if self.config.task != "grounding":
-            raise ValueError(
-                f"predict returns boxes for task 'grounding'; this model's task is {self.config.task!r}"
-            )
-        if isinstance(images, Image.Image):
-            images = [images]
-        if isinstance(texts, str):
-            texts = [texts]
+    @torch.no_grad()
+    def _run(self, images: Sequence[Image.Image] | None, texts: Sequence[str] | None):
+        """The model in eval mode on preprocessed images and/or tokenized texts; restores train mode."""
+        was_training = self.training
+        self.eval()
+        device, inputs, meta = self._device(), {}, None
+        if images is not None:
+            pixels, meta = self.preprocess_images(images)
+            inputs["pixel_values"] = pixels.to(device)
+        if texts is not None:
+            inputs.update({k: v.to(device) for k, v in self.text_encoder.tokenize(list(texts)).items()})
+        try:
+            return self(**inputs), meta
+        finally:
+            self.train(was_training)
+
+    @staticmethod
+    def _pairs(
+        images: Sequence[Image.Image] | Image.Image, texts: Sequence[str] | str
+    ) -> tuple[list[Image.Image], list[str]]:
+        images = [images] if isinstance(images, Image.Image) else list(images)
+        texts = [texts] if isinstance(texts, str) else list(texts)
         if len(images) == 1 and len(texts) > 1:
-            images = list(images) * len(texts)
+            images = images * len(texts)
         if len(images) != len(texts):
             raise ValueError(
                 f"predict got {len(images)} images and {len(texts)} texts; give one text per image"
             )
-        was_training = self.training
-        self.eval()
-        device = next(self.parameters()).device
-        pixels, meta = self.preprocess_images(images)
-        tokens = self.text_encoder.tokenize(list(texts))
-        out = self(pixel_values=pixels.to(device), **{k: v.to(device) for k, v in tokens.items()})
-        self.train(was_training)
-        return boxes_to_pixels(out["boxes"], meta).cpu()
+        return images, texts
+
+    def predict(
+        self,
+        images: Sequence[Image.Image] | Image.Image | None = None,
+        texts: Sequence[str] | str | None = None,
+    ) -> Any:
+        """Inference on PIL images (any sizes) and texts, by task:
+
+        - grounding: one ``xyxy`` box per (image, expression) pair, in that input image's own pixels
+          (``[N, 4]``); one image may be given for all expressions;
+        - classification: the answer (a string) per (image, question) pair;
+        - retrieval: ``{"image_embeds": [N, D], "text_embeds": [M, D], "similarity": [N, M]}`` (unit
+          embeddings; either input may be omitted, and the similarity needs both).
+        """
+        task = self.config.task
+        if task == "retrieval":
+            out: dict[str, torch.Tensor] = {}
+            if images is not None:
+                out["image_embeds"] = self.embed_images(images)
+            if texts is not None:
+                out["text_embeds"] = self.embed_texts(texts)
+            if not out:
+                raise ValueError("predict needs images, texts or both")
+            if len(out) == 2:
+                out["similarity"] = out["image_embeds"] @ out["text_embeds"].T
+            return out
+        if images is None or texts is None:
+            raise ValueError(f"predict for task {task!r} needs images and texts")
+        images, texts = self._pairs(images, texts)
+        outputs, meta = self._run(images, texts)
+        if task == "grounding":
+            return boxes_to_pixels(outputs["boxes"], meta).cpu()
+        return [self.config.answers[i] for i in predicted_classes(outputs["logits"]).tolist()]
+
+    def _embed(self, key: str, images=None, texts=None) -> torch.Tensor:
+        if self.config.task != "retrieval":
+            raise ValueError(
+                f"embeddings come from a retrieval model; this model's task is {self.config.task!r}"
+            )
+        return self._run(images, texts)[0][key].cpu()
+
+    def embed_images(self, images: Sequence[Image.Image] | Image.Image) -> torch.Tensor:
+        """Retrieval: unit-length image embeddings ``[N, D]``."""
+        return self._embed("image_embeds", images=[images] if isinstance(images, Image.Image) else images)
+
+    def embed_texts(self, texts: Sequence[str] | str) -> torch.Tensor:
+        """Retrieval: unit-length text embeddings ``[M, D]``."""
+        return self._embed("text_embeds", texts=[texts] if isinstance(texts, str) else texts)
+
+    @property
+    def answer_vocabulary(self) -> list[str]:
+        """Classification: the classes in order (``model.answers`` and the never-predicted unknown)."""
+        return [*self.config.answers, UNKNOWN]
 
     # ------------------------------------------------------------------------------------- save / load
     def save_pretrained(self, folder: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:

@@ -216,10 +216,14 @@ def set_cpu_threads(accelerator: Accelerator, threads: int | None) -> None:
     torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // max(local, 1)))
 
 
-def _start_run(cfg: Config) -> tuple[Accelerator, Path]:
-    """The accelerator (CPU threads set) and the output folder, with the resolved ``config.yaml`` in it."""
+def _start_run(cfg: Config, task) -> tuple[Accelerator, Path]:
+    """The accelerator (CPU threads set) and the output folder, with the resolved ``config.yaml`` in it
+    (after the task's ``prepare``, which may fill in settings from the data, such as the answer
+    vocabulary)."""
     accelerator = build_accelerator(cfg)
     set_cpu_threads(accelerator, cfg.train.cpu_threads)
+    if hasattr(task, "prepare"):
+        task.prepare(cfg, accelerator)
     output_dir = Path(cfg.train.output_dir)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -236,10 +240,16 @@ def format_metrics(results: dict[str, dict[str, Any]]) -> str:
     )
 
 
-def build_model(cfg: Config) -> VLFuseModel:
-    """The model of ``cfg.model``: built from the encoders, or loaded from ``model.init_from``."""
+def build_model(cfg: Config, check_task: bool = True) -> VLFuseModel:
+    """The model of ``cfg.model``: built from the encoders, or loaded from ``model.init_from`` (whose
+    task must be ``model.task`` when ``check_task``)."""
     if cfg.model.init_from:
         model = VLFuseModel.from_pretrained(cfg.model.init_from)
+        if check_task and model.config.task != cfg.model.task:
+            raise ConfigError(
+                f"model.init_from={cfg.model.init_from} is a {model.config.task!r} model, but "
+                f"model.task={cfg.model.task!r}; use that task's recipe and config"
+            )
         model.set_trainable_encoders(cfg.model.trainable_encoders)
         return model
     return VLFuseModel(cfg.model)
@@ -346,10 +356,10 @@ def train(
             ``train.max_bad_steps`` optimizer steps in a row had a NaN/inf loss or gradient.
     """
     wall_start = time.perf_counter()
-    accelerator, output_dir = _start_run(cfg)
+    task = get_task(cfg.model.task)
+    accelerator, output_dir = _start_run(cfg, task)
     memory = PeakMemory(accelerator.device)
     set_seed(cfg.train.seed)
-    task = get_task(cfg.model.task)
     model = build_model(cfg)
     if cfg.train.gradient_checkpointing:
         model.set_gradient_checkpointing(True)
@@ -467,7 +477,7 @@ def train(
             t_step = time.perf_counter()
             timings["data"] += t_step - t_data
             n_bad = batch.pop("bad_rows")
-            n_good = batch["boxes"].shape[0]
+            n_good = batch["valid"].shape[0]
             with accelerator.accumulate(model):
                 outputs = model(**batch)
                 loss, _ = task.loss(outputs, batch)
@@ -520,7 +530,8 @@ def train(
                         if fraction > cfg.data.max_bad_fraction:
                             raise TrainingError(
                                 f"{counters['bad_rows']:,} of {counters['seen']:,} training examples "
-                                f"({fraction:.1%}) are unusable (undecodable images or invalid boxes), more "
+                                f"({fraction:.1%}) are unusable (undecodable images, invalid boxes or no "
+                                "answer), more "
                                 f"than data.max_bad_fraction={cfg.data.max_bad_fraction}; "
                                 "check data.columns, "
                                 "data.box_format, data.box_normalized and data.image_root"
@@ -601,9 +612,10 @@ def evaluate_saved(cfg: Config) -> dict[str, dict[str, float]]:
     printing the metrics and appending them to ``output_dir/metrics.jsonl``."""
     if not cfg.model.init_from:
         raise ValueError("evaluation needs model.init_from=<a saved model folder or Hub id>")
-    accelerator, output_dir = _start_run(cfg)
+    model = build_model(cfg, check_task=False)
+    cfg.model.task = model.config.task  # the saved model's task decides the data and metrics
     task = get_task(cfg.model.task)
-    model = build_model(cfg)
+    accelerator, output_dir = _start_run(cfg, task)
     loaders = _build_eval_loaders(accelerator, cfg, task, model)
     model = accelerator.prepare(model)
     writer = JsonlWriter(output_dir / "metrics.jsonl", accelerator)

@@ -28,7 +28,8 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from vlfuse.data.grounding import BadExample, GroundingDataset, GroundingExample
+from vlfuse.data.examples import BadExample
+from vlfuse.data.grounding import GroundingDataset, GroundingExample
 
 CACHE_FORMAT_VERSION = 1
 META_FILE = "cache.json"
@@ -201,7 +202,7 @@ class CachedGroundingDataset(Dataset):
         if not a["valid"][i]:
             # Re-read the row to tell why (bad rows are few); the placeholder gets blank features.
             bad = self.base[i]
-            bad = bad if isinstance(bad, BadExample) else self.base._bad("bad_row", f"example {i}")
+            bad = bad if isinstance(bad, BadExample) else self.base.bad("bad_row", f"example {i}")
             blank = {
                 k: torch.zeros(a[k].shape[1:], dtype=torch.float32)
                 for k in a

@@ -4,6 +4,7 @@ embedded dataset's name."""
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,10 @@ def _shapes_split(cfg: DataConfig, split: str) -> datasets.Dataset:
             "box": datasets.Sequence(datasets.Value("float32"), length=4),
             "num_objects": datasets.Value("int32"),
             "object_boxes": datasets.Sequence(datasets.Sequence(datasets.Value("float32"), length=4)),
+            "captions": datasets.Sequence(datasets.Value("string")),
+            "question": datasets.Value("string"),
+            "answer": datasets.Value("string"),
+            "question_type": datasets.Value("string"),
         }
     )
     # from_generator caches the result under HF_HOME keyed by the arguments: generated once per machine.
@@ -68,12 +73,42 @@ def available_splits(cfg: DataConfig) -> list[str]:
     )
 
 
-def load_split(cfg: DataConfig, split: str) -> datasets.Dataset:
-    """One split of ``data.dataset`` as a ``datasets.Dataset``.
+_SLICE = re.compile(r"^(?P<name>[^\[\]]+)\[(?P<start>-?\d*):(?P<stop>-?\d*)\]$")
+
+
+def parse_split(split: str) -> tuple[str, slice | None]:
+    """``"test[1000:]"`` -> ``("test", slice(1000, None))``; a plain name has no slice.
 
     Raises:
-        DataError: if the split does not exist (the message lists the splits there are).
+        DataError: for brackets that are not a ``[start:stop]`` row slice.
     """
+    if "[" not in split:
+        return split, None
+    match = _SLICE.match(split)
+    if match is None:
+        raise DataError(f"split {split!r}: a slice must look like name[start:stop], e.g. test[:1000]")
+    start, stop = (int(v) if v else None for v in (match["start"], match["stop"]))
+    return match["name"], slice(start, stop)
+
+
+def load_split(cfg: DataConfig, split: str) -> datasets.Dataset:
+    """One split of ``data.dataset`` as a ``datasets.Dataset``; ``name[start:stop]`` selects those rows.
+
+    Raises:
+        DataError: if the split does not exist (the message lists the splits there are) or its slice is
+            empty.
+    """
+    name, rows = parse_split(split)
+    ds = _load_whole_split(cfg, name)
+    if rows is None:
+        return ds
+    selected = range(len(ds))[rows]
+    if len(selected) == 0:
+        raise DataError(f"split {split!r} selects no rows: {name!r} has {len(ds)} rows")
+    return ds.select(selected)
+
+
+def _load_whole_split(cfg: DataConfig, split: str) -> datasets.Dataset:
     if cfg.dataset == shapes.NAME:
         return _shapes_split(cfg, split)
     splits = available_splits(cfg)

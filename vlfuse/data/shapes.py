@@ -8,7 +8,9 @@ circle"), extremes ("the lowest blue shape") and relations ("the square left of 
 each kept only if it picks out the referent and nothing else.
 
 Rows follow the Hub grounding layout: ``image`` (PIL), ``text`` (a list of expressions for the object),
-``box`` (absolute ``xyxy`` pixels).
+``box`` (absolute ``xyxy`` pixels). The same images serve the other two tasks: ``captions`` (three
+captions of the whole image, for retrieval) and ``question`` / ``answer`` / ``question_type`` (one
+question about colour, shape, count, existence or a spatial relation, for VQA-style classification).
 """
 
 from __future__ import annotations
@@ -149,7 +151,7 @@ def _draw(draw: ImageDraw.ImageDraw, obj: Obj) -> None:
 
 
 def make_example(rng: random.Random, size: int = 64) -> dict:
-    """One image with its referent's box and expressions."""
+    """One image with its referent's box and expressions (and, under ``objects``, every object)."""
     while True:
         n = rng.randint(2, 5)
         triples = rng.sample([(s, c, h) for s in SIZES for c in COLOURS for h in SHAPES], n)
@@ -187,7 +189,109 @@ def make_example(rng: random.Random, size: int = 64) -> dict:
             "num_objects": len(objects),
             # Every object's box, referent included: lets one measure what ignoring the text would score.
             "object_boxes": [[float(v) for v in o.box] for o in objects],
+            "objects": objects,
         }
+
+
+# ------------------------------------------------------------------------- captions (retrieval)
+def _article(words: str) -> str:
+    return ("an " if words[0] in "aeiou" else "a ") + words
+
+
+def _listing(phrases: list[str]) -> str:
+    return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+
+
+def captions_for(objects: list[Obj], rng: random.Random, size: int) -> list[str]:
+    """Three captions of the whole image: every object (size, colour, shape) in a random order; two
+    objects by colour and shape; a spatial relation between two objects (or two more objects)."""
+    full = [_article(_describe(o, True, True, True)) for o in objects]
+    rng.shuffle(full)
+    pair = rng.sample(objects, 2)
+    captions = [_listing(full), _listing([_article(_describe(o, False, True, True)) for o in pair])]
+    margin = size * 0.04
+    relations = [
+        (a, rel, b)
+        for a in objects
+        for b in objects
+        if a is not b
+        for rel in RELATIONS
+        if _relation_holds(a, rel, b, margin)
+    ]
+    if relations:
+        a, rel, b = rng.choice(relations)
+        captions.append(
+            f"{_article(_describe(a, False, True, True))} {rel} {_article(_describe(b, False, True, True))}"
+        )
+    else:
+        others = rng.sample(objects, 2)
+        captions.append(_listing([_article(_describe(o, True, False, True)) for o in others]))
+    return captions
+
+
+# ------------------------------------------------------------------------------ questions (VQA)
+QUESTION_TYPES = ("colour", "shape", "count", "exist", "relation")
+_OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+
+
+def _unique_description(objects: list[Obj], target: Obj, without: str) -> str | None:
+    """The shortest description of ``target`` that names it uniquely without using ``without``."""
+    allowed = [a for a in _ATTRIBUTE_SETS if not a[("size", "colour", "shape").index(without)]]
+    for attrs in sorted(allowed, key=sum):
+        if sum(_matches(o, target, *attrs) for o in objects) == 1:
+            words = _describe(target, *attrs)
+            return words.replace(" shape", " object") if not attrs[2] else words
+    return None
+
+
+def _plural(shape: str) -> str:
+    return shape + "s"
+
+
+def question_for(objects: list[Obj], rng: random.Random, size: int) -> tuple[str, str, str]:
+    """One question about the image and its answer: ``(question, answer, question type)``. Types are drawn
+    uniformly from colour, shape, count, exist and relation; yes/no answers are balanced."""
+    while True:
+        kind = rng.choice(QUESTION_TYPES)
+        if kind in ("colour", "shape"):
+            target = rng.choice(objects)
+            words = _unique_description(objects, target, kind)
+            if words is None:
+                continue
+            answer = target.colour if kind == "colour" else target.shape
+            return f"what {kind} is the {words}?", answer, kind
+        if kind == "count":
+            by = rng.choice(("colour", "shape", "all"))
+            if by == "all":
+                return "how many shapes are there?", str(len(objects)), kind
+            present = [getattr(o, by) for o in objects]
+            values = list(COLOURS) if by == "colour" else list(SHAPES)
+            value = rng.choice(present) if rng.random() < 0.75 else rng.choice(values)
+            count = present.count(value)
+            noun = f"{value} shapes" if by == "colour" else _plural(value)
+            return f"how many {noun} are there?", str(count), kind
+        if kind == "exist":
+            present = {(o.colour, o.shape) for o in objects}
+            if rng.random() < 0.5:
+                colour, shape = rng.choice(sorted(present))
+            else:
+                absent = [(c, h) for c in COLOURS for h in SHAPES if (c, h) not in present]
+                colour, shape = rng.choice(absent)
+            answer = "yes" if (colour, shape) in present else "no"
+            return f"is there {_article(colour + ' ' + shape)}?", answer, kind
+        # relation: "is the X left of the Y?", asked only where it or its opposite clearly holds
+        a, b = rng.sample(objects, 2)
+        wa, wb = _unique_description(objects, a, "size"), _unique_description(objects, b, "size")
+        if wa is None or wb is None:
+            continue
+        margin = size * 0.04
+        holding = [r for r in RELATIONS if _relation_holds(a, r, b, margin)]
+        if not holding:
+            continue
+        rel = rng.choice(holding)
+        if rng.random() < 0.5:
+            return f"is the {wa} {rel} the {wb}?", "yes", kind
+        return f"is the {wa} {_OPPOSITE[rel]} the {wb}?", "no", kind
 
 
 def generator_version() -> str:
@@ -196,7 +300,15 @@ def generator_version() -> str:
 
 
 def generate(num_images: int, seed: int, size: int = 64, version: str = ""):
-    """Yields ``num_images`` rows, deterministically from ``seed`` (``version`` only keys the cache)."""
+    """Yields ``num_images`` rows, deterministically from ``seed`` (``version`` only keys the cache).
+
+    Captions and the question come from a second random stream per image, so the grounding columns do
+    not depend on them."""
     rng = random.Random(seed)
-    for _ in range(num_images):
-        yield make_example(rng, size)
+    for i in range(num_images):
+        row = make_example(rng, size)
+        objects = row.pop("objects")
+        extra = random.Random(f"{seed}-extra-{i}")
+        row["captions"] = captions_for(objects, extra, size)
+        row["question"], row["answer"], row["question_type"] = question_for(objects, extra, size)
+        yield row

@@ -76,12 +76,15 @@ def letterbox(
     return canvas, convert_boxes(moved, "xyxy", "cxcywh"), meta
 
 
-def hflip(image: Image.Image, box_xyxy: torch.Tensor, text: str) -> tuple[Image.Image, torch.Tensor, str]:
-    """Mirrors the image and the box; left/right words are swapped so the expression stays true."""
+def hflip(
+    image: Image.Image, box_xyxy: torch.Tensor | None, text: str
+) -> tuple[Image.Image, torch.Tensor | None, str]:
+    """Mirrors the image and the box (if any); left/right words are swapped so the text stays true."""
     w = image.size[0]
     flipped = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    box = torch.stack([w - box_xyxy[2], box_xyxy[1], w - box_xyxy[0], box_xyxy[3]])
-    return flipped, box, swap_left_right(text)
+    if box_xyxy is not None:
+        box_xyxy = torch.stack([w - box_xyxy[2], box_xyxy[1], w - box_xyxy[0], box_xyxy[3]])
+    return flipped, box_xyxy, swap_left_right(text)
 
 
 def to_tensor(image: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

@@ -1,8 +1,9 @@
 """Fusion heads: image tokens + text tokens -> a fused vector or a fused feature map.
 
 Each head takes the two towers' ``EncoderOutput``s and returns a ``FusionOutput``: ``vector`` ``[B, D]``
-(concat, transformer) or ``dense`` ``[B, D, H, W]`` (dense). Heads are chosen by name from
-``FUSION_HEADS``.
+(concat, transformer), ``dense`` ``[B, D, H, W]`` (dense), or separate ``image`` / ``text`` embeddings
+``[B, D]`` (projection, for retrieval: the towers meet only in the similarity). Heads are chosen by name
+from ``FUSION_HEADS``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ class FusionOutput:
     vector: torch.Tensor | None = None
     # [B, D, H, W] for dense heads.
     dense: torch.Tensor | None = None
+    # [B, D] each for the projection head (either may be None when only one modality was given).
+    image: torch.Tensor | None = None
+    text: torch.Tensor | None = None
 
 
 @dataclass
@@ -211,10 +215,32 @@ class DenseFusion(nn.Module):
         return FusionOutput(dense=x)
 
 
+class ProjectionFusion(nn.Module):
+    """No fusion: each tower's pooled vector is normalized and projected to a shared ``dim``-wide space
+    (CLIP's image and text projections). Either modality may be missing, so images and texts can be
+    embedded separately and compared all against all."""
+
+    output_kind = "embedding"
+    uses_image_pooled = True
+
+    def __init__(self, cfg: FusionConfig, image: TowerShape, text: TowerShape) -> None:
+        super().__init__()
+        self.dim = cfg.dim
+        self.image_proj = nn.Sequential(nn.LayerNorm(image.pooled_dim), nn.Linear(image.pooled_dim, cfg.dim))
+        self.text_proj = nn.Sequential(nn.LayerNorm(text.pooled_dim), nn.Linear(text.pooled_dim, cfg.dim))
+
+    def forward(self, image: EncoderOutput | None, text: EncoderOutput | None) -> FusionOutput:
+        return FusionOutput(
+            image=None if image is None else self.image_proj(image.pooled),
+            text=None if text is None else self.text_proj(text.pooled),
+        )
+
+
 FUSION_HEADS: dict[str, type[nn.Module]] = {
     "concat": ConcatFusion,
     "transformer": TransformerFusion,
     "dense": DenseFusion,
+    "projection": ProjectionFusion,
 }
 
 

@@ -1,8 +1,10 @@
 """Tasks: loss, metrics and data for each head. ``TASKS`` maps ``model.task`` to its task object."""
 
+from vlfuse.tasks.classification import ClassificationTask
 from vlfuse.tasks.grounding import GroundingTask
+from vlfuse.tasks.retrieval import RetrievalTask
 
-TASKS = {"grounding": GroundingTask}
+TASKS = {"grounding": GroundingTask, "retrieval": RetrievalTask, "classification": ClassificationTask}
 
 
 def get_task(name: str):
@@ -11,4 +13,4 @@ def get_task(name: str):
     return TASKS[name]()
 
 
-__all__ = ["TASKS", "GroundingTask", "get_task"]
+__all__ = ["TASKS", "ClassificationTask", "GroundingTask", "RetrievalTask", "get_task"]

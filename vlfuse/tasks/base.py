@@ -16,14 +16,19 @@ class Task(Protocol):
 
     Attributes:
         name: the task's name (``model.task``).
-        primary_metric: the metric printed in the progress bar and compared across runs.
+        primary_metric: the metric compared across runs (``recipes/compare.py``'s plot).
+        report_metrics: the metrics a comparison table shows.
     """
 
     name: str
     primary_metric: str
+    report_metrics: tuple[str, ...]
 
     def build_dataset(self, cfg: Config, model: VLFuseModel, split: str, train: bool) -> Dataset:
         """The examples of one split, preprocessed for ``model``."""
+
+    # Optional: ``prepare(cfg, accelerator)``, called before the model is built, may fill in settings
+    # from the data (the classification task builds ``model.answers`` there).
 
     def collator(self, model: VLFuseModel, train: bool) -> Any:
         """Turns a list of examples into a batch dict of tensors, with ``bad_rows`` (the count of unusable
@@ -41,3 +46,27 @@ class Task(Protocol):
 
     def metrics(self, values: dict[str, torch.Tensor]) -> dict[str, float]:
         """Metrics over the whole split from the gathered per-example values."""
+
+
+def build_image_text_dataset(cls, cfg, model, split: str, train: bool):
+    """A task dataset of ``cls`` for one split, preprocessed for ``model`` (shared by every task)."""
+    from vlfuse.data.loading import load_split
+
+    ds = load_split(cfg.data, split)
+    limit = cfg.data.max_train_samples if train else cfg.data.max_eval_samples
+    if limit is not None and limit < len(ds):
+        ds = ds.select(range(limit))
+    enc = model.image_encoder
+    return cls(
+        ds,
+        cfg.data,
+        image_size=model.config.image_encoder.image_size,
+        mean=enc.mean,
+        std=enc.std,
+        interpolation=enc.data_config.get("interpolation", "bilinear"),
+        train=train,
+        name=f"{cfg.data.dataset}[{split}]",
+        tokenizer=model.text_encoder.tokenizer,
+        max_length=model.text_encoder.max_length,
+        seed=cfg.train.seed,
+    )

@@ -120,29 +120,14 @@ class GroundingTask:
 
     name = "grounding"
     primary_metric = "acc@0.5"
+    # The metrics a comparison table shows.
+    report_metrics = ("acc@0.5", "acc@0.75", "miou")
 
     def build_dataset(self, cfg, model, split: str, train: bool):
         from vlfuse.data.grounding import GroundingDataset
-        from vlfuse.data.loading import load_split
+        from vlfuse.tasks.base import build_image_text_dataset
 
-        ds = load_split(cfg.data, split)
-        limit = cfg.data.max_train_samples if train else cfg.data.max_eval_samples
-        if limit is not None and limit < len(ds):
-            ds = ds.select(range(limit))
-        enc = model.image_encoder
-        return GroundingDataset(
-            ds,
-            cfg.data,
-            image_size=model.config.image_encoder.image_size,
-            mean=enc.mean,
-            std=enc.std,
-            interpolation=enc.data_config.get("interpolation", "bilinear"),
-            train=train,
-            name=f"{cfg.data.dataset}[{split}]",
-            tokenizer=model.text_encoder.tokenizer,
-            max_length=model.text_encoder.max_length,
-            seed=cfg.train.seed,
-        )
+        return build_image_text_dataset(GroundingDataset, cfg, model, split, train)
 
     def collator(self, model, train: bool):
         from vlfuse.data.grounding import GroundingCollator

@@ -1,0 +1,227 @@
+"""What every task's dataset shares: rows with an image and one or more texts, read lazily.
+
+``ImageTextDataset`` maps a split through ``data.columns``, expands a text column that holds a list into
+one example per text, counts empty and over-long texts, reads and letterboxes images, and turns an
+unusable row into a counted ``BadExample`` instead of an exception. ``ExampleCollator`` stacks a task's
+examples into a batch: bad examples are dropped in training and kept as masked placeholders in
+evaluation, so that every process gathers batches of the same shape.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import datasets
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from vlfuse.config import DataConfig
+from vlfuse.data.loading import DataError, check_columns, load_image
+from vlfuse.data.transforms import letterbox, to_tensor
+
+
+def texts_of(value: Any) -> list[str]:
+    """A text cell as a list of strings: one string, or the strings of a list."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list | tuple):
+        return [v for v in value if isinstance(v, str)]
+    return []
+
+
+@dataclass
+class BadExample:
+    """A row that could not be used; the collator drops (training) or masks (evaluation) it and counts it.
+
+    Attributes:
+        reason: ``bad_image``, ``bad_box`` or ``bad_answer``.
+        detail: what was wrong, naming the row.
+        placeholder: a blank example of the right shapes, standing in for it in evaluation batches.
+    """
+
+    reason: str
+    detail: str
+    placeholder: Any
+
+
+class ImageTextDataset(Dataset):
+    """One example per (row, text) of a split; images stay undecoded until an example is asked for.
+
+    Subclasses set ``FIELDS`` (the task fields ``data.columns`` must map), ``TEXT_FIELD`` and ``TEXT_NOUN``
+    (for messages), and implement ``__getitem__`` with ``read_image`` / ``pixels`` and ``placeholder``.
+
+    Args:
+        ds: the split.
+        cfg: the data section (columns, image root, flips).
+        image_size: the square model input side.
+        mean, std: normalisation of the image encoder.
+        interpolation: resize interpolation of the image encoder.
+        train: random horizontal flips (``data.hflip_prob``) only in training.
+        name: the dataset name, for messages.
+        tokenizer: when given, texts longer than ``max_length`` tokens are counted (they are truncated at
+            collation) and the rate is reported by ``describe``.
+        max_length: the text encoder's ``max_length``.
+        seed: with the epoch (``set_epoch``) and the index, decides each random flip, so that
+            augmentation does not depend on the global RNG (prefetching would make resumes inexact).
+    """
+
+    FIELDS: tuple[str, ...] = ("image", "text")
+    TEXT_FIELD = "text"
+    TEXT_NOUN = "text"
+
+    def __init__(
+        self,
+        ds: datasets.Dataset,
+        cfg: DataConfig,
+        image_size: int,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        interpolation: str = "bilinear",
+        train: bool = False,
+        name: str = "",
+        tokenizer: Any = None,
+        max_length: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        check_columns(ds, cfg.columns, self.FIELDS, name or cfg.dataset)
+        self.columns = {f: cfg.columns[f] for f in self.FIELDS}
+        self.ds = ds.select_columns(list(dict.fromkeys(self.columns.values())))
+        self.cfg = cfg
+        self.image_size = image_size
+        self.mean, self.std, self.interpolation = mean, std, interpolation
+        self.train = train
+        self.seed, self.epoch = seed, 0
+        self.counts: Counter[str] = Counter()
+        noun = self.TEXT_NOUN.replace(" ", "_")
+        # Only the text column is read here.
+        self.index: list[tuple[int, int]] = []
+        self.texts: list[str] = []  # the text of each example, stripped
+        for row, value in enumerate(ds[self.columns[self.TEXT_FIELD]]):
+            texts = texts_of(value)
+            if not texts:
+                self.counts[f"missing_{noun}"] += 1
+            for k, text in enumerate(texts):
+                if text.strip():
+                    self.index.append((row, k))
+                    self.texts.append(text.strip())
+                else:
+                    self.counts[f"empty_{noun}"] += 1
+        self.counts["rows"] = len(ds)
+        self.counts["examples"] = len(self.index)
+        if tokenizer is not None and max_length is not None and self.texts:
+            lengths = [len(ids) for ids in tokenizer(self.texts, truncation=False)["input_ids"]]
+            self.counts[f"truncated_{noun}"] = sum(n > max_length for n in lengths)
+
+    # ---------------------------------------------------------------------------------------- subclasses
+    def placeholder(self) -> Any:
+        """A blank example of the right shapes (stands in for a bad one in evaluation batches)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------------------- shared
+    def bad(self, reason: str, detail: str) -> BadExample:
+        return BadExample(reason, detail, self.placeholder())
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def describe(self) -> str:
+        """One line: rows, examples, and what was dropped or truncated."""
+        c, noun = self.counts, self.TEXT_NOUN.replace(" ", "_")
+        parts = [f"{c['rows']:,} rows -> {c['examples']:,} examples"]
+        for key in (f"empty_{noun}", f"missing_{noun}"):
+            if c[key]:
+                parts.append(f"{c[key]:,} {key.replace('_', ' ')}s dropped")
+        if f"truncated_{noun}" in c:
+            n = c[f"truncated_{noun}"]
+            parts.append(f"{n:,} {self.TEXT_NOUN}s ({n / max(c['examples'], 1):.1%}) truncated to max_length")
+        return ", ".join(parts + self.describe_extra())
+
+    def describe_extra(self) -> list[str]:
+        return []
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def read_image(self, i: int) -> tuple[dict[str, Any], Image.Image] | BadExample:
+        """The row of example ``i`` and its RGB image, or a ``BadExample`` for an undecodable image.
+
+        Raises:
+            DataError: a relative image path with no ``data.image_root`` (a config problem, not a bad row).
+        """
+        row_idx, _ = self.index[i]
+        try:
+            row = self.ds[row_idx]
+        except Exception as err:  # an undecodable embedded image fails inside datasets' decoding
+            return self.bad("bad_image", f"row {row_idx}: {err}")
+        try:
+            image = load_image(row[self.columns["image"]], self.cfg.image_root)
+        except DataError as err:
+            if "not found" in str(err) and self.cfg.image_root is None:
+                raise  # a configuration problem, not a bad row: stop with the hint
+            return self.bad("bad_image", f"row {row_idx}: {err}")
+        return row, image
+
+    def flips(self, i: int) -> bool:
+        """Whether example ``i`` is flipped this epoch (training only; keyed by seed, epoch and index)."""
+        if not self.train or self.cfg.hflip_prob <= 0:
+            return False
+        return random.Random(f"{self.seed}-{self.epoch}-{i}").random() < self.cfg.hflip_prob
+
+    def pixels(
+        self, image: Image.Image, box: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Letterboxed, normalized pixels ``[3, S, S]``, the moved box (if any) and the letterbox meta."""
+        square, target, meta = letterbox(image, self.image_size, box, self.interpolation)
+        return to_tensor(square, self.mean, self.std), target, meta
+
+
+class ExampleCollator:
+    """Stacks examples (dataclasses with ``pixel_values``, ``text``, ``features`` and the tensor fields
+    named in ``fields``) and tokenizes their texts in one call.
+
+    Bad examples are dropped in training. In evaluation (``keep_bad=True``) they stay as masked
+    placeholders (``valid`` False) so every process gathers batches of the same shape. ``bad_rows`` counts
+    them either way.
+
+    Args:
+        tokenize: the text encoder's ``tokenize``.
+        fields: batch key -> example attribute, for the task's tensors.
+        keep_bad: evaluation mode (see above).
+    """
+
+    def __init__(self, tokenize, fields: dict[str, str], keep_bad: bool = False) -> None:
+        self.tokenize = tokenize
+        self.fields = fields
+        self.keep_bad = keep_bad
+
+    def __call__(self, examples: list[Any]) -> dict[str, torch.Tensor]:
+        good = [e for e in examples if not isinstance(e, BadExample)]
+        n_bad = len(examples) - len(good)
+        if self.keep_bad:
+            valid = torch.tensor([not isinstance(e, BadExample) for e in examples])
+            examples = [e.placeholder if isinstance(e, BadExample) else e for e in examples]
+        elif not good:
+            raise DataError(
+                f"all {len(examples)} examples of a training batch are unusable; "
+                f"first: {examples[0].detail}. "
+                "Check data.columns, data.box_format, data.box_normalized and data.image_root"
+            )
+        else:
+            examples = good
+            valid = torch.ones(len(good), dtype=torch.bool)
+        batch: dict[str, torch.Tensor] = {}
+        if examples[0].pixel_values is not None:
+            batch["pixel_values"] = torch.stack([e.pixel_values for e in examples])
+        for name in examples[0].features:
+            batch[name] = torch.stack([e.features[name] for e in examples])
+        if "text_tokens" not in batch:
+            batch.update(self.tokenize([e.text for e in examples]))
+        for key, attr in self.fields.items():
+            batch[key] = torch.stack([torch.as_tensor(getattr(e, attr)) for e in examples])
+        return {**batch, "valid": valid, "bad_rows": torch.tensor(n_bad)}
