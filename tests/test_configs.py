@@ -16,7 +16,11 @@ def test_there_are_configs():
         "refcoco_frozen.yaml",
         "refcoco_end_to_end.yaml",
         "lmms_refcoco_eval.yaml",
+        "flickr30k.yaml",
+        "lmms_flickr30k_eval.yaml",
+        "vqav2_small.yaml",
     } <= names
+    assert {"grounding", "retrieval", "vqa"} <= {p.parent.name for p in CONFIGS}
 
 
 @pytest.mark.parametrize("path", [p for p in CONFIGS if "accelerate" not in p.parts], ids=lambda p: p.name)

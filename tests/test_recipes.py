@@ -117,3 +117,79 @@ def test_final_model_predicts_like_the_trained_one(tmp_path):
     saved = load_file(str(list_checkpoints(tmp_path / "checkpoints")[-1] / "model.safetensors"))
     for k, v in model.state_dict().items():
         assert torch.equal(saved[k], v), k
+
+
+@pytest.mark.slow
+def test_retrieval_recipe_on_two_processes_with_resume(tmp_path):
+    """recipes/retrieval.py through accelerate launch on 2 ranks (negatives gathered across them)."""
+    out = tmp_path / "run"
+    common = [
+        *TINY_MODEL,
+        *SMALL_DATA,
+        "model.task=retrieval",
+        "model.fusion.name=projection",
+        "data.columns={image: image, text: captions}",
+        "model.trainable_encoders=text",
+        f"train.output_dir={out}",
+        "train.eval_every=2",
+        "train.checkpoint_every=2",
+    ]
+    result = launch("retrieval.py", *common, "train.max_steps=4", processes=2)
+    assert "validation: i2t_r@1=" in result.stdout and "x chance" in result.stdout
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == [2, 4]
+    # every caption of the 11 validation images is scored once, on 2 processes
+    assert all(r["images"] == 11 and r["texts"] == 33 for r in records)
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step_2", "step_4"]
+    resumed = launch("retrieval.py", *common, "train.max_steps=6", "train.resume_from=latest", processes=2)
+    assert "at step 4" in resumed.stdout
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [2, 4, 6]
+    model = VLFuseModel.from_pretrained(out / "final")
+    assert model.config.task == "retrieval" and model.trainable_encoders == "text"
+    torch.manual_seed(0)  # train() builds its model right after set_seed(train.seed=0)
+    start = VLFuseModel(tiny_config(*common[:-3]).model)
+    first, initial = model.image_encoder.state_dict(), start.image_encoder.state_dict()
+    assert all(torch.equal(first[k], initial[k]) for k in first)  # the frozen image tower never moved
+    moved, text_start = model.text_encoder.state_dict(), start.text_encoder.state_dict()
+    assert not all(torch.equal(moved[k], text_start[k]) for k in moved)  # the trainable one did
+
+
+@pytest.mark.slow
+def test_vqa_recipe_through_accelerate_launch(tmp_path):
+    out = tmp_path / "run"
+    common = [
+        *TINY_MODEL,
+        *SMALL_DATA,
+        "model.task=classification",
+        "model.fusion.name=dense",
+        "data.columns={image: image, question: question, answer: answer}",
+        "model.trainable_encoders=none",
+        f"train.output_dir={out}",
+        "train.eval_every=2",
+        "train.checkpoint_every=2",
+    ]
+    result = launch("vqa.py", *common, "train.max_steps=4")
+    assert "answer vocabulary:" in result.stdout and "majority-answer baseline" in result.stdout
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == [2, 4]
+    assert all(r["count"] == 11 and 0 <= r["accuracy"] <= 1 for r in records)
+    saved = (out / "config.yaml").read_text()
+    model = VLFuseModel.from_pretrained(out / "final")
+    assert model.config.answers and all(
+        f"- {a}" in saved or f"- '{a}'" in saved for a in model.config.answers
+    )
+    resumed = launch("vqa.py", *common, "train.max_steps=6", "train.resume_from=latest")
+    assert "at step 4" in resumed.stdout
+    evaluated = launch(
+        "evaluate.py",
+        "--config",
+        str(ROOT / "recipes/configs/vqa/shapes.yaml"),
+        *TINY_MODEL,
+        *SMALL_DATA,
+        f"model.init_from={out / 'final'}",
+        f"train.output_dir={tmp_path / 'eval'}",
+    )
+    last = read_metrics(out / "metrics.jsonl")[-1]
+    again = read_metrics(tmp_path / "eval" / "metrics.jsonl")[-1]
+    assert "validation: accuracy=" in evaluated.stdout
+    assert again["accuracy"] == pytest.approx(last["accuracy"], abs=1e-6)
