@@ -157,3 +157,16 @@ def test_predict_answers_after_save_and_load(tmp_path):
     assert loaded.predict(images, ["what colour is it?", "is there a circle?"]) == answers
     with pytest.raises(ValueError, match="embeddings come from a retrieval model"):
         loaded.embed_texts("a")
+
+
+def test_init_from_a_model_of_another_task_is_refused(tmp_path):
+    from vlfuse.config import ConfigError
+    from vlfuse.training import build_model
+
+    cfg = tiny_config(*VQA)
+    cfg.model.answers = ["yes", "no"]
+    VLFuseModel(cfg.model).save_pretrained(tmp_path / "vqa")
+    grounding = tiny_config(f"model.init_from={tmp_path / 'vqa'}")
+    with pytest.raises(ConfigError, match="is a 'classification' model, but model.task='grounding'"):
+        build_model(grounding)
+    assert build_model(grounding, check_task=False).config.answers == ["yes", "no"]
