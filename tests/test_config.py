@@ -78,6 +78,14 @@ def test_task_combinations_are_checked(overrides, needle):
         load_config(overrides=overrides)
 
 
+def test_unparsable_override_is_a_config_error():
+    with pytest.raises(
+        ConfigError, match="could not parse the override 'data.eval_split=\\[val,test\\[:5\\]\\]'"
+    ):
+        load_config(overrides=["train.lr=1e-3", "data.eval_split=[val,test[:5]]"])
+    assert load_config(overrides=["data.eval_split=[val,'test[:5]']"]).data.eval_split == ["val", "test[:5]"]
+
+
 def test_split_slices(tmp_path):
     import datasets
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
@@ -326,10 +327,16 @@ def load_config(
     if bad:
         raise ConfigError(f"overrides must look like key=value (e.g. train.lr=3e-4); got {bad}")
     if overrides:
-        try:
-            dotlist = OmegaConf.from_dotlist(list(overrides))
-        except OmegaConfBaseException as err:
-            raise ConfigError(f"could not parse overrides {list(overrides)}: {err}") from None
+        for override in overrides:  # one at a time, so that the message names the bad one
+            try:
+                OmegaConf.from_dotlist([override])
+            except (OmegaConfBaseException, yaml.YAMLError) as err:
+                first = str(err).splitlines()[0]
+                raise ConfigError(
+                    f"could not parse the override {override!r} ({first}); values are YAML: quote one "
+                    "that holds brackets or colons inside a list, e.g. \"data.eval_split=[val,'test[:500]']\""
+                ) from None
+        dotlist = OmegaConf.from_dotlist(list(overrides))
         cfg = _merge(cfg, dotlist, "command line")
     obj = OmegaConf.to_object(cfg)
     validate(obj)
