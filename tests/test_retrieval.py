@@ -66,19 +66,88 @@ def test_recall_at_k_cutoffs():
     assert m["t2i_r@10"] == pytest.approx(10 / 12)
 
 
-def test_retrieval_metrics_from_embeddings_dedupes_images_and_chunks():
+def test_retrieval_metrics_from_embeddings_in_chunks():
     torch.manual_seed(0)
     images = F.normalize(torch.randn(6, 8), dim=-1)
     owner = torch.tensor([0, 0, 1, 2, 2, 2, 3, 4, 5, 5])  # text -> image
     texts = F.normalize(images[owner] + 0.7 * torch.randn(len(owner), 8), dim=-1)
-    # one row per (image, text) example, the image repeated for each of its texts; ids are arbitrary
-    ids = torch.tensor([70, 10, 33, 5, 8, 21])[owner]
     expected = recall_from_similarity(images @ texts.T, owner)
+    assert 0 < expected["t2i_r@1"] < 1  # a case where ranks differ, so a wrong chunk offset would show
     for chunk in (1, 3, 1024):
-        got = retrieval_metrics(images[owner], texts, ids, chunk=chunk)
+        got = retrieval_metrics(images, texts, owner, chunk=chunk)
         assert got["images"] == 6 and got["texts"] == 10 and got["chance_r1"] == pytest.approx(1 / 6)
         for k, v in expected.items():
             assert got[k] == pytest.approx(v), (chunk, k)
+
+
+def test_evaluation_encodes_each_image_once_and_matches_recall_by_hand(tmp_path):
+    from helpers import write_flickr_layout
+
+    from vlfuse.data.loading import load_split
+    from vlfuse.tasks.retrieval import RetrievalTask
+
+    folder = write_flickr_layout(tmp_path)
+    cfg = tiny_config(*RETRIEVAL, f"data.dataset={folder}", "data.columns.text=alt_text")
+    model = VLFuseModel(cfg.model).eval()
+    task = RetrievalTask()
+    dataset = task.build_dataset(cfg, model, "test", train=False)
+    assert len(dataset) == 8 and dataset.max_captions == 4  # five captions a row, one of them empty
+    batch = task.collator(model, train=False)([dataset[i] for i in range(8)])
+    assert batch["pixel_values"].shape[0] == 8 and batch["input_ids"].shape[0] == 32
+    with torch.no_grad():
+        got = task.metrics(task.eval_values(model(**batch), batch))
+    # by hand: every row's image and its non-empty captions, embedded through the public API
+    rows = load_split(cfg.data, "test")
+    captions = [[c for c in row if c.strip()] for row in rows["alt_text"]]
+    images = model.embed_images(list(rows["image"]))
+    texts = model.embed_texts([c for row in captions for c in row])
+    owner = torch.arange(8).repeat_interleave(torch.tensor([len(c) for c in captions]))
+    expected = recall_from_similarity(images @ texts.T, owner)
+    assert got["images"] == 8 and got["texts"] == 32
+    for k, v in expected.items():
+        assert got[k] == pytest.approx(v), k
+
+
+def test_a_bad_image_drops_out_of_retrieval_metrics_with_its_captions(tmp_path):
+    import datasets
+    from PIL import Image
+
+    from vlfuse.tasks.retrieval import RetrievalTask
+
+    folder = tmp_path / "with_bad"
+    (folder / "data").mkdir(parents=True)
+    good = [Image.new("RGB", (30, 30), c) for c in ((200, 0, 0), (0, 200, 0))]
+    rows = {
+        "image": [good[0], {"bytes": b"not an image", "path": None}, good[1]],
+        "text": [["red", "a red one"], ["broken", "x"], ["green"]],
+    }
+    features = datasets.Features(
+        {"image": datasets.Image(decode=False), "text": datasets.Sequence(datasets.Value("string"))}
+    )
+    rows["image"] = [
+        im if isinstance(im, dict) else {"bytes": _png(im), "path": None} for im in rows["image"]
+    ]
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(
+        str(folder / "data" / "test-00000-of-00001.parquet")
+    )
+    cfg = tiny_config(*RETRIEVAL, f"data.dataset={folder}", "data.columns.text=text")
+    model = VLFuseModel(cfg.model).eval()
+    task = RetrievalTask()
+    dataset = task.build_dataset(cfg, model, "test", train=False)
+    batch = task.collator(model, train=False)([dataset[i] for i in range(3)])
+    assert batch["valid"].tolist() == [True, False, True] and int(batch["bad_rows"]) == 1
+    assert batch["text_valid"].tolist() == [[True, True], [False, False], [True, False]]
+    with torch.no_grad():
+        m = task.metrics(task.eval_values(model(**batch), batch))
+    assert m["images"] == 2 and m["texts"] == 3
+
+
+def _png(image) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def test_contrastive_loss_is_symmetric_infonce():
@@ -174,10 +243,11 @@ def test_flickr_layouts_load_by_config_alone(tmp_path):
     folder = write_flickr_layout(tmp_path)
     cfg = tiny_config(*RETRIEVAL, f"data.dataset={folder}", "data.columns.text=alt_text")
     model = VLFuseModel(cfg.model)
-    dataset = RetrievalTask().build_dataset(cfg, model, "test[2:6]", train=False)
+    dataset = RetrievalTask().build_dataset(cfg, model, "test[2:6]", train=True)
     assert dataset.counts["rows"] == 4 and dataset.counts["empty_caption"] == 4  # one "" per row
     assert len(dataset) == 16 and dataset.counts["images"] == 4
     assert "4 distinct images" in dataset.describe()
+    assert len(dataset.by_image()) == 4 and "up to 4 captions each" in dataset.by_image().describe()
     batch = RetrievalCollator(model.text_encoder.tokenize, keep_bad=True)([dataset[i] for i in range(6)])
     assert batch["image_ids"].tolist() == [0, 0, 0, 0, 1, 1] and batch["pixel_values"].shape[0] == 6
 
@@ -215,5 +285,8 @@ def test_image_id_column_groups_rows_of_one_image(tmp_path):
     }
     datasets.Dataset.from_dict(rows).to_parquet(str(folder / "data" / "test-00000-of-00001.parquet"))
     cfg = tiny_config(*RETRIEVAL, f"data.dataset={folder}", "data.columns={text: caption, image_id: iid}")
-    dataset = RetrievalTask().build_dataset(cfg, VLFuseModel(cfg.model), "test", train=False)
+    dataset = RetrievalTask().build_dataset(cfg, VLFuseModel(cfg.model), "test", train=True)
     assert [int(dataset[i].image_id) for i in range(3)] == [0, 0, 1] and dataset.counts["images"] == 2
+    per_image = dataset.by_image()  # evaluation: the two rows of image 7 are one image with two captions
+    assert len(per_image) == 2 and per_image[0].texts == ["red", "a red one"]
+    assert per_image[1].texts == ["green", ""] and per_image[1].text_valid.tolist() == [True, False]

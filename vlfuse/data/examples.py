@@ -221,7 +221,11 @@ class ExampleCollator:
         for name in examples[0].features:
             batch[name] = torch.stack([e.features[name] for e in examples])
         if "text_tokens" not in batch:
-            batch.update(self.tokenize([e.text for e in examples]))
+            batch.update(self.tokenize(self.texts(examples)))
         for key, attr in self.fields.items():
             batch[key] = torch.stack([torch.as_tensor(getattr(e, attr)) for e in examples])
         return {**batch, "valid": valid, "bad_rows": torch.tensor(n_bad)}
+
+    def texts(self, examples: list[Any]) -> list[str]:
+        """The texts to tokenize for a batch: one per example here."""
+        return [e.text for e in examples]

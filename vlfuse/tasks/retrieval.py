@@ -7,7 +7,8 @@ are gathered with their gradients, so the loss and its gradient equal those of o
 whole global batch (transformers' dual encoders gather without gradients).
 
 Metrics are Recall@1/5/10 in both directions over the whole evaluation split: an image counts as found
-for a caption if it ranks in the top K; for an image, if any of its captions does. Ties are counted
+for a caption if it ranks in the top K; for an image, if any of its captions does. Evaluation batches hold
+images with all of their captions, so each image is encoded once. Ties are counted
 against the model (a collapsed model that scores everything equally gets chance-level recall, not 1).
 """
 
@@ -140,38 +141,38 @@ def _recalls(i2t: torch.Tensor, t2i: torch.Tensor) -> dict[str, float]:
 
 
 def retrieval_metrics(
-    image_embeds: torch.Tensor, text_embeds: torch.Tensor, image_ids: torch.Tensor, chunk: int = 1024
+    image_embeds: torch.Tensor, text_embeds: torch.Tensor, text_image: torch.Tensor, chunk: int = 1024
 ) -> dict[str, float]:
-    """Recall@1/5/10 both ways over a split, from one row per (image, text) example.
+    """Recall@1/5/10 both ways over a split.
 
     Args:
-        image_embeds: ``[N, D]``, the image of each example (repeated for an image's several captions).
-        text_embeds: ``[N, D]``.
-        image_ids: ``[N]``: examples with equal ids share one image, counted once.
-        chunk: rows of the similarity matrix computed at a time (memory stays ``chunk x N``).
+        image_embeds: ``[I, D]``, one row per image.
+        text_embeds: ``[T, D]``, one row per caption.
+        text_image: ``[T]``, the image (row of ``image_embeds``) each caption belongs to.
+        chunk: rows of the similarity matrix computed at a time (memory stays ``chunk x max(I, T)``).
     """
-    n = image_ids.numel()
-    if n == 0:
-        return {f"{d}_r@{k}": float("nan") for d in ("i2t", "t2i") for k in RECALL_AT} | {"count": 0}
-    unique, text_image = torch.unique(image_ids, return_inverse=True)
-    first = torch.full((len(unique),), n, dtype=torch.long)
-    first.scatter_reduce_(0, text_image, torch.arange(n), reduce="amin")
-    images = image_embeds[first].float()
-    texts = text_embeds.float()
+    n_images, n_texts = image_embeds.shape[0], text_embeds.shape[0]
+    if n_images == 0 or n_texts == 0:
+        nan = {f"{d}_r@{k}": float("nan") for d in ("i2t", "t2i") for k in RECALL_AT}
+        return {**nan, "mean_recall": float("nan"), "images": n_images, "texts": n_texts}
+    images, texts = image_embeds.float(), text_embeds.float()
     i2t = torch.cat(
         [
             _i2t_ranks(
                 images[s : s + chunk] @ texts.T,
-                text_image[None, :] == torch.arange(s, min(s + chunk, len(unique)))[:, None],
+                text_image[None, :] == torch.arange(s, min(s + chunk, n_images))[:, None],
             )
-            for s in range(0, len(unique), chunk)
+            for s in range(0, n_images, chunk)
         ]
     )
     t2i = torch.cat(
-        [_t2i_ranks(texts[s : s + chunk] @ images.T, text_image[s : s + chunk]) for s in range(0, n, chunk)]
+        [
+            _t2i_ranks(texts[s : s + chunk] @ images.T, text_image[s : s + chunk])
+            for s in range(0, n_texts, chunk)
+        ]
     )
     out = _recalls(i2t, t2i)
-    out.update(images=len(unique), texts=n, chance_r1=1.0 / len(unique))
+    out.update(images=n_images, texts=n_texts, chance_r1=1.0 / n_images)
     return out
 
 
@@ -187,26 +188,33 @@ class RetrievalTask:
         from vlfuse.data.retrieval import RetrievalDataset
         from vlfuse.tasks.base import build_image_text_dataset
 
-        return build_image_text_dataset(RetrievalDataset, cfg, model, split, train)
+        dataset = build_image_text_dataset(RetrievalDataset, cfg, model, split, train)
+        # Evaluation encodes each image once, with all of its captions.
+        return dataset if train else dataset.by_image()
 
     def collator(self, model, train: bool):
-        from vlfuse.data.retrieval import RetrievalCollator
+        from vlfuse.data.retrieval import RetrievalCollator, RetrievalImagesCollator
 
-        return RetrievalCollator(model.text_encoder.tokenize, keep_bad=not train)
+        if train:
+            return RetrievalCollator(model.text_encoder.tokenize)
+        return RetrievalImagesCollator(model.text_encoder.tokenize)
 
     def loss(self, outputs, batch):
         return contrastive_loss(outputs["image_embeds"], outputs["text_embeds"], outputs["logit_scale"])
 
     def eval_values(self, outputs, batch):
+        b, c = batch["text_valid"].shape
         return {
             "image_embeds": outputs["image_embeds"],
-            "text_embeds": outputs["text_embeds"],
-            "image_ids": batch["image_ids"],
+            "text_embeds": outputs["text_embeds"].reshape(b, c, -1),
+            "text_valid": batch["text_valid"],
             "valid": batch["valid"],
         }
 
     def metrics(self, values):
         keep = values["valid"].bool()
-        return retrieval_metrics(
-            values["image_embeds"][keep], values["text_embeds"][keep], values["image_ids"][keep].long()
-        )
+        text_valid = values["text_valid"][keep].bool()
+        images = values["image_embeds"][keep]
+        texts = values["text_embeds"][keep][text_valid]
+        text_image = torch.arange(len(images)).repeat_interleave(text_valid.sum(dim=1))
+        return retrieval_metrics(images, texts, text_image)
