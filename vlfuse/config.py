@@ -268,15 +268,24 @@ def validate(cfg: Any, prefix: str = "") -> None:
             cfg.eval_split = list(cfg.eval_split)
 
 
-def check_combinations(cfg: Config) -> None:
-    """Settings that are valid alone but not together."""
-    task, fusion = cfg.model.task, cfg.model.fusion.name
+def check_task_fusion(task: str, fusion: str) -> None:
+    """Retrieval needs the ``projection`` fusion, and ``projection`` serves retrieval only.
+
+    Raises:
+        ConfigError: naming both keys.
+    """
     if (task == "retrieval") != (fusion == "projection"):
         raise ConfigError(
             f"model.task={task} with model.fusion.name={fusion}: retrieval needs fusion.name=projection "
             "(separate image and text embeddings, compared all against all), and projection serves "
             "retrieval only; grounding and classification take concat, transformer or dense"
         )
+
+
+def check_combinations(cfg: Config) -> None:
+    """Settings that are valid alone but not together."""
+    task = cfg.model.task
+    check_task_fusion(task, cfg.model.fusion.name)
     if task != "grounding" and cfg.train.cache_features:
         raise ConfigError(
             f"train.cache_features=true is implemented for model.task=grounding only (not {task}); "
@@ -298,6 +307,18 @@ def check_combinations(cfg: Config) -> None:
             f"(data.hflip_prob={cfg.data.hflip_prob}): cached features are computed once from unaugmented "
             "inputs; set data.hflip_prob=0 or turn the cache off"
         )
+
+
+def _parse_override(override: str) -> Any:
+    """One ``key=value`` override as a config node (the value parsed as YAML)."""
+    try:
+        return OmegaConf.from_dotlist([override])
+    except (OmegaConfBaseException, yaml.YAMLError) as err:
+        first = str(err).splitlines()[0]
+        raise ConfigError(
+            f"could not parse the override {override!r} ({first}); values are YAML: quote one "
+            "that holds brackets or colons inside a list, e.g. \"data.eval_split=[val,'test[:500]']\""
+        ) from None
 
 
 def load_config(
@@ -327,16 +348,7 @@ def load_config(
     if bad:
         raise ConfigError(f"overrides must look like key=value (e.g. train.lr=3e-4); got {bad}")
     if overrides:
-        for override in overrides:  # one at a time, so that the message names the bad one
-            try:
-                OmegaConf.from_dotlist([override])
-            except (OmegaConfBaseException, yaml.YAMLError) as err:
-                first = str(err).splitlines()[0]
-                raise ConfigError(
-                    f"could not parse the override {override!r} ({first}); values are YAML: quote one "
-                    "that holds brackets or colons inside a list, e.g. \"data.eval_split=[val,'test[:500]']\""
-                ) from None
-        dotlist = OmegaConf.from_dotlist(list(overrides))
+        dotlist = OmegaConf.merge(*(_parse_override(o) for o in overrides))
         cfg = _merge(cfg, dotlist, "command line")
     obj = OmegaConf.to_object(cfg)
     validate(obj)

@@ -12,7 +12,7 @@ from PIL import Image
 from safetensors.torch import load_model, save_file, save_model
 from torch import nn
 
-from vlfuse.config import TRAINABLE_ENCODERS, ModelConfig, section_from_dict, to_dict
+from vlfuse.config import TRAINABLE_ENCODERS, ModelConfig, check_task_fusion, section_from_dict, to_dict
 from vlfuse.data.transforms import letterbox, to_tensor
 from vlfuse.encoders import EncoderOutput, ImageEncoder, TextEncoder
 from vlfuse.fusion import TowerShape, build_fusion
@@ -43,12 +43,8 @@ def _tower_shapes(image: ImageEncoder, text: TextEncoder) -> tuple[TowerShape, T
 
 def build_task_head(cfg: ModelConfig, fusion: nn.Module) -> nn.Module:
     """The head of ``cfg.task`` over ``fusion``'s output."""
+    check_task_fusion(cfg.task, cfg.fusion.name)
     kind = fusion.output_kind
-    if (cfg.task == "retrieval") != (kind == "embedding"):
-        raise ValueError(
-            f"model.task={cfg.task} cannot sit on model.fusion.name={cfg.fusion.name}: retrieval needs "
-            "fusion.name=projection, and projection serves retrieval only"
-        )
     if cfg.task == "grounding":
         return GroundingHead(fusion.dim, kind)
     if cfg.task == "retrieval":
@@ -215,15 +211,12 @@ class VLFuseModel(nn.Module):
             metas.append(meta)
         return torch.stack(pixels), torch.stack(metas)
 
-    def _device(self) -> torch.device:
-        return next(self.parameters()).device
-
     @torch.no_grad()
     def _run(self, images: Sequence[Image.Image] | None, texts: Sequence[str] | None):
         """The model in eval mode on preprocessed images and/or tokenized texts; restores train mode."""
         was_training = self.training
         self.eval()
-        device, inputs, meta = self._device(), {}, None
+        device, inputs, meta = next(self.parameters()).device, {}, None
         if images is not None:
             pixels, meta = self.preprocess_images(images)
             inputs["pixel_values"] = pixels.to(device)

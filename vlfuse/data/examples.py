@@ -73,7 +73,7 @@ class ImageTextDataset(Dataset):
 
     FIELDS: tuple[str, ...] = ("image", "text")
     TEXT_FIELD = "text"
-    TEXT_NOUN = "text"
+    TEXT_NOUN = "text"  # one word: it names the counters (empty_<noun>, truncated_<noun>)
 
     def __init__(
         self,
@@ -98,7 +98,7 @@ class ImageTextDataset(Dataset):
         self.train = train
         self.seed, self.epoch = seed, 0
         self.counts: Counter[str] = Counter()
-        noun = self.TEXT_NOUN.replace(" ", "_")
+        noun = self.TEXT_NOUN
         # Only the text column is read here.
         self.index: list[tuple[int, int]] = []
         self.texts: list[str] = []  # the text of each example, stripped
@@ -132,7 +132,7 @@ class ImageTextDataset(Dataset):
 
     def describe(self) -> str:
         """One line: rows, examples, and what was dropped or truncated."""
-        c, noun = self.counts, self.TEXT_NOUN.replace(" ", "_")
+        c, noun = self.counts, self.TEXT_NOUN
         parts = [f"{c['rows']:,} rows -> {c['examples']:,} examples"]
         for key in (f"empty_{noun}", f"missing_{noun}"):
             if c[key]:

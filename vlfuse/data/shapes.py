@@ -244,10 +244,6 @@ def _unique_description(objects: list[Obj], target: Obj, without: str) -> str | 
     return None
 
 
-def _plural(shape: str) -> str:
-    return shape + "s"
-
-
 def question_for(objects: list[Obj], rng: random.Random, size: int) -> tuple[str, str, str]:
     """One question about the image and its answer: ``(question, answer, question type)``. Types are drawn
     uniformly from colour, shape, count, exist and relation; yes/no answers are balanced."""
@@ -268,7 +264,7 @@ def question_for(objects: list[Obj], rng: random.Random, size: int) -> tuple[str
             values = list(COLOURS) if by == "colour" else list(SHAPES)
             value = rng.choice(present) if rng.random() < 0.75 else rng.choice(values)
             count = present.count(value)
-            noun = f"{value} shapes" if by == "colour" else _plural(value)
+            noun = f"{value} shapes" if by == "colour" else f"{value}s"
             return f"how many {noun} are there?", str(count), kind
         if kind == "exist":
             present = {(o.colour, o.shape) for o in objects}

@@ -109,10 +109,6 @@ class ImageEncoder(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.model.set_grad_checkpointing(enable)
 
-    def classification_transform(self, train: bool) -> Any:
-        """timm's train/eval transform for this encoder (for tasks without boxes)."""
-        return timm.data.create_transform(**self.data_config, is_training=train)
-
 
 def _square_grid(n: int, image_hw: torch.Size) -> tuple[int, int]:
     """A token grid with the image's aspect ratio (patch tokens carry no explicit shape)."""

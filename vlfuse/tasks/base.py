@@ -48,14 +48,20 @@ class Task(Protocol):
         """Metrics over the whole split from the gathered per-example values."""
 
 
-def build_image_text_dataset(cls, cfg, model, split: str, train: bool):
-    """A task dataset of ``cls`` for one split, preprocessed for ``model`` (shared by every task)."""
+def load_task_split(cfg, split: str, train: bool):
+    """The rows of ``split`` a task reads: capped at ``data.max_train_samples`` / ``max_eval_samples``."""
     from vlfuse.data.loading import load_split
 
     ds = load_split(cfg.data, split)
     limit = cfg.data.max_train_samples if train else cfg.data.max_eval_samples
     if limit is not None and limit < len(ds):
         ds = ds.select(range(limit))
+    return ds
+
+
+def build_image_text_dataset(cls, cfg, model, split: str, train: bool):
+    """A task dataset of ``cls`` for one split, preprocessed for ``model`` (shared by every task)."""
+    ds = load_task_split(cfg, split, train)
     enc = model.image_encoder
     return cls(
         ds,

@@ -148,17 +148,14 @@ class ClassificationTask:
         if cfg.model.answers or cfg.model.init_from:
             return
         from vlfuse.data.classification import FIELDS
-        from vlfuse.data.loading import check_columns, load_split
+        from vlfuse.data.loading import DataError, check_columns
+        from vlfuse.tasks.base import load_task_split
 
         with accelerator.main_process_first():
-            ds = load_split(cfg.data, cfg.data.train_split)
+            ds = load_task_split(cfg, cfg.data.train_split, train=True)
         check_columns(ds, cfg.data.columns, FIELDS, f"{cfg.data.dataset}[{cfg.data.train_split}]")
-        if cfg.data.max_train_samples is not None and cfg.data.max_train_samples < len(ds):
-            ds = ds.select(range(cfg.data.max_train_samples))
         vocab, stats = build_vocabulary(ds[cfg.data.columns["answer"]], cfg.data.num_answers)
         if not vocab:
-            from vlfuse.data.loading import DataError
-
             raise DataError(
                 f"no answers in column {cfg.data.columns['answer']!r} (data.columns.answer) of the train "
                 f"split {cfg.data.train_split!r}: cannot build the answer vocabulary"
