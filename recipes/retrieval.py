@@ -17,7 +17,7 @@ DEFAULT_CONFIG = Path(__file__).parent / "configs" / "retrieval" / "shapes.yaml"
 
 
 def main(argv: list[str], on_end=None) -> None:
-    cfg = load_cli_config(argv, DEFAULT_CONFIG)
+    cfg = load_cli_config(argv, DEFAULT_CONFIG, task="retrieval")
     metrics = train(cfg, on_end=on_end)
     print(format_metrics(metrics))
     for split, m in metrics.items():

@@ -2,9 +2,8 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from vlfuse.data.grounding import clip_box, to_absolute_xyxy
+from vlfuse.data.boxes import clip_box, convert_boxes, paired_giou, paired_iou, to_absolute_xyxy
 from vlfuse.data.transforms import hflip, letterbox, swap_left_right
-from vlfuse.tasks.boxes import convert_boxes, paired_giou, paired_iou
 from vlfuse.tasks.grounding import boxes_to_pixels, grounding_metrics
 
 

@@ -6,16 +6,10 @@ import torch
 from conftest import tiny_config
 from helpers import write_vqav2_layout
 
-from vlfuse.data.classification import ClassificationCollator
+from vlfuse.data.answers import answer_scores, answers_of, build_vocabulary, normalize_answer
 from vlfuse.data.loading import load_split
 from vlfuse.model import VLFuseModel
-from vlfuse.tasks.classification import (
-    ClassificationTask,
-    answer_scores,
-    answers_of,
-    build_vocabulary,
-    normalize_answer,
-)
+from vlfuse.tasks.classification import ClassificationCollator, ClassificationTask
 
 VQA = ["model.task=classification", "model.fusion.name=dense"]
 

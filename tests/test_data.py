@@ -4,9 +4,9 @@ import torch
 from conftest import tiny_config
 from helpers import write_jxu124_layout, write_lmms_layout
 
-from vlfuse.data.grounding import GroundingCollator, GroundingDataset
+from vlfuse.data.boxes import convert_boxes
 from vlfuse.data.loading import DataError, available_splits, load_image, load_split
-from vlfuse.tasks.boxes import convert_boxes
+from vlfuse.tasks.grounding import GroundingCollator, GroundingDataset
 from vlfuse.training import train
 
 JXU = ["data.columns={image: image_path, text: captions, box: bbox}", "data.box_format=xyxy"]

@@ -64,8 +64,8 @@ def test_two_processes_keep_ranks_identical_and_frozen_towers_untouched(tmp_path
 
 
 def _odd_eval_rows(tmp_path) -> int:
-    from vlfuse.data.grounding import GroundingDataset
     from vlfuse.data.loading import load_split
+    from vlfuse.tasks.grounding import GroundingDataset
 
     cfg = tiny_config(*SMALL_DATA)
     ds = load_split(cfg.data, "validation")

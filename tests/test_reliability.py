@@ -16,10 +16,9 @@ from PIL import Image
 from safetensors.torch import load_file, load_model
 from test_recipes import SMALL_DATA
 
-from vlfuse.data.grounding import GroundingDataset
 from vlfuse.data.loading import DataError, load_split
 from vlfuse.model import VLFuseModel
-from vlfuse.tasks.grounding import GroundingTask, grounding_loss
+from vlfuse.tasks.grounding import GroundingDataset, GroundingTask, grounding_loss
 from vlfuse.training import CheckpointError, TrainingError, list_checkpoints, resolve_resume, train
 
 ROOT = Path(__file__).resolve().parents[1]

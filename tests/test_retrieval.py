@@ -236,8 +236,7 @@ def test_flickr_layouts_load_by_config_alone(tmp_path):
     from accelerate.state import AcceleratorState
     from helpers import write_flickr_layout
 
-    from vlfuse.data.retrieval import RetrievalCollator
-    from vlfuse.tasks.retrieval import RetrievalTask
+    from vlfuse.tasks.retrieval import RetrievalCollator, RetrievalTask
     from vlfuse.training import train
 
     folder = write_flickr_layout(tmp_path)

@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from accelerate.state import PartialState
+
 from vlfuse.config import Config
 from vlfuse.tasks import get_task
 from vlfuse.training import eval_splits, train
@@ -25,8 +27,6 @@ def run_comparison(cfg: Config) -> dict[str, Any]:
     Returns:
         The content of ``comparison.json``.
     """
-    from accelerate.state import PartialState
-
     root = Path(cfg.train.output_dir)
     split = eval_splits(cfg)[0]
     metric = cfg.compare.metric or get_task(cfg.model.task).primary_metric
@@ -96,6 +96,7 @@ def comparison_markdown(result: dict[str, Any]) -> str:
 
 def plot_comparison(result: dict[str, Any], path: Path) -> None:
     """The eval metric against wall time, one line per mode."""
+    # matplotlib is imported here, not at the top: it is slow to import and only the plot needs it.
     import matplotlib
 
     matplotlib.use("Agg")

@@ -1,300 +1,51 @@
-"""Typed configuration: dataclasses validated by OmegaConf, YAML files and dotted ``key=value`` overrides.
+"""Loading a run's config: the schema (``vlfuse.schema``) merged from YAML and ``key=value`` overrides,
+then the checks that need the task registry: ``model.task`` names a known task, the task accepts the
+fusion head and the settings, and a recipe gets a config of its own task.
 
-A config is a tree of plain dataclasses (``Config`` with ``model``, ``data`` and ``train`` sections).
-``load_config`` merges a YAML file and command-line overrides onto the schema; OmegaConf rejects unknown
-keys and values of the wrong type, and ``validate`` checks choices and ranges declared in each field's
-metadata. Every error names the dotted key and what is allowed.
+The config sections are re-exported here, so ``from vlfuse.config import ModelConfig`` keeps working.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import yaml
-from omegaconf import OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
-
-TRAINABLE_ENCODERS = ("none", "image", "text", "all")
-FUSION_NAMES = ("concat", "transformer", "dense", "projection")
-TASKS = ("grounding", "retrieval", "classification")
-BOX_FORMATS = ("xyxy", "xywh", "cxcywh")
-MIXED_PRECISION = ("no", "fp16", "bf16")
-
-
-class ConfigError(ValueError):
-    """A config key is unknown, has the wrong type or an invalid value."""
-
-
-def _choices(default: str, choices: Sequence[str]) -> Any:
-    return field(default=default, metadata={"choices": tuple(choices)})
-
-
-def _at_least(default: Any, minimum: float) -> Any:
-    return field(default=default, metadata={"min": minimum})
-
-
-@dataclass
-class ImageEncoderConfig:
-    # Any timm model name (``timm.list_models()``), e.g. resnet50.a1_in1k.
-    name: str = "resnet50.a1_in1k"
-    # Load pretrained weights (from the Hub, or from ``checkpoint``); false: random init, no download.
-    pretrained: bool = True
-    # A local weights file (.safetensors / .pth / .bin) used instead of the Hub's weights.
-    checkpoint: str | None = None
-    # Square input size in pixels; ViTs are built for it (position embeddings resampled).
-    image_size: int = _at_least(384, 16)
-    # Extra keyword arguments for ``timm.create_model`` (e.g. {output_stride: 16, drop_path_rate: 0.1}).
-    kwargs: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class TextEncoderConfig:
-    # A Hub id, a local folder (config + tokenizer [+ weights]) or ``vlfuse:<name>`` for a bundled one.
-    name: str = "bert-base-uncased"
-    # Load pretrained weights; false: build from the config with random weights.
-    pretrained: bool = True
-    # Expressions are truncated to this many tokens.
-    max_length: int = _at_least(40, 2)
-    # Allow custom model code from the Hub (off unless you trust the repository).
-    trust_remote_code: bool = False
-
-
-@dataclass
-class FusionConfig:
-    # concat: pooled features -> MLP; transformer: tokens + query token(s) (TransVG-style);
-    # dense: text-conditioned (FiLM) feature map with coordinate channels, one box per location;
-    # projection: no fusion, each tower's pooled vector projected to a shared embedding (retrieval).
-    name: str = _choices("transformer", FUSION_NAMES)
-    # Width of the fusion head.
-    dim: int = _at_least(256, 8)
-    # Transformer / conv layers in the fusion head.
-    num_layers: int = _at_least(4, 1)
-    # Attention heads (transformer).
-    num_heads: int = _at_least(8, 1)
-    # Learnable query tokens (transformer); the first one is the fused vector.
-    num_queries: int = _at_least(1, 1)
-    # Feed-forward width as a multiple of ``dim``.
-    mlp_ratio: float = _at_least(4.0, 0.5)
-    dropout: float = _at_least(0.1, 0.0)
-
-
-@dataclass
-class ModelConfig:
-    image_encoder: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
-    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
-    fusion: FusionConfig = field(default_factory=FusionConfig)
-    # none: fusion + head only over frozen encoders; image / text: that encoder too; all: end-to-end.
-    trainable_encoders: str = _choices("none", TRAINABLE_ENCODERS)
-    # A saved vlfuse model (a final/ folder or a Hub id) to start from; its encoders, fusion and head
-    # replace the ones described above (trainable_encoders still applies).
-    init_from: str | None = None
-    # Which task head sits on the fusion output: grounding (text -> box), retrieval (image-text
-    # embeddings; needs fusion.name=projection), classification (VQA-style answers).
-    task: str = _choices("grounding", TASKS)
-    # classification: the answer vocabulary (the classifier's classes, most frequent first). Left empty,
-    # it is built from the train split's data.num_answers most frequent answers and saved with the model.
-    answers: list[str] = field(default_factory=list)
-    # retrieval: the learnable temperature's starting value (logits = similarity / temperature).
-    temperature: float = _at_least(0.07, 1e-4)
-
-
-@dataclass
-class DataConfig:
-    # A Hub dataset id, a local folder (Hub layout or save_to_disk) or an embedded dataset name ("shapes").
-    dataset: str = "shapes"
-    # Hub revision (branch, tag or commit) to pin the dataset.
-    revision: str | None = None
-    # Dataset configuration name (``load_dataset(path, name)``), if the dataset has several.
-    subset: str | None = None
-    # A split name, optionally sliced by rows: "train", "validation[:1000]", "test[1000:]" (for datasets
-    # that ship one split, e.g. lmms-lab/flickr30k).
-    train_split: str = "train"
-    # One split or a list of splits (each may be sliced); metrics are reported per split.
-    eval_split: Any = "validation"
-    # Task field -> dataset column. grounding: image, text, box; retrieval: image, text (a caption or a
-    # list of captions); classification: image, question, answer (a string, a list of strings or a list
-    # of {answer: ...} dicts).
-    columns: dict[str, str] = field(default_factory=lambda: {"image": "image", "text": "text", "box": "box"})
-    # Folder that relative image paths are resolved against.
-    image_root: str | None = None
-    box_format: str = _choices("xyxy", BOX_FORMATS)
-    # Boxes are in [0, 1] relative to the image rather than in pixels.
-    box_normalized: bool = False
-    # Probability of a horizontal flip in training (left/right words are swapped with it).
-    hflip_prob: float = _at_least(0.0, 0.0)
-    # Cap the number of rows read per split (quick experiments); null = all.
-    max_train_samples: int | None = None
-    max_eval_samples: int | None = None
-    # Stop if more than this fraction of the examples seen so far are unusable (undecodable image, invalid
-    # box); below it, bad examples are skipped and counted.
-    max_bad_fraction: float = _at_least(0.01, 0.0)
-    # DataLoader worker processes.
-    num_workers: int = _at_least(0, 0)
-    # classification: the answer vocabulary keeps this many most frequent train answers; the rest map to
-    # "unknown" (counted, never predicted).
-    num_answers: int = _at_least(1000, 1)
-    # Embedded dataset only: images in the train / validation split, image size and seed.
-    shapes_train_size: int = _at_least(20000, 1)
-    shapes_eval_size: int = _at_least(1000, 1)
-    shapes_image_size: int = _at_least(64, 16)
-    shapes_seed: int = 0
-
-
-@dataclass
-class TrainConfig:
-    output_dir: str = "runs/grounding"
-    epochs: int = _at_least(10, 1)
-    # When set, wins over epochs.
-    max_steps: int | None = None
-    # Per process.
-    batch_size: int = _at_least(32, 1)
-    # Evaluation batch size per process; null = batch_size.
-    eval_batch_size: int | None = None
-    # Learning rate of the fusion and task head.
-    lr: float = _at_least(1.0e-4, 0.0)
-    # Learning rate of trainable encoders.
-    encoder_lr: float = _at_least(1.0e-5, 0.0)
-    weight_decay: float = _at_least(0.01, 0.0)
-    # Linear warm-up steps, then cosine decay to zero.
-    warmup_steps: int = _at_least(0, 0)
-    max_grad_norm: float | None = 1.0
-    gradient_accumulation_steps: int = _at_least(1, 1)
-    mixed_precision: str = _choices("no", MIXED_PRECISION)
-    seed: int = 0
-    # Evaluate every N optimizer steps; null = once per epoch.
-    eval_every: int | None = None
-    # Save a resumable checkpoint every N optimizer steps; null = only at the end.
-    checkpoint_every: int | None = None
-    # Checkpoints kept in output_dir/checkpoints.
-    keep_last: int = _at_least(2, 1)
-    # A checkpoint folder, or "latest" (the newest in output_dir/checkpoints).
-    resume_from: str | None = None
-    # Recompute activations of trainable encoders in the backward pass (less memory, more compute).
-    gradient_checkpointing: bool = False
-    # Frozen encoders only: compute their features once per split and read them back.
-    cache_features: bool = False
-    # Where cached features live; null = $VLFUSE_CACHE or ~/.cache/vlfuse, then features/.
-    cache_dir: str | None = None
-    # Storage type of cached features (float16 halves the disk and read cost).
-    cache_dtype: str = _choices("float32", ("float32", "float16"))
-    # Stop after this many consecutive optimizer steps with a NaN/inf loss or gradient (each is skipped).
-    max_bad_steps: int = _at_least(10, 1)
-    # Accelerate tracker: tensorboard | wandb | ... ; null = none.
-    log_with: str | None = None
-    # CPU threads per process when training on the CPU; null = cores / processes on this machine
-    # (accelerate launch sets OMP_NUM_THREADS=1 on CPU, which would leave cores idle).
-    cpu_threads: int | None = None
-    # Print/log training loss every N steps.
-    log_every: int = _at_least(10, 1)
-
-
-@dataclass
-class CompareConfig:
-    # recipes/compare.py: the trainable_encoders values to train side by side (same data, head, budget).
-    modes: list[str] = field(default_factory=lambda: ["none", "image", "text", "all"])
-    # The metric to plot against wall time (default: the task's primary metric).
-    metric: str | None = None
-
-
-@dataclass
-class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    compare: CompareConfig = field(default_factory=CompareConfig)
-
-
-def _describe_allowed(schema: Any, key: str) -> str:
-    """The keys allowed next to ``key`` (a dotted path), for an unknown-key message."""
-    node = schema
-    for part in key.split(".")[:-1]:
-        if not dataclasses.is_dataclass(node):
-            return ""
-        node = getattr(node, part, None)
-    if dataclasses.is_dataclass(node):
-        return "allowed keys here: " + ", ".join(f.name for f in dataclasses.fields(node))
-    return ""
-
-
-def _merge(base: Any, other: Any, source: str) -> Any:
-    try:
-        return OmegaConf.merge(base, other)
-    except ConfigKeyError as err:
-        key = err.full_key or str(err.key)
-        allowed = _describe_allowed(Config(), key)
-        raise ConfigError(f"unknown config key '{key}' (from {source}); {allowed}") from None
-    except OmegaConfBaseException as err:
-        key = err.full_key or str(err.key)
-        msg = str(err).split("\n")[0]
-        raise ConfigError(f"bad value for config key '{key}' (from {source}): {msg}") from None
-
-
-def validate(cfg: Any, prefix: str = "") -> None:
-    """Checks choices and ranges declared in field metadata, recursively.
-
-    Raises:
-        ConfigError: naming the key, the bad value and what is allowed.
-    """
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        key = f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(value):
-            validate(value, key + ".")
-            continue
-        choices = f.metadata.get("choices")
-        if choices is not None and value not in choices:
-            raise ConfigError(f"invalid value {value!r} for '{key}'; allowed: {', '.join(choices)}")
-        minimum = f.metadata.get("min")
-        if minimum is not None and value is not None and value < minimum:
-            raise ConfigError(f"invalid value {value!r} for '{key}'; must be >= {minimum}")
-    if isinstance(cfg, CompareConfig):
-        bad = [m for m in cfg.modes if m not in TRAINABLE_ENCODERS]
-        if bad or not cfg.modes or len(set(cfg.modes)) != len(cfg.modes):
-            raise ConfigError(
-                f"invalid value {cfg.modes!r} for 'compare.modes'; allowed: distinct values of "
-                f"{', '.join(TRAINABLE_ENCODERS)}"
-            )
-    if isinstance(cfg, DataConfig):
-        splits = cfg.eval_split if isinstance(cfg.eval_split, list | tuple) else [cfg.eval_split]
-        if not splits or not all(isinstance(s, str) and s for s in splits):
-            raise ConfigError(
-                f"invalid value {cfg.eval_split!r} for 'data.eval_split'; allowed: a split name or a list"
-            )
-        if isinstance(cfg.eval_split, tuple):
-            cfg.eval_split = list(cfg.eval_split)
-
-
-def check_task_fusion(task: str, fusion: str) -> None:
-    """Retrieval needs the ``projection`` fusion, and ``projection`` serves retrieval only.
-
-    Raises:
-        ConfigError: naming both keys.
-    """
-    if (task == "retrieval") != (fusion == "projection"):
-        raise ConfigError(
-            f"model.task={task} with model.fusion.name={fusion}: retrieval needs fusion.name=projection "
-            "(separate image and text embeddings, compared all against all), and projection serves "
-            "retrieval only; grounding and classification take concat, transformer or dense"
-        )
+from vlfuse.schema import (
+    BOX_FORMATS,
+    FUSION_NAMES,
+    MIXED_PRECISION,
+    TRAINABLE_ENCODERS,
+    CompareConfig,
+    Config,
+    ConfigError,
+    DataConfig,
+    FusionConfig,
+    ImageEncoderConfig,
+    ModelConfig,
+    TextEncoderConfig,
+    TrainConfig,
+    merge_config,
+    section_from_dict,
+    to_dict,
+    to_yaml,
+    validate,
+)
+from vlfuse.tasks import TASKS, check_task_fusion, get_task
 
 
 def check_combinations(cfg: Config) -> None:
-    """Settings that are valid alone but not together."""
-    task = cfg.model.task
-    check_task_fusion(task, cfg.model.fusion.name)
-    if task != "grounding" and cfg.train.cache_features:
+    """Settings that are valid alone but not together, the task's own refusals included.
+
+    Raises:
+        ConfigError: naming the keys.
+    """
+    task = get_task(cfg.model.task)
+    check_task_fusion(task.name, cfg.model.fusion.name)
+    if cfg.train.cache_features and not task.feature_cache:
+        served = ", ".join(name for name, cls in TASKS.items() if cls.feature_cache)
         raise ConfigError(
-            f"train.cache_features=true is implemented for model.task=grounding only (not {task}); "
+            f"train.cache_features=true is implemented for model.task={served} only (not {task.name}); "
             "turn it off"
-        )
-    if task == "classification" and cfg.data.hflip_prob > 0:
-        raise ConfigError(
-            f"data.hflip_prob={cfg.data.hflip_prob} with model.task=classification: a flip would need the "
-            "answer changed too (left/right answers); set data.hflip_prob=0"
         )
     if cfg.train.cache_features and cfg.model.trainable_encoders == "all":
         raise ConfigError(
@@ -307,18 +58,7 @@ def check_combinations(cfg: Config) -> None:
             f"(data.hflip_prob={cfg.data.hflip_prob}): cached features are computed once from unaugmented "
             "inputs; set data.hflip_prob=0 or turn the cache off"
         )
-
-
-def _parse_override(override: str) -> Any:
-    """One ``key=value`` override as a config node (the value parsed as YAML)."""
-    try:
-        return OmegaConf.from_dotlist([override])
-    except (OmegaConfBaseException, yaml.YAMLError) as err:
-        first = str(err).splitlines()[0]
-        raise ConfigError(
-            f"could not parse the override {override!r} ({first}); values are YAML: quote one "
-            "that holds brackets or colons inside a list, e.g. \"data.eval_split=[val,'test[:500]']\""
-        ) from None
+    task.check_config(cfg)
 
 
 def load_config(
@@ -334,26 +74,13 @@ def load_config(
         base: defaults to start from instead of the schema's (e.g. a recipe's embedded default).
 
     Raises:
-        ConfigError: for an unknown key, a wrong type or an invalid value, naming the key.
+        ConfigError: for an unknown key, a wrong type, an invalid value or a combination the task
+            refuses, naming the key.
         FileNotFoundError: if ``path`` does not exist.
     """
-    cfg = OmegaConf.structured(base if base is not None else Config())
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
-        loaded = OmegaConf.load(path)
-        cfg = _merge(cfg, loaded, str(path))
-    bad = [o for o in overrides if "=" not in o or o.startswith("=")]
-    if bad:
-        raise ConfigError(f"overrides must look like key=value (e.g. train.lr=3e-4); got {bad}")
-    if overrides:
-        dotlist = OmegaConf.merge(*(_parse_override(o) for o in overrides))
-        cfg = _merge(cfg, dotlist, "command line")
-    obj = OmegaConf.to_object(cfg)
-    validate(obj)
-    check_combinations(obj)
-    return obj
+    cfg = merge_config(path, overrides, base)
+    check_combinations(cfg)
+    return cfg
 
 
 def parse_cli(argv: Sequence[str]) -> tuple[str | None, list[str]]:
@@ -381,28 +108,55 @@ def parse_cli(argv: Sequence[str]) -> tuple[str | None, list[str]]:
 
 
 def load_cli_config(
-    argv: Sequence[str], default_config: str | Path, default_overrides: Sequence[str] = ()
+    argv: Sequence[str],
+    default_config: str | Path,
+    default_overrides: Sequence[str] = (),
+    task: str | None = None,
 ) -> Config:
     """A recipe's config from ``[--config FILE] [key=value ...]``: with no ``--config``, ``default_config``
-    plus ``default_overrides``; the command line's overrides always apply last."""
+    plus ``default_overrides``; the command line's overrides always apply last.
+
+    Args:
+        task: the task the recipe trains; a config of another task is refused.
+
+    Raises:
+        ConfigError: as ``load_config``, or for a config of another task (naming both tasks and the recipe
+            that trains the config's task).
+    """
     config_path, overrides = parse_cli(argv)
     if config_path is None:
-        return load_config(default_config, [*default_overrides, *overrides])
-    return load_config(config_path, overrides)
+        cfg = load_config(default_config, [*default_overrides, *overrides])
+    else:
+        cfg = load_config(config_path, overrides)
+    if task is not None and cfg.model.task != task:
+        source = config_path or default_config
+        raise ConfigError(
+            f"{get_task(task).recipe} trains model.task={task}, but the config ({source} and the command "
+            f"line) has model.task={cfg.model.task}: run {get_task(cfg.model.task).recipe} for it"
+        )
+    return cfg
 
 
-def to_dict(cfg: Any) -> dict[str, Any]:
-    """A plain nested dict of a config (or any config section)."""
-    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
-
-
-def to_yaml(cfg: Any) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
-
-
-def section_from_dict(cls: type, values: dict[str, Any]) -> Any:
-    """Builds a config section (e.g. ``ModelConfig``) from a plain dict, validated like a file."""
-    merged = _merge(OmegaConf.structured(cls()), OmegaConf.create(values), cls.__name__)
-    obj = OmegaConf.to_object(merged)
-    validate(obj)
-    return obj
+__all__ = [
+    "BOX_FORMATS",
+    "FUSION_NAMES",
+    "MIXED_PRECISION",
+    "TRAINABLE_ENCODERS",
+    "CompareConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "FusionConfig",
+    "ImageEncoderConfig",
+    "ModelConfig",
+    "TextEncoderConfig",
+    "TrainConfig",
+    "check_combinations",
+    "load_cli_config",
+    "load_config",
+    "parse_cli",
+    "section_from_dict",
+    "to_dict",
+    "to_yaml",
+    "validate",
+]

@@ -1,4 +1,8 @@
-"""VLFuseModel: image encoder + text encoder + fusion head + task head, and the trainable_encoders switch."""
+"""VLFuseModel: image encoder + text encoder + fusion head + task head, and the trainable_encoders switch.
+
+The model names no task: ``model.task`` is looked up in the registry (``vlfuse.tasks.TASKS``), and the
+task builds the head and decodes ``predict``.
+"""
 
 from __future__ import annotations
 
@@ -8,17 +12,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import snapshot_download
 from PIL import Image
 from safetensors.torch import load_model, save_file, save_model
 from torch import nn
 
-from vlfuse.config import TRAINABLE_ENCODERS, ModelConfig, check_task_fusion, section_from_dict, to_dict
 from vlfuse.data.transforms import letterbox, to_tensor
 from vlfuse.encoders import EncoderOutput, ImageEncoder, TextEncoder
 from vlfuse.fusion import TowerShape, build_fusion
-from vlfuse.tasks.classification import UNKNOWN, ClassificationHead, predicted_classes
-from vlfuse.tasks.grounding import GroundingHead, boxes_to_pixels
-from vlfuse.tasks.retrieval import RetrievalHead
+from vlfuse.schema import TRAINABLE_ENCODERS, ModelConfig, section_from_dict, to_dict
+from vlfuse.tasks import check_task_fusion, get_task
 
 CONFIG_NAME = "vlfuse_config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -41,21 +44,8 @@ def _tower_shapes(image: ImageEncoder, text: TextEncoder) -> tuple[TowerShape, T
     )
 
 
-def build_task_head(cfg: ModelConfig, fusion: nn.Module) -> nn.Module:
-    """The head of ``cfg.task`` over ``fusion``'s output."""
-    check_task_fusion(cfg.task, cfg.fusion.name)
-    kind = fusion.output_kind
-    if cfg.task == "grounding":
-        return GroundingHead(fusion.dim, kind)
-    if cfg.task == "retrieval":
-        return RetrievalHead(cfg.temperature)
-    if cfg.task == "classification":
-        return ClassificationHead(fusion.dim, kind, len(cfg.answers) + 1, cfg.fusion.dropout)
-    raise ValueError(f"model.task: unknown task {cfg.task!r}")
-
-
 class VLFuseModel(nn.Module):
-    """Two pretrained towers, a fusion head and a task head, with one switch for what learns.
+    """Two pretrained towers, a fusion head and the head of ``cfg.task``, with one switch for what learns.
 
     ``trainable_encoders`` (``none`` | ``image`` | ``text`` | ``all``) is applied by
     ``set_trainable_encoders``: a frozen tower has ``requires_grad=False``, stays in ``eval()`` across
@@ -78,6 +68,9 @@ class VLFuseModel(nn.Module):
     ) -> None:
         super().__init__()
         self.config = cfg
+        # The task plug-in (not a module: it holds no weights); it builds the head and decodes predict.
+        self.task = get_task(cfg.task)
+        check_task_fusion(cfg.task, cfg.fusion.name)
         self.image_encoder = ImageEncoder(
             cfg.image_encoder, pretrained=pretrained, data_config=image_data_config
         )
@@ -86,7 +79,7 @@ class VLFuseModel(nn.Module):
         self.fusion = build_fusion(
             cfg.fusion, image_shape, text_shape, max_text_len=cfg.text_encoder.max_length
         )
-        self.head = build_task_head(cfg, self.fusion)
+        self.head = self.task.build_head(cfg, self.fusion)
         self.set_trainable_encoders(cfg.trainable_encoders)
 
     # ----------------------------------------------------------------------------------------- the switch
@@ -176,13 +169,20 @@ class VLFuseModel(nn.Module):
         text_tokens: torch.Tensor | None = None,
         text_mask: torch.Tensor | None = None,
         text_pooled: torch.Tensor | None = None,
+        image_index: torch.Tensor | None = None,
+        text_index: torch.Tensor | None = None,
         **_: Any,
     ) -> dict[str, torch.Tensor]:
         """Runs the towers, or takes their cached features (``image_tokens``/``image_pooled``,
         ``text_tokens``/``text_mask``/``text_pooled``), then the fusion and the task head.
 
+        ``image_index`` and ``text_index`` (``[P]`` each) pair the inputs by index: the fusion sees image
+        ``image_index[p]`` with text ``text_index[p]``, so each image and text is encoded once however many
+        pairs it is in (default: image ``i`` with text ``i``).
+
         Extra keyword arguments (a batch's targets and metadata) are ignored, so ``model(**batch)`` works.
-        A retrieval model also takes images alone or texts alone (and returns only those embeddings).
+        A fusion that embeds each modality on its own (``projection``) also takes images alone or texts
+        alone (and returns only those embeddings).
         """
         image = text = None
         if image_tokens is not None:
@@ -193,10 +193,16 @@ class VLFuseModel(nn.Module):
             text = EncoderOutput(text_tokens, text_pooled, mask=text_mask.bool())
         elif input_ids is not None:
             text = self.encode_text(input_ids, attention_mask)
-        if (image is None or text is None) and self.config.task != "retrieval":
-            raise ValueError(f"task {self.config.task!r} needs both images and texts")
         if image is None and text is None:
             raise ValueError("forward needs pixel_values (or image features) or input_ids (or text features)")
+        if (image is None or text is None) and not self.fusion.single_modality:
+            raise ValueError(
+                f"task {self.config.task!r} (fusion {self.config.fusion.name!r}) needs both images and texts"
+            )
+        if image is not None and image_index is not None:
+            image = image.select(image_index)
+        if text is not None and text_index is not None:
+            text = text.select(text_index)
         return self.head(self.fusion(image, text))
 
     # -------------------------------------------------------------------------------------- preprocessing
@@ -212,8 +218,15 @@ class VLFuseModel(nn.Module):
         return torch.stack(pixels), torch.stack(metas)
 
     @torch.no_grad()
-    def _run(self, images: Sequence[Image.Image] | None, texts: Sequence[str] | None):
-        """The model in eval mode on preprocessed images and/or tokenized texts; restores train mode."""
+    def infer(
+        self, images: Sequence[Image.Image] | None = None, texts: Sequence[str] | None = None
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """The model in eval mode on raw images and/or texts (train mode is restored after).
+
+        Returns:
+            The head's outputs, and the images' letterbox meta (what maps boxes back to their pixels;
+            None without images).
+        """
         was_training = self.training
         self.eval()
         device, inputs, meta = next(self.parameters()).device, {}, None
@@ -227,72 +240,34 @@ class VLFuseModel(nn.Module):
         finally:
             self.train(was_training)
 
-    @staticmethod
-    def _pairs(
-        images: Sequence[Image.Image] | Image.Image, texts: Sequence[str] | str
-    ) -> tuple[list[Image.Image], list[str]]:
-        images = [images] if isinstance(images, Image.Image) else list(images)
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        if len(images) == 1 and len(texts) > 1:
-            images = images * len(texts)
-        if len(images) != len(texts):
-            raise ValueError(
-                f"predict got {len(images)} images and {len(texts)} texts; give one text per image"
-            )
-        return images, texts
-
     def predict(
         self,
         images: Sequence[Image.Image] | Image.Image | None = None,
         texts: Sequence[str] | str | None = None,
     ) -> Any:
-        """Inference on PIL images (any sizes) and texts, by task:
+        """Inference on PIL images (any sizes) and texts, decoded by the task:
 
         - grounding: one ``xyxy`` box per (image, expression) pair, in that input image's own pixels
           (``[N, 4]``); one image may be given for all expressions;
         - classification: the answer (a string) per (image, question) pair;
         - retrieval: ``{"image_embeds": [N, D], "text_embeds": [M, D], "similarity": [N, M]}`` (unit
-          embeddings; either input may be omitted, and the similarity needs both).
+          embeddings; either input may be omitted, and the similarity needs both);
+        - matching: the probability that each text describes its image (``[N]``).
         """
-        task = self.config.task
-        if task == "retrieval":
-            out: dict[str, torch.Tensor] = {}
-            if images is not None:
-                out["image_embeds"] = self.embed_images(images)
-            if texts is not None:
-                out["text_embeds"] = self.embed_texts(texts)
-            if not out:
-                raise ValueError("predict needs images, texts or both")
-            if len(out) == 2:
-                out["similarity"] = out["image_embeds"] @ out["text_embeds"].T
-            return out
-        if images is None or texts is None:
-            raise ValueError(f"predict for task {task!r} needs images and texts")
-        images, texts = self._pairs(images, texts)
-        outputs, meta = self._run(images, texts)
-        if task == "grounding":
-            return boxes_to_pixels(outputs["boxes"], meta).cpu()
-        return [self.config.answers[i] for i in predicted_classes(outputs["logits"]).tolist()]
-
-    def _embed(self, key: str, images=None, texts=None) -> torch.Tensor:
-        if self.config.task != "retrieval":
-            raise ValueError(
-                f"embeddings come from a retrieval model; this model's task is {self.config.task!r}"
-            )
-        return self._run(images, texts)[0][key].cpu()
+        return self.task.predict(self, images, texts)
 
     def embed_images(self, images: Sequence[Image.Image] | Image.Image) -> torch.Tensor:
         """Retrieval: unit-length image embeddings ``[N, D]``."""
-        return self._embed("image_embeds", images=[images] if isinstance(images, Image.Image) else images)
+        return self.task.embed(self, images=images)
 
     def embed_texts(self, texts: Sequence[str] | str) -> torch.Tensor:
         """Retrieval: unit-length text embeddings ``[M, D]``."""
-        return self._embed("text_embeds", texts=[texts] if isinstance(texts, str) else texts)
+        return self.task.embed(self, texts=texts)
 
     @property
     def answer_vocabulary(self) -> list[str]:
         """Classification: the classes in order (``model.answers`` and the never-predicted unknown)."""
-        return [*self.config.answers, UNKNOWN]
+        return self.task.class_names(self.config)
 
     # ------------------------------------------------------------------------------------- save / load
     def save_pretrained(self, folder: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
@@ -328,8 +303,6 @@ class VLFuseModel(nn.Module):
         if not folder.is_dir():
             if str(path_or_hub_id).startswith((".", "/", "~")) or folder.suffix:
                 raise FileNotFoundError(f"no saved vlfuse model at {folder}")
-            from huggingface_hub import snapshot_download
-
             folder = Path(snapshot_download(str(path_or_hub_id), revision=revision))
         config_file = folder / CONFIG_NAME
         if not config_file.is_file():

@@ -1,16 +1,16 @@
-"""Data: loading by ``data.dataset``, column mapping, box formats, transforms, the embedded dataset and the
-frozen-feature cache."""
+"""Data: loading by ``data.dataset``, the shared example base, label preprocessing (box formats and ops,
+VQA answers), box-aware transforms, the embedded dataset and the frozen-feature cache. Each task's own
+dataset lives in its task module (``vlfuse.tasks``)."""
 
 from vlfuse.data import shapes
-from vlfuse.data.grounding import GroundingCollator, GroundingDataset, clip_box, to_absolute_xyxy
+from vlfuse.data.boxes import clip_box, convert_boxes, to_absolute_xyxy
 from vlfuse.data.loading import DataError, available_splits, load_image, load_split
 
 __all__ = [
     "DataError",
-    "GroundingCollator",
-    "GroundingDataset",
     "available_splits",
     "clip_box",
+    "convert_boxes",
     "load_image",
     "load_split",
     "shapes",

@@ -19,9 +19,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from vlfuse.config import DataConfig
 from vlfuse.data.loading import DataError, check_columns, load_image
 from vlfuse.data.transforms import letterbox, to_tensor
+from vlfuse.schema import DataConfig
 
 
 def texts_of(value: Any) -> list[str]:
@@ -55,6 +55,11 @@ class ImageTextDataset(Dataset):
 
     Subclasses set ``FIELDS`` (the task fields ``data.columns`` must map), ``TEXT_FIELD`` and ``TEXT_NOUN``
     (for messages), and implement ``__getitem__`` with ``read_image`` / ``pixels`` and ``placeholder``.
+    ``LABEL_SETTINGS`` names the ``data`` keys that change a subclass's labels (the feature cache keys on
+    them).
+
+    Which rows are one image: each row, or with ``data.columns.image_id`` the rows sharing that column's
+    value (layouts with one caption per row and the image repeated); ``image_ids`` holds it per example.
 
     Args:
         ds: the split.
@@ -74,6 +79,7 @@ class ImageTextDataset(Dataset):
     FIELDS: tuple[str, ...] = ("image", "text")
     TEXT_FIELD = "text"
     TEXT_NOUN = "text"  # one word: it names the counters (empty_<noun>, truncated_<noun>)
+    LABEL_SETTINGS: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -114,9 +120,24 @@ class ImageTextDataset(Dataset):
                     self.counts[f"empty_{noun}"] += 1
         self.counts["rows"] = len(ds)
         self.counts["examples"] = len(self.index)
+        self.image_ids = self._image_ids(ds, [row for row, _ in self.index], name or cfg.dataset)
         if tokenizer is not None and max_length is not None and self.texts:
             lengths = [len(ids) for ids in tokenizer(self.texts, truncation=False)["input_ids"]]
             self.counts[f"truncated_{noun}"] = sum(n > max_length for n in lengths)
+
+    def _image_ids(self, ds: datasets.Dataset, rows: list[int], name: str) -> list[int]:
+        """Per example, which image of the split it shows (0, 1, ... in order of first appearance)."""
+        if "image_id" not in self.cfg.columns:
+            return rows
+        check_columns(ds, self.cfg.columns, ("image_id",), name)
+        ids: dict[Any, int] = {}
+        per_row = [ids.setdefault(v, len(ids)) for v in ds[self.cfg.columns["image_id"]]]
+        return [per_row[r] for r in rows]
+
+    def cache_settings(self) -> dict[str, Any]:
+        """What, besides the split's content, decides this dataset's examples (the feature cache's key)."""
+        settings = {s: getattr(self.cfg, s) for s in self.LABEL_SETTINGS}
+        return {"columns": dict(self.columns), "image_root": self.cfg.image_root, **settings}
 
     # ---------------------------------------------------------------------------------------- subclasses
     def placeholder(self) -> Any:
@@ -209,8 +230,8 @@ class ExampleCollator:
         elif not good:
             raise DataError(
                 f"all {len(examples)} examples of a training batch are unusable; "
-                f"first: {examples[0].detail}. "
-                "Check data.columns, data.box_format, data.box_normalized and data.image_root"
+                f"first: {examples[0].detail}. Check data.columns and data.image_root, and the settings "
+                "that say how the task's labels are read (e.g. data.box_format, data.box_normalized)"
             )
         else:
             examples = good

@@ -9,12 +9,19 @@ maps: random access by example index with no decoding and no copy, which is what
 loop needs (an Arrow table would decode a row group per access; safetensors has no partial reads).
 The key covers everything that changes the features: each cached tower's name, a hash of its weights,
 the preprocessing (image size, normalisation, interpolation; the tokenizer's vocabulary and
-``max_length``), the dataset's fingerprint, split, columns and box settings, and the storage dtype.
+``max_length``), the dataset's fingerprint, split, columns and the settings its labels are read with
+(e.g. box formats), and the storage dtype.
 A folder is written under a temporary name and published by rename, so a crash never leaves a half cache.
+
+The cache knows no task: it serves any ``ImageTextDataset`` whose examples are dataclasses with
+``pixel_values``, ``text``, ``features`` and tensor labels (a task says whether its datasets qualify with
+``Task.feature_cache``). The labels are stored beside the features, so a cached example needs no image
+decoding at all.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -28,11 +35,12 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from vlfuse.data.examples import BadExample
-from vlfuse.data.grounding import GroundingDataset, GroundingExample
+from vlfuse.data.examples import BadExample, ImageTextDataset
 
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2
 META_FILE = "cache.json"
+# Example fields that are not labels: the image (replaced by its cached features) and the text.
+_INPUT_FIELDS = ("pixel_values", "text", "features")
 
 
 def default_cache_dir() -> Path:
@@ -51,20 +59,34 @@ def module_fingerprint(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def cache_key(model, dataset: GroundingDataset, split: str, dtype: str) -> dict[str, Any]:
+def label_fields(dataset: ImageTextDataset) -> dict[str, torch.Tensor]:
+    """The label fields of the dataset's examples (name -> a placeholder tensor of their shape and type).
+
+    Raises:
+        ValueError: if a label is not a tensor (such a dataset cannot be cached).
+    """
+    placeholder = dataset.placeholder()
+    labels = {f.name: getattr(placeholder, f.name) for f in dataclasses.fields(placeholder)}
+    labels = {k: v for k, v in labels.items() if k not in _INPUT_FIELDS}
+    for name, value in labels.items():
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(
+                f"the feature cache cannot store {type(placeholder).__name__}.{name} (not a tensor)"
+            )
+    return labels
+
+
+def cache_key(model, dataset: ImageTextDataset, split: str, dtype: str) -> dict[str, Any]:
     """Everything that changes the cached features or the examples they belong to."""
-    cfg = dataset.cfg
     key: dict[str, Any] = {
         "version": CACHE_FORMAT_VERSION,
-        "dataset": cfg.dataset,
+        "dataset": dataset.cfg.dataset,
         "dataset_fingerprint": getattr(dataset.ds, "_fingerprint", None),
         "split": split,
         "rows": len(dataset.ds),
         "examples": len(dataset),
-        "columns": dict(dataset.columns),
-        "box_format": cfg.box_format,
-        "box_normalized": cfg.box_normalized,
-        "image_root": cfg.image_root,
+        "example_type": type(dataset.placeholder()).__name__,
+        **dataset.cache_settings(),
         "dtype": dtype,
         "towers": {},
     }
@@ -101,18 +123,17 @@ def folder_size(folder: Path) -> int:
 
 
 @torch.no_grad()
-def _compute(model, dataset: GroundingDataset, folder: Path, dtype: str, batch_size: int, device) -> None:
+def _compute(model, dataset: ImageTextDataset, folder: Path, dtype: str, batch_size: int, device) -> None:
     """Runs the frozen towers over every example of ``dataset`` and writes the arrays into ``folder``."""
     np_dtype = np.float16 if dtype == "float16" else np.float32
     n = len(dataset)
     image_frozen = not model.tower_is_trainable("image")
     text_frozen = not model.tower_is_trainable("text")
+    labels = label_fields(dataset)
     arrays: dict[str, np.ndarray] = {
-        "box": np.zeros((n, 4), np.float32),
-        "original_box": np.zeros((n, 4), np.float32),
-        "meta": np.zeros((n, 7), np.float32),
-        "valid": np.zeros((n,), np.bool_),
+        name: np.zeros((n, *value.shape), value.numpy().dtype) for name, value in labels.items()
     }
+    arrays["valid"] = np.zeros((n,), np.bool_)
     enc_img, enc_txt = model.image_encoder, model.text_encoder
     rows = [row for row, _ in dataset.index]
     unique_rows = sorted(set(rows))
@@ -142,15 +163,14 @@ def _compute(model, dataset: GroundingDataset, folder: Path, dtype: str, batch_s
         idx = list(range(start, min(n, start + batch_size)))
         examples = [dataset[i] for i in idx]
         for i, ex in zip(idx, examples, strict=True):
-            if isinstance(ex, GroundingExample):
-                arrays["box"][i] = ex.box.numpy()
-                arrays["original_box"][i] = ex.original_box.numpy()
-                arrays["meta"][i] = ex.meta.numpy()
+            if not isinstance(ex, BadExample):
+                for name in labels:
+                    arrays[name][i] = torch.as_tensor(getattr(ex, name)).numpy()
                 arrays["valid"][i] = True
         if image_frozen:
             todo = []  # one image per row: expressions of the same row share its features
             for i, ex in zip(idx, examples, strict=True):
-                if isinstance(ex, GroundingExample) and rows[i] not in done_rows:
+                if not isinstance(ex, BadExample) and rows[i] not in done_rows:
                     done_rows.add(rows[i])
                     todo.append((i, ex))
             if todo:
@@ -178,15 +198,17 @@ def _compute(model, dataset: GroundingDataset, folder: Path, dtype: str, batch_s
 
 
 @dataclass
-class CachedGroundingDataset(Dataset):
-    """The examples of a ``GroundingDataset`` with frozen towers' features read from a cache folder."""
+class CachedDataset(Dataset):
+    """The examples of a dataset with frozen towers' features (and the labels) read from a cache folder."""
 
-    base: GroundingDataset
+    base: ImageTextDataset
     folder: Path
 
     def __post_init__(self) -> None:
         self.arrays = {p.stem: np.load(p, mmap_mode="r") for p in sorted(self.folder.glob("*.npy"))}
         self.counts = self.base.counts
+        self.labels = list(label_fields(self.base))
+        self.example_type = type(self.base.placeholder())
 
     def __len__(self) -> int:
         return len(self.base)
@@ -197,7 +219,7 @@ class CachedGroundingDataset(Dataset):
     def describe(self) -> str:
         return self.base.describe() + f"; frozen features from {self.folder}"
 
-    def __getitem__(self, i: int) -> GroundingExample | BadExample:
+    def __getitem__(self, i: int) -> Any:
         a = self.arrays
         if not a["valid"][i]:
             # Re-read the row to tell why (bad rows are few); the placeholder gets blank features.
@@ -234,25 +256,21 @@ class CachedGroundingDataset(Dataset):
             features["text_tokens"] = torch.from_numpy(np.array(a["text_tokens"][i], dtype=np.float32))
             features["text_mask"] = torch.from_numpy(np.array(a["text_mask"][i]))
             features["text_pooled"] = torch.from_numpy(np.array(a["text_pooled"][i], dtype=np.float32))
-        return GroundingExample(
-            pixel_values=pixel_values,
-            text=self.base.texts[i],
-            box=torch.from_numpy(np.array(a["box"][i])),
-            original_box=torch.from_numpy(np.array(a["original_box"][i])),
-            meta=torch.from_numpy(np.array(a["meta"][i])),
-            features=features,
+        labels = {name: torch.from_numpy(np.array(a[name][i])) for name in self.labels}
+        return self.example_type(
+            pixel_values=pixel_values, text=self.base.texts[i], features=features, **labels
         )
 
 
 def cached_dataset(
     model,
-    dataset: GroundingDataset,
+    dataset: ImageTextDataset,
     split: str,
     cache_dir: str | Path | None,
     dtype: str,
     batch_size: int,
     accelerator,
-) -> CachedGroundingDataset:
+) -> CachedDataset:
     """The cached version of ``dataset``: reuses a folder with the same key, or computes one (on the main
     process; the others wait and then read it)."""
     key = cache_key(model, dataset, split, dtype)
@@ -273,4 +291,4 @@ def cached_dataset(
             accelerator.print(f"feature cache written: {folder} ({folder_size(folder) / 2**20:.1f} MiB)")
         elif accelerator.is_main_process:
             accelerator.print(f"feature cache reused: {folder} ({folder_size(folder) / 2**20:.1f} MiB)")
-    return CachedGroundingDataset(dataset, folder)
+    return CachedDataset(dataset, folder)

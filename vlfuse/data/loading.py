@@ -11,8 +11,8 @@ from typing import Any
 import datasets
 from PIL import Image
 
-from vlfuse.config import DataConfig
 from vlfuse.data import shapes
+from vlfuse.schema import DataConfig
 
 
 class DataError(ValueError):

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vlfuse.tasks.boxes import convert_boxes
+from vlfuse.data.boxes import convert_boxes
 
 _LR_SWAP = {
     "left": "right",

@@ -23,3 +23,13 @@ class EncoderOutput:
     pooled: torch.Tensor | None
     mask: torch.Tensor | None = None
     grid: tuple[int, int] | None = None
+
+    def select(self, index: torch.Tensor) -> EncoderOutput:
+        """The rows ``index`` (e.g. to pair each image with several texts without encoding it again)."""
+        index = index.to(self.tokens.device)
+        return EncoderOutput(
+            self.tokens[index],
+            None if self.pooled is None else self.pooled[index],
+            None if self.mask is None else self.mask[index],
+            self.grid,
+        )

@@ -10,8 +10,8 @@ import torch
 from timm.data import resolve_model_data_config
 from torch import nn
 
-from vlfuse.config import ImageEncoderConfig
 from vlfuse.encoders.base import EncoderOutput
+from vlfuse.schema import ImageEncoderConfig
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-from vlfuse.config import TextEncoderConfig
 from vlfuse.encoders.base import EncoderOutput
+from vlfuse.schema import TextEncoderConfig
 
 BUNDLED_PREFIX = "vlfuse:"
 

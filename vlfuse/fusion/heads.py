@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlfuse.config import FusionConfig
 from vlfuse.encoders.base import EncoderOutput
+from vlfuse.schema import FusionConfig
 
 
 @dataclass
@@ -50,6 +50,7 @@ class ConcatFusion(nn.Module):
 
     output_kind = "vector"
     uses_image_pooled = True
+    single_modality = False
 
     def __init__(self, cfg: FusionConfig, image: TowerShape, text: TowerShape) -> None:
         super().__init__()
@@ -70,6 +71,7 @@ class TransformerFusion(nn.Module):
 
     output_kind = "vector"
     uses_image_pooled = False
+    single_modality = False
 
     def __init__(self, cfg: FusionConfig, image: TowerShape, text: TowerShape, max_text_len: int = 512):
         super().__init__()
@@ -160,6 +162,7 @@ class DenseFusion(nn.Module):
 
     output_kind = "dense"
     uses_image_pooled = False
+    single_modality = False
 
     def __init__(self, cfg: FusionConfig, image: TowerShape, text: TowerShape) -> None:
         super().__init__()
@@ -222,6 +225,8 @@ class ProjectionFusion(nn.Module):
 
     output_kind = "embedding"
     uses_image_pooled = True
+    # Each modality is embedded on its own: images or texts may come alone.
+    single_modality = True
 
     def __init__(self, cfg: FusionConfig, image: TowerShape, text: TowerShape) -> None:
         super().__init__()

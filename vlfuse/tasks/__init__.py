@@ -1,16 +1,56 @@
-"""Tasks: loss, metrics and data for each head. ``TASKS`` maps ``model.task`` to its task object."""
+"""Tasks, one module each, and their registry: ``TASKS`` maps ``model.task`` to its ``Task`` class.
 
+Adding a task is one module (a ``Task`` subclass, see ``vlfuse.tasks.base``) and one line here.
+"""
+
+from vlfuse.schema import ConfigError
+from vlfuse.tasks.base import Task
 from vlfuse.tasks.classification import ClassificationTask
 from vlfuse.tasks.grounding import GroundingTask
 from vlfuse.tasks.retrieval import RetrievalTask
 
-TASKS = {"grounding": GroundingTask, "retrieval": RetrievalTask, "classification": ClassificationTask}
+TASKS: dict[str, type[Task]] = {t.name: t for t in (GroundingTask, RetrievalTask, ClassificationTask)}
 
 
-def get_task(name: str):
+def get_task(name: str) -> Task:
+    """The task called ``name`` (a new instance).
+
+    Raises:
+        ConfigError: for an unknown name, listing the known ones.
+    """
     if name not in TASKS:
-        raise ValueError(f"model.task: unknown task {name!r}; allowed: {sorted(TASKS)}")
+        raise ConfigError(f"invalid value {name!r} for 'model.task'; allowed: {', '.join(TASKS)}")
     return TASKS[name]()
 
 
-__all__ = ["TASKS", "ClassificationTask", "GroundingTask", "RetrievalTask", "get_task"]
+def _alternatives(names: list[str] | tuple[str, ...]) -> str:
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
+def check_task_fusion(task: str, fusion: str) -> None:
+    """The task must accept the fusion head; the message says which fusions it takes and which tasks the
+    fusion serves.
+
+    Raises:
+        ConfigError: naming both keys.
+    """
+    accepted = get_task(task).fusions
+    if fusion in accepted:
+        return
+    serving = [name for name, cls in TASKS.items() if fusion in cls.fusions]
+    served = f"; {fusion} serves {_alternatives(serving)} only" if serving else ""
+    raise ConfigError(
+        f"model.task={task} with model.fusion.name={fusion}: {task} needs fusion.name="
+        f"{_alternatives(accepted)}{served}"
+    )
+
+
+__all__ = [
+    "TASKS",
+    "ClassificationTask",
+    "GroundingTask",
+    "RetrievalTask",
+    "Task",
+    "check_task_fusion",
+    "get_task",
+]

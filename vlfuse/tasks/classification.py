@@ -9,116 +9,90 @@ score per answer, ``min(1, #annotators who gave it / 3)``, normalized into a dis
 metric is VQA accuracy: the predicted answer's score (Antol et al., 2015; the official script further
 averages it over the ten leave-one-out subsets of the ten answers, which lowers some scores slightly).
 With one answer per question, the target is that answer and the metric is plain accuracy.
+
+Examples: one per question. The answer column may hold a string (``multiple_choice_answer``), a list of
+strings or a list of ``{"answer": ...}`` dicts (VQAv2's ten annotators). Each example carries the VQA
+score of every class and the soft training target. A question with no answer is a bad row: skipped in
+training, masked and counted in evaluation.
 """
 
 from __future__ import annotations
 
-import re
-from collections import Counter
-from collections.abc import Iterable, Sequence
-from typing import Any
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from vlfuse.fusion.heads import FusionOutput
+from vlfuse.data.answers import UNKNOWN, answer_scores, answers_of, build_vocabulary
+from vlfuse.data.examples import BadExample, ExampleCollator, ImageTextDataset
+from vlfuse.data.loading import DataError, check_columns
+from vlfuse.schema import ConfigError
+from vlfuse.tasks.base import ClassifierHead, Task, build_image_text_dataset, load_task_split, pair_inputs
 
-UNKNOWN = "unknown"
-_SPACES = re.compile(r"\s+")
-_TRAILING = re.compile(r"[.!?,;:]+$")
-
-
-def normalize_answer(answer: str) -> str:
-    """Lowercase, collapse whitespace, drop trailing punctuation: ``" Yes. "`` -> ``"yes"``."""
-    return _TRAILING.sub("", _SPACES.sub(" ", answer.strip().lower())).strip()
+FIELDS = ("image", "question", "answer")
 
 
-def answers_of(value: Any) -> list[str]:
-    """A dataset's answer cell as normalized strings: a string, a list of strings, or a list of
-    ``{"answer": ...}`` dicts (VQAv2's ``answers``). Empty answers are dropped."""
-    if value is None:
-        return []
-    items = value if isinstance(value, list | tuple) else [value]
-    out = []
-    for item in items:
-        if isinstance(item, dict):
-            item = item.get("answer")
-        if isinstance(item, str) and normalize_answer(item):
-            out.append(normalize_answer(item))
-    return out
+@dataclass
+class ClassificationExample:
+    pixel_values: torch.Tensor | None  # [3, S, S]
+    text: str  # the question
+    scores: torch.Tensor  # [K + 1] VQA score of predicting each class
+    target: torch.Tensor  # [K + 1] soft target distribution
+    features: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def build_vocabulary(answer_cells: Iterable[Any], size: int) -> tuple[list[str], dict[str, int]]:
-    """The ``size`` most frequent answers over all given answers (ties broken alphabetically), and
-    counts: ``questions``, ``questions_without_answer``, ``questions_unknown`` (no answer in the
-    vocabulary), ``answers_total``, ``answers_distinct``."""
-    freq: Counter[str] = Counter()
-    cells = [answers_of(cell) for cell in answer_cells]
-    for answers in cells:
-        freq.update(answers)
-    vocab = [a for a, _ in sorted(freq.items(), key=lambda kv: (-kv[1], kv[0]))[:size]]
-    known = set(vocab)
-    stats = {
-        "questions": len(cells),
-        "questions_without_answer": sum(not a for a in cells),
-        "questions_unknown": sum(bool(a) and not (set(a) & known) for a in cells),
-        "answers_total": sum(freq.values()),
-        "answers_distinct": len(freq),
-    }
-    return vocab, stats
+class ClassificationDataset(ImageTextDataset):
+    """One example per question. Takes the arguments of ``ImageTextDataset``; ``with_answers`` must be
+    called with the model's answer vocabulary before examples are read."""
 
+    FIELDS = FIELDS
+    TEXT_FIELD = "question"
+    TEXT_NOUN = "question"
 
-def answer_scores(answers: Sequence[str], index: dict[str, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per class (vocabulary + ``unknown`` last): the VQA score of predicting it, and the training target.
-
-    One answer: score 1 for it. Several: ``min(1, count / 3)``. Out-of-vocabulary answers add their
-    score to ``unknown`` in the target only (the ``unknown`` class is never scored as correct).
-
-    Returns:
-        (scores ``[K + 1]`` with ``scores[K] = 0``, target ``[K + 1]`` summing to 1)
-    """
-    k = len(index)
-    scores = torch.zeros(k + 1)
-    target = torch.zeros(k + 1)
-    counts = Counter(answers)
-    for answer, n in counts.items():
-        score = 1.0 if len(answers) == 1 else min(1.0, n / 3.0)
-        slot = index.get(answer)
-        if slot is None:
-            target[k] += score
-        else:
-            scores[slot] = score
-            target[slot] = score
-    return scores, target / target.sum().clamp(min=1e-12)
-
-
-class ClassificationHead(nn.Module):
-    """Answer logits ``[B, K + 1]`` from a fused vector, or from a fused map by global max pooling
-    (FiLM's classifier)."""
-
-    def __init__(self, dim: int, kind: str, num_classes: int, dropout: float = 0.1) -> None:
-        super().__init__()
-        if kind not in ("vector", "dense"):
-            raise ValueError(f"classification needs a vector or dense fusion output, not {kind!r}")
-        if num_classes < 2:
-            raise ValueError(
-                "classification needs an answer vocabulary (model.answers) with at least one answer"
-            )
-        self.kind = kind
-        self.project = nn.Conv2d(dim, dim, 1) if kind == "dense" else nn.Identity()
-        self.mlp = nn.Sequential(
-            nn.Linear(dim, dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(dim, num_classes)
+    def with_answers(self, vocabulary: list[str]) -> ClassificationDataset:
+        """Maps every example's answers onto ``vocabulary``; counts the examples with none in it."""
+        self.index_of = {a: i for i, a in enumerate(vocabulary)}
+        cells = self.ds[self.columns["answer"]]
+        self.answers = [answers_of(cells[row]) for row, _ in self.index]
+        self.counts["unknown_answer"] = sum(
+            bool(a) and not any(x in self.index_of for x in a) for a in self.answers
         )
+        self.counts["missing_answer"] = sum(not a for a in self.answers)
+        return self
 
-    def forward(self, fused: FusionOutput) -> dict[str, torch.Tensor]:
-        if self.kind == "dense":
-            x = F.relu(self.project(fused.dense)).amax(dim=(2, 3))
-        else:
-            x = fused.vector
-        return {"logits": self.mlp(x)}
+    def describe_extra(self) -> list[str]:
+        c = self.counts
+        parts = [f"{c['unknown_answer']:,} with no answer in the vocabulary ({len(self.index_of):,} answers)"]
+        if c["missing_answer"]:
+            parts.append(f"{c['missing_answer']:,} without an answer (skipped)")
+        return parts
+
+    def placeholder(self) -> ClassificationExample:
+        s, k = self.image_size, len(self.index_of)
+        target = torch.zeros(k + 1)
+        target[k] = 1.0
+        return ClassificationExample(torch.zeros(3, s, s), "", torch.zeros(k + 1), target)
+
+    def __getitem__(self, i: int) -> ClassificationExample | BadExample:
+        answers = self.answers[i]
+        if not answers:
+            return self.bad("bad_answer", f"row {self.index[i][0]}: no answer")
+        read = self.read_image(i)
+        if isinstance(read, BadExample):
+            return read
+        pixels, _, _ = self.pixels(read[1])
+        scores, target = answer_scores(answers, self.index_of)
+        return ClassificationExample(pixels, self.texts[i], scores, target)
 
 
+class ClassificationCollator(ExampleCollator):
+    """Batches with ``scores`` and ``targets`` besides what ``ExampleCollator`` adds."""
+
+    def __init__(self, tokenize, keep_bad: bool = False) -> None:
+        super().__init__(tokenize, {"scores": "scores", "targets": "target"}, keep_bad)
+
+
+# ------------------------------------------------------------------------------------ head, loss, metrics
 def predicted_classes(logits: torch.Tensor) -> torch.Tensor:
     """The best class per row, never ``unknown`` (the last)."""
     return logits[:, :-1].argmax(dim=1)
@@ -135,22 +109,27 @@ def classification_metrics(scores: torch.Tensor, majority_scores: torch.Tensor) 
     }
 
 
-class ClassificationTask:
-    """Image + question -> answer class: vocabulary, data, loss and metrics for the shared loop."""
+class ClassificationTask(Task):
+    """Image + question -> answer class."""
 
     name = "classification"
+    recipe = "recipes/vqa.py"
     primary_metric = "accuracy"
-    # The metrics a comparison table shows.
     report_metrics = ("accuracy", "majority_baseline")
+    fusions = ("concat", "transformer", "dense")
+    bad_rows = "undecodable images or no answer"
+
+    def check_config(self, cfg) -> None:
+        if cfg.data.hflip_prob > 0:
+            raise ConfigError(
+                f"data.hflip_prob={cfg.data.hflip_prob} with model.task=classification: a flip would need "
+                "the answer changed too (left/right answers); set data.hflip_prob=0"
+            )
 
     def prepare(self, cfg, accelerator) -> None:
         """Builds ``model.answers`` from the train split when it is empty and no saved model is loaded."""
         if cfg.model.answers or cfg.model.init_from:
             return
-        from vlfuse.data.classification import FIELDS
-        from vlfuse.data.loading import DataError, check_columns
-        from vlfuse.tasks.base import load_task_split
-
         with accelerator.main_process_first():
             ds = load_task_split(cfg, cfg.data.train_split, train=True)
         check_columns(ds, cfg.data.columns, FIELDS, f"{cfg.data.dataset}[{cfg.data.train_split}]")
@@ -169,16 +148,18 @@ class ClassificationTask:
             f"most frequent: {vocab[:5]}"
         )
 
-    def build_dataset(self, cfg, model, split: str, train: bool):
-        from vlfuse.data.classification import ClassificationDataset
-        from vlfuse.tasks.base import build_image_text_dataset
+    def build_head(self, cfg, fusion):
+        if not cfg.answers:
+            raise ValueError(
+                "classification needs an answer vocabulary (model.answers) with at least one answer"
+            )
+        return ClassifierHead(fusion.dim, fusion.output_kind, len(cfg.answers) + 1, cfg.fusion.dropout)
 
+    def build_dataset(self, cfg, model, split: str, train: bool):
         dataset = build_image_text_dataset(ClassificationDataset, cfg, model, split, train)
         return dataset.with_answers(model.config.answers)
 
     def collator(self, model, train: bool):
-        from vlfuse.data.classification import ClassificationCollator
-
         return ClassificationCollator(model.text_encoder.tokenize, keep_bad=not train)
 
     def loss(self, outputs, batch):
@@ -195,3 +176,14 @@ class ClassificationTask:
     def metrics(self, values):
         keep = values["valid"].bool()
         return classification_metrics(values["score"][keep], values["majority"][keep])
+
+    def predict(self, model, images, texts):
+        """The answer (a string) per (image, question) pair; one image may serve all questions."""
+        if images is None or texts is None:
+            raise ValueError(f"predict for task {self.name!r} needs images and texts")
+        outputs, _ = model.infer(*pair_inputs(images, texts))
+        return [model.config.answers[i] for i in predicted_classes(outputs["logits"]).tolist()]
+
+    def class_names(self, cfg):
+        """``model.answers`` and the never-predicted ``unknown`` class, last."""
+        return [*cfg.answers, UNKNOWN]

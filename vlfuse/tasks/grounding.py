@@ -1,20 +1,104 @@
 """Visual grounding: a referring expression -> one box.
 
-Boxes inside the model are normalized ``cxcywh`` in [0, 1] relative to the transformed image.
-A vector fusion output regresses the box directly (TransVG's [REG] token); a dense output scores every
-location and regresses a box there, and the best-scoring location's box wins.
+Everything specific to the task is here: the examples (image, expression, box), the box head, the loss,
+the metrics and the decoding of ``predict``. Boxes are read in ``data.box_format`` (absolute pixels, or
+[0, 1] with ``data.box_normalized``), checked against the image, letterboxed with it, and inside the model
+are normalized ``cxcywh`` in [0, 1] relative to the transformed image. A vector fusion output regresses
+the box directly (TransVG's [REG] token); a dense output scores every location and regresses a box there,
+and the best-scoring location's box wins.
+
+A text column may hold one string or a list of expressions: each becomes its own example, in training and
+in evaluation.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import generalized_box_iou_loss
 
-from vlfuse.fusion.heads import FusionOutput
-from vlfuse.tasks.boxes import convert_boxes, paired_iou
+from vlfuse.data.boxes import clip_box, convert_boxes, paired_iou, to_absolute_xyxy
+from vlfuse.data.examples import BadExample, ExampleCollator, ImageTextDataset
+from vlfuse.data.loading import DataError
+from vlfuse.data.transforms import hflip
+from vlfuse.fusion import FusionOutput
+from vlfuse.tasks.base import Task, build_image_text_dataset, pair_inputs
 
+FIELDS = ("image", "text", "box")
+
+
+@dataclass
+class GroundingExample:
+    pixel_values: torch.Tensor | None  # [3, S, S]; None when the image tower's features are cached
+    text: str
+    box: torch.Tensor  # [4] normalized cxcywh in the input
+    original_box: torch.Tensor  # [4] xyxy in the original image's pixels
+    meta: torch.Tensor  # [7] letterbox meta (see boxes_to_pixels)
+    # Cached frozen-tower features (image_tokens, image_pooled, text_tokens, text_mask, text_pooled).
+    features: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class GroundingDataset(ImageTextDataset):
+    """One example per (row, expression) of a split: an image, an expression and the referent's box.
+
+    Takes the arguments of ``ImageTextDataset``; ``data.box_format`` / ``data.box_normalized`` say how
+    boxes are read.
+    """
+
+    FIELDS = FIELDS
+    TEXT_FIELD = "text"
+    TEXT_NOUN = "expression"
+    LABEL_SETTINGS = ("box_format", "box_normalized")
+
+    def placeholder(self) -> GroundingExample:
+        s = self.image_size
+        return GroundingExample(
+            pixel_values=torch.zeros(3, s, s),
+            text="",
+            box=torch.tensor([0.5, 0.5, 1.0, 1.0]),
+            original_box=torch.tensor([0.0, 0.0, float(s), float(s)]),
+            meta=torch.tensor([1.0, 1.0, 0.0, 0.0, s, s, s]),
+        )
+
+    def __getitem__(self, i: int) -> GroundingExample | BadExample:
+        read = self.read_image(i)
+        if isinstance(read, BadExample):
+            return read
+        row, image = read
+        row_idx = self.index[i][0]
+        text = self.texts[i]
+        w, h = image.size
+        try:
+            box = to_absolute_xyxy(
+                row[self.columns["box"]], self.cfg.box_format, self.cfg.box_normalized, w, h
+            )
+        except (DataError, TypeError, ValueError) as err:
+            return self.bad("bad_box", f"row {row_idx}: {err}")
+        clipped = clip_box(box, w, h)
+        if clipped is None:
+            return self.bad(
+                "bad_box", f"row {row_idx}: box {box.tolist()} is not a valid box in the {w}x{h} image"
+            )
+        if self.flips(i):
+            image, clipped, text = hflip(image, clipped, text)
+        pixels, target, meta = self.pixels(image, clipped)
+        return GroundingExample(pixels, text, target, clipped, meta)
+
+
+class GroundingCollator(ExampleCollator):
+    """Batches of grounding examples: ``boxes`` (normalized cxcywh in the input), ``original_boxes``
+    (xyxy in the original pixels) and ``meta`` (the letterbox meta), plus what ``ExampleCollator`` adds."""
+
+    def __init__(self, tokenize, keep_bad: bool = False) -> None:
+        super().__init__(
+            tokenize, {"boxes": "box", "original_boxes": "original_box", "meta": "meta"}, keep_bad
+        )
+
+
+# ------------------------------------------------------------------------------------ head, loss, metrics
 L1_WEIGHT = 5.0
 GIOU_WEIGHT = 2.0
 SCORE_WEIGHT = 1.0
@@ -115,23 +199,25 @@ def grounding_metrics(iou: torch.Tensor) -> dict[str, float]:
     }
 
 
-class GroundingTask:
-    """Referring expression -> box: data, loss and metrics for the shared training loop."""
+class GroundingTask(Task):
+    """Referring expression -> box."""
 
     name = "grounding"
+    recipe = "recipes/grounding.py"
     primary_metric = "acc@0.5"
-    # The metrics a comparison table shows.
     report_metrics = ("acc@0.5", "acc@0.75", "miou")
+    fusions = ("concat", "transformer", "dense")
+    feature_cache = True
+    bad_rows = "undecodable images or invalid boxes"
+    data_hint = "check data.columns, data.box_format, data.box_normalized and data.image_root"
+
+    def build_head(self, cfg, fusion):
+        return GroundingHead(fusion.dim, fusion.output_kind)
 
     def build_dataset(self, cfg, model, split: str, train: bool):
-        from vlfuse.data.grounding import GroundingDataset
-        from vlfuse.tasks.base import build_image_text_dataset
-
         return build_image_text_dataset(GroundingDataset, cfg, model, split, train)
 
     def collator(self, model, train: bool):
-        from vlfuse.data.grounding import GroundingCollator
-
         return GroundingCollator(model.text_encoder.tokenize, keep_bad=not train)
 
     def loss(self, outputs, batch):
@@ -143,3 +229,10 @@ class GroundingTask:
 
     def metrics(self, values):
         return grounding_metrics(values["iou"][values["valid"].bool()])
+
+    def predict(self, model, images, texts):
+        """One ``xyxy`` box per (image, expression) pair, in that input image's own pixels (``[N, 4]``)."""
+        if images is None or texts is None:
+            raise ValueError(f"predict for task {self.name!r} needs images and texts")
+        outputs, meta = model.infer(*pair_inputs(images, texts))
+        return boxes_to_pixels(outputs["boxes"], meta).cpu()

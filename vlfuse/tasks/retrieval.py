@@ -10,23 +10,144 @@ Metrics are Recall@1/5/10 in both directions over the whole evaluation split: an
 for a caption if it ranks in the top K; for an image, if any of its captions does. Evaluation batches hold
 images with all of their captions, so each image is encoded once. Ties are counted
 against the model (a collapsed model that scores everything equally gets chance-level recall, not 1).
+
+Examples: training reads one (image, caption) pair per caption of a row (a caption column may hold one
+string or a list; Flickr30k and COCO layouts give five per image). Evaluation reads one example per
+*image* with all of its captions (padded to the split's most captions per image and masked). Which rows
+are one image: each row, or with ``data.columns.image_id`` the rows sharing that column's value.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
+from torch.utils.data import Dataset
 
-from vlfuse.fusion.heads import FusionOutput
+from vlfuse.data.examples import BadExample, ExampleCollator, ImageTextDataset
+from vlfuse.data.transforms import hflip
+from vlfuse.fusion import FusionOutput
+from vlfuse.tasks.base import Task, build_image_text_dataset
 
 RECALL_AT = (1, 5, 10)
 MAX_LOGIT_SCALE = 100.0  # CLIP's cap on 1 / temperature
 
 
+@dataclass
+class RetrievalExample:
+    pixel_values: torch.Tensor | None  # [3, S, S]
+    text: str
+    image_id: torch.Tensor  # scalar long: which image of the split this is
+    features: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class RetrievalImageExample:
+    """One image and all of its captions (evaluation)."""
+
+    pixel_values: torch.Tensor | None  # [3, S, S]
+    texts: list[str]  # padded with "" to the split's most captions per image
+    text_valid: torch.Tensor  # [C] bool: which of ``texts`` are real
+    image_id: torch.Tensor
+    features: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class RetrievalDataset(ImageTextDataset):
+    """One example per (row, caption). Takes the arguments of ``ImageTextDataset``."""
+
+    FIELDS = ("image", "text")
+    TEXT_FIELD = "text"
+    TEXT_NOUN = "caption"
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.counts["images"] = len(set(self.image_ids))
+
+    def describe_extra(self) -> list[str]:
+        return [f"{self.counts['images']:,} distinct images"]
+
+    def placeholder(self) -> RetrievalExample:
+        s = self.image_size
+        return RetrievalExample(torch.zeros(3, s, s), "", torch.tensor(-1))
+
+    def __getitem__(self, i: int) -> RetrievalExample | BadExample:
+        read = self.read_image(i)
+        if isinstance(read, BadExample):
+            return read
+        _, image = read
+        text = self.texts[i]
+        if self.flips(i):  # left/right words in the caption are swapped with the image
+            image, _, text = hflip(image, None, text)
+        pixels, _, _ = self.pixels(image)
+        return RetrievalExample(pixels, text, torch.tensor(self.image_ids[i]))
+
+    def by_image(self) -> RetrievalImages:
+        """The same split as one example per image with all of its captions (for evaluation)."""
+        return RetrievalImages(self)
+
+
+class RetrievalImages(Dataset):
+    """One example per distinct image of a ``RetrievalDataset``, with all of its captions."""
+
+    def __init__(self, base: RetrievalDataset) -> None:
+        self.base = base
+        self.counts = base.counts
+        groups: dict[int, list[int]] = {}
+        for i, image_id in enumerate(base.image_ids):
+            groups.setdefault(image_id, []).append(i)
+        self.groups = list(groups.items())  # (image id, its examples), in order of first appearance
+        self.max_captions = max((len(g) for _, g in self.groups), default=1)
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def describe(self) -> str:
+        return self.base.describe() + f" (evaluated per image, up to {self.max_captions} captions each)"
+
+    def set_epoch(self, epoch: int) -> None:
+        self.base.set_epoch(epoch)
+
+    def _example(self, pixels: torch.Tensor, texts: list[str], image_id: int) -> RetrievalImageExample:
+        pad = self.max_captions - len(texts)
+        valid = torch.tensor([True] * len(texts) + [False] * pad)
+        return RetrievalImageExample(pixels, texts + [""] * pad, valid, torch.tensor(image_id))
+
+    def __getitem__(self, j: int) -> RetrievalImageExample | BadExample:
+        image_id, members = self.groups[j]
+        read = self.base.read_image(members[0])
+        if isinstance(read, BadExample):
+            s = self.base.image_size
+            placeholder = self._example(torch.zeros(3, s, s), [], -1)
+            return BadExample(read.reason, read.detail, placeholder)
+        pixels, _, _ = self.base.pixels(read[1])
+        return self._example(pixels, [self.base.texts[i] for i in members], image_id)
+
+
+class RetrievalCollator(ExampleCollator):
+    """Training batches of (image, caption) pairs with ``image_ids``, besides what ``ExampleCollator``
+    adds."""
+
+    def __init__(self, tokenize, keep_bad: bool = False) -> None:
+        super().__init__(tokenize, {"image_ids": "image_id"}, keep_bad)
+
+
+class RetrievalImagesCollator(ExampleCollator):
+    """Evaluation batches of images with their captions: ``pixel_values`` ``[B, ...]``, the captions
+    tokenized flat ``[B * C, T]`` (image-major), ``text_valid`` ``[B, C]`` and ``image_ids`` ``[B]``."""
+
+    def __init__(self, tokenize) -> None:
+        super().__init__(tokenize, {"image_ids": "image_id", "text_valid": "text_valid"}, keep_bad=True)
+
+    def texts(self, examples: list[RetrievalImageExample]) -> list[str]:
+        return [t for e in examples for t in e.texts]
+
+
+# ------------------------------------------------------------------------------------ head, loss, metrics
 class RetrievalHead(nn.Module):
     """L2-normalized image and text embeddings and the learnable temperature (as ``log(1/T)``)."""
 
@@ -176,25 +297,24 @@ def retrieval_metrics(
     return out
 
 
-class RetrievalTask:
-    """Images and captions -> a shared embedding: data, loss and metrics for the shared training loop."""
+class RetrievalTask(Task):
+    """Images and captions -> a shared embedding space."""
 
     name = "retrieval"
+    recipe = "recipes/retrieval.py"
     primary_metric = "mean_recall"
-    # The metrics a comparison table shows.
     report_metrics = ("i2t_r@1", "t2i_r@1", "t2i_r@5", "mean_recall")
+    fusions = ("projection",)
+
+    def build_head(self, cfg, fusion):
+        return RetrievalHead(cfg.temperature)
 
     def build_dataset(self, cfg, model, split: str, train: bool):
-        from vlfuse.data.retrieval import RetrievalDataset
-        from vlfuse.tasks.base import build_image_text_dataset
-
         dataset = build_image_text_dataset(RetrievalDataset, cfg, model, split, train)
         # Evaluation encodes each image once, with all of its captions.
         return dataset if train else dataset.by_image()
 
     def collator(self, model, train: bool):
-        from vlfuse.data.retrieval import RetrievalCollator, RetrievalImagesCollator
-
         if train:
             return RetrievalCollator(model.text_encoder.tokenize)
         return RetrievalImagesCollator(model.text_encoder.tokenize)
@@ -218,3 +338,25 @@ class RetrievalTask:
         texts = values["text_embeds"][keep][text_valid]
         text_image = torch.arange(len(images)).repeat_interleave(text_valid.sum(dim=1))
         return retrieval_metrics(images, texts, text_image)
+
+    def predict(self, model, images, texts):
+        """``{"image_embeds": [N, D], "text_embeds": [M, D], "similarity": [N, M]}`` (unit embeddings;
+        either input may be omitted, and the similarity needs both)."""
+        out: dict[str, torch.Tensor] = {}
+        if images is not None:
+            out["image_embeds"] = self.embed(model, images=images)
+        if texts is not None:
+            out["text_embeds"] = self.embed(model, texts=texts)
+        if not out:
+            raise ValueError("predict needs images, texts or both")
+        if len(out) == 2:
+            out["similarity"] = out["image_embeds"] @ out["text_embeds"].T
+        return out
+
+    def embed(self, model, images=None, texts=None):
+        """Unit-length embeddings of ``images`` (``[N, D]``) or of ``texts`` (``[M, D]``)."""
+        if images is not None:
+            images = [images] if isinstance(images, Image.Image) else images
+            return model.infer(images=images)[0]["image_embeds"].cpu()
+        texts = [texts] if isinstance(texts, str) else texts
+        return model.infer(texts=texts)[0]["text_embeds"].cpu()

@@ -1,0 +1,130 @@
+"""What a run records about itself: JSONL logs, throughput and where the time went, peak memory, and the
+training-loss window that the progress bar and ``train_log.jsonl`` show."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+
+class JsonlWriter:
+    """Appends JSON lines to a file on the main process."""
+
+    def __init__(self, path: Path, accelerator: Accelerator) -> None:
+        self.path, self.accelerator = path, accelerator
+
+    def write(self, record: dict[str, Any], echo: bool = False) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if echo:
+            shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}
+            tqdm.write(f"eval {shown}")
+
+
+class PeakMemory:
+    """Peak memory of one run: ``max_memory_allocated`` on a GPU (reset at the start), or on the CPU the
+    highest resident set size sampled every 50 ms by a thread (the process-lifetime peak, ru_maxrss, would
+    carry over from an earlier run in the same process, as in recipes/compare.py)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.peak = device, 0
+        self._stop = threading.Event()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            return
+        self._process = psutil.Process()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while True:
+            self.peak = max(self.peak, self._process.memory_info().rss)
+            if self._stop.wait(0.05):
+                break
+
+    @property
+    def kind(self) -> str:
+        return "cuda_max_allocated" if self.device.type == "cuda" else "cpu_rss_peak"
+
+    def stop_mb(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        self._stop.set()
+        self._thread.join()
+        return self.peak / 2**20
+
+
+class Throughput:
+    """Samples trained on and where the time went: ``data`` (waiting for batches), ``step`` (forward,
+    backward, optimizer) and ``eval`` seconds.
+
+    The steady-state rate starts at the end of the first logging window (after start-up and warm-up) and
+    leaves evaluation out; each logging window also has its own rate for the progress bar.
+    """
+
+    def __init__(self) -> None:
+        self.data = self.step = self.eval = 0.0
+        self.samples = 0
+        self._window_start, self._window_samples = time.perf_counter(), 0
+        self._steady: tuple[float, int, float] | None = None  # (time, samples, eval) when it started
+
+    def batches(self, loader: Iterable) -> Iterator:
+        """``loader``'s batches, adding the time spent waiting for each to ``data``."""
+        start = time.perf_counter()
+        for batch in loader:
+            self.data += time.perf_counter() - start
+            yield batch
+            start = time.perf_counter()
+
+    def add_samples(self, n: int) -> None:
+        self.samples += n
+        self._window_samples += n
+
+    def window_rate(self) -> float:
+        """Samples/s since the last call (the first call also starts the steady-state window)."""
+        now = time.perf_counter()
+        rate = self._window_samples / max(now - self._window_start, 1e-9)
+        if self._steady is None:
+            self._steady = (now, self.samples, self.eval)
+        self._window_start, self._window_samples = now, 0
+        return rate
+
+    def steady_rate(self, loop_end: float, eval_in_loop: float) -> float:
+        """Samples/s from the end of the first window to ``loop_end``, evaluation excluded; a run too short
+        for a steady window gets samples over data + step time."""
+        if self._steady is not None and self.samples > self._steady[1]:
+            start, samples, eval_start = self._steady
+            return (self.samples - samples) / max(loop_end - start - (eval_in_loop - eval_start), 1e-9)
+        return self.samples / max(self.data + self.step, 1e-9)
+
+
+class LossWindow:
+    """Sums since the last log line (loss over finite micro-steps, finite micro-steps, examples seen, bad
+    rows), kept on the device and reduced across processes in one collective when logged."""
+
+    NAMES = ("loss_sum", "finite_steps", "examples", "bad_rows")
+
+    def __init__(self, device: torch.device) -> None:
+        self._sums = torch.zeros(len(self.NAMES), device=device)
+
+    def add(self, loss: torch.Tensor, loss_ok: torch.Tensor, examples: int, bad_rows: torch.Tensor) -> None:
+        self._sums += torch.stack(
+            [torch.where(loss_ok, loss.float(), 0.0), loss_ok.float(), bad_rows + examples, bad_rows.float()]
+        )
+
+    def reduce(self, accelerator: Accelerator) -> dict[str, float]:
+        """The sums over all processes since the last call; the window starts again."""
+        totals = accelerator.reduce(self._sums, "sum").tolist()
+        self._sums.zero_()
+        return dict(zip(self.NAMES, totals, strict=True))
