@@ -2,6 +2,7 @@
 
 from vlfuse.config import Config, ConfigError, load_config
 from vlfuse.model import VLFuseModel
+from vlfuse.tasks import TASKS, Task, get_task
 
-__all__ = ["Config", "ConfigError", "VLFuseModel", "load_config"]
+__all__ = ["TASKS", "Config", "ConfigError", "Task", "VLFuseModel", "get_task", "load_config"]
 __version__ = "0.1.0"
