@@ -142,8 +142,13 @@ def test_pairs_by_index_encode_each_input_once():
 
 
 # ------------------------------------------------------------------------- recipes know their task
-RECIPES = {"grounding": "grounding.py", "retrieval": "retrieval.py", "classification": "vqa.py"}
-CONFIGS = {"grounding": "grounding", "retrieval": "retrieval", "classification": "vqa"}
+RECIPES = {
+    "grounding": "grounding.py",
+    "retrieval": "retrieval.py",
+    "classification": "vqa.py",
+    "matching": "itm.py",
+}
+CONFIGS = {"grounding": "grounding", "retrieval": "retrieval", "classification": "vqa", "matching": "itm"}
 
 
 @pytest.mark.parametrize("recipe_task", list(RECIPES))

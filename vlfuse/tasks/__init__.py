@@ -7,9 +7,12 @@ from vlfuse.schema import ConfigError
 from vlfuse.tasks.base import Task
 from vlfuse.tasks.classification import ClassificationTask
 from vlfuse.tasks.grounding import GroundingTask
+from vlfuse.tasks.matching import MatchingTask
 from vlfuse.tasks.retrieval import RetrievalTask
 
-TASKS: dict[str, type[Task]] = {t.name: t for t in (GroundingTask, RetrievalTask, ClassificationTask)}
+TASKS: dict[str, type[Task]] = {
+    t.name: t for t in (GroundingTask, RetrievalTask, ClassificationTask, MatchingTask)
+}
 
 
 def get_task(name: str) -> Task:
@@ -49,6 +52,7 @@ __all__ = [
     "TASKS",
     "ClassificationTask",
     "GroundingTask",
+    "MatchingTask",
     "RetrievalTask",
     "Task",
     "check_task_fusion",
