@@ -78,3 +78,77 @@ def test_text_encoder_bad_name_is_clear():
         TextEncoder(TextEncoderConfig(name="/definitely/not/here", pretrained=False))
     with pytest.raises(ValueError, match="no bundled encoder"):
         TextEncoder(TextEncoderConfig(name="vlfuse:nothing", pretrained=False))
+
+
+def _dual_tower_folder(root, family: str):
+    """A tiny CLIP or SigLIP checkpoint (both towers) saved as a Hub snapshot would be, with a small
+    tokenizer of our own (the bundled tiny BERT's)."""
+    from transformers import BertTokenizer, CLIPConfig, CLIPModel, SiglipConfig, SiglipModel
+
+    from vlfuse.encoders.text import resolve_text_encoder_name
+
+    tokenizer = BertTokenizer.from_pretrained(resolve_text_encoder_name("vlfuse:tiny-bert"))
+    text = dict(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=32,
+    )
+    vision = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+    )
+    torch.manual_seed(5)
+    if family == "clip":
+        model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+    else:
+        model = SiglipModel(SiglipConfig(text_config=text, vision_config=vision))
+    folder = root / family
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder, model.state_dict()
+
+
+@pytest.mark.parametrize(("family", "cls"), [("clip", "CLIPTextModel"), ("siglip", "SiglipTextModel")])
+def test_dual_tower_checkpoint_gives_its_text_tower(tmp_path, family, cls):
+    folder, full = _dual_tower_folder(tmp_path, family)
+    enc = TextEncoder(TextEncoderConfig(name=str(folder), pretrained=True, max_length=12))
+    assert type(enc.model).__name__ == cls and enc.dim == 32
+    state = enc.model.state_dict()
+    # the checkpoint's text weights (stored under text_model. in the two-tower checkpoint), nothing else
+    assert len(state) > 10 and all(torch.equal(full[f"text_model.{k}"], v) for k, v in state.items())
+    if family == "siglip":
+        assert enc.dropped_modules == ["head"]  # its pooled projection: never read
+    else:
+        assert enc.dropped_modules == []
+    out = enc(**enc.tokenize(["a red circle", "two squares left of a triangle"]))
+    assert out.tokens.shape[0] == 2 and out.pooled.shape == (2, 32)
+    (out.tokens.sum() + out.pooled.sum()).backward()
+    assert [n for n, p in enc.named_parameters() if p.grad is None] == []  # nothing unused under DDP
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_model_with_a_dual_tower_text_encoder_saves_and_reloads(tmp_path, family):
+    from conftest import tiny_model_config
+
+    from vlfuse.model import VLFuseModel
+
+    folder, _ = _dual_tower_folder(tmp_path, family)
+    cfg = tiny_model_config(
+        f"model.text_encoder.name={folder}", "model.text_encoder.pretrained=true", "model.fusion.name=concat"
+    )
+    model = VLFuseModel(cfg).eval()
+    model.save_pretrained(tmp_path / "saved")
+    loaded = VLFuseModel.from_pretrained(tmp_path / "saved").eval()
+    tokens = model.text_encoder.tokenize(["the red circle"])
+    pixels = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(
+            model(pixel_values=pixels, **tokens)["boxes"], loaded(pixel_values=pixels, **tokens)["boxes"]
+        )

@@ -6,8 +6,9 @@ from importlib import resources
 from pathlib import Path
 
 import torch
+import transformers
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoTokenizer
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
 from vlfuse.encoders.base import EncoderOutput
 from vlfuse.schema import TextEncoderConfig
@@ -26,13 +27,77 @@ def resolve_text_encoder_name(name: str) -> str:
     return str(Path(name).expanduser()) if Path(name).expanduser().is_dir() else name
 
 
+def text_tower_config(config: PretrainedConfig) -> PretrainedConfig:
+    """The text tower's config: a dual-tower checkpoint (CLIP, SigLIP, ...) holds it as ``text_config``."""
+    text_config = getattr(config, "text_config", None)
+    return text_config if isinstance(text_config, PretrainedConfig) else config
+
+
+def _text_model_class(config: PretrainedConfig, name: str) -> type[PreTrainedModel] | None:
+    """The model class of a text tower's config that ``AutoModel`` does not map (SigLIP's
+    ``SiglipTextConfig`` -> ``SiglipTextModel``); None when ``AutoModel`` knows it."""
+    if type(config) in AutoModel._model_mapping:
+        return None
+    cls = getattr(transformers, type(config).__name__.removesuffix("Config") + "Model", None)
+    if cls is None:
+        raise ValueError(
+            f"model.text_encoder.name={name!r}: transformers has no model class for its text tower "
+            f"({type(config).__name__})"
+        )
+    return cls
+
+
+def _load_text_model(path: str, name: str, pretrained: bool, remote: bool) -> PreTrainedModel:
+    """The text model at ``path``; of a dual-tower checkpoint, its text tower only (with its weights)."""
+    config = text_tower_config(AutoConfig.from_pretrained(path, trust_remote_code=remote))
+    cls = _text_model_class(config, name)
+    if pretrained:
+        if cls is not None:
+            return cls.from_pretrained(path, config=config)
+        return AutoModel.from_pretrained(path, config=config, trust_remote_code=remote)
+    if cls is not None:
+        return cls(config)
+    return AutoModel.from_config(config, trust_remote_code=remote)
+
+
+def _drop_unused_modules(model: PreTrainedModel, tokenizer) -> list[str]:
+    """Replaces the modules whose parameters never reach ``last_hidden_state`` (BERT's pooler, SigLIP's
+    text head) by ``nn.Identity``: a trainable parameter that gets no gradient makes DDP fail.
+
+    Returns:
+        The names of the modules replaced.
+    """
+    ids = tokenizer(["a photo"], return_tensors="pt")
+    was_training = model.training
+    model.eval()
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    model.requires_grad_(True)
+    hidden = model(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"]).last_hidden_state
+    hidden.float().sum().backward()
+    unused = {n for n, p in model.named_parameters() if p.grad is None}
+    model.zero_grad(set_to_none=True)
+    for n, p in model.named_parameters():
+        p.requires_grad_(flags[n])
+    model.train(was_training)
+    dropped: list[str] = []
+    for name, module in model.named_modules():
+        params = [f"{name}.{n}" if name else n for n, _ in module.named_parameters()]
+        inside_dropped = any(name.startswith(d + ".") for d in dropped)
+        if name and params and not inside_dropped and all(p in unused for p in params):
+            parent_name, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, attr, nn.Identity())
+            dropped.append(name)
+    return dropped
+
+
 class TextEncoder(nn.Module):
     """Wraps a transformers encoder and its tokenizer behind ``EncoderOutput``.
 
     The pooled vector is the mask-weighted mean of the last hidden states, so every architecture pools
-    the same way and no parameter goes unused: a pooler layer (BERT's) that the fusion never reads
-    is removed, since DDP fails on trainable parameters that receive no gradient. Encoder-decoder
-    models (T5) contribute their encoder only.
+    the same way and no parameter goes unused: modules the fusion never reads (BERT's pooler, SigLIP's
+    text head) are removed, since DDP fails on trainable parameters that receive no gradient.
+    Encoder-decoder models (T5) contribute their encoder only; a dual-tower checkpoint (CLIP, SigLIP and
+    the other families transformers has) its text tower only.
 
     Args:
         cfg: the text encoder section of the config.
@@ -48,11 +113,7 @@ class TextEncoder(nn.Module):
         remote = cfg.trust_remote_code
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=remote)
-            if pretrained:
-                model = AutoModel.from_pretrained(path, trust_remote_code=remote)
-            else:
-                config = AutoConfig.from_pretrained(path, trust_remote_code=remote)
-                model = AutoModel.from_config(config, trust_remote_code=remote)
+            model = _load_text_model(path, cfg.name, pretrained, remote)
         except OSError as err:
             raise OSError(
                 f"model.text_encoder.name={cfg.name!r}: could not load a tokenizer and model from it "
@@ -63,6 +124,7 @@ class TextEncoder(nn.Module):
             model = model.get_encoder()
         if getattr(model, "pooler", None) is not None:
             model.pooler = None
+        self.dropped_modules = _drop_unused_modules(model, self.tokenizer)
         self.model = model
         self.dim = int(
             model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.d_model
