@@ -1,4 +1,5 @@
-"""Frozen vs end-to-end, side by side: one run per ``trainable_encoders`` value, then a table and a plot.
+"""Frozen vs end-to-end, side by side: one run per mode (a ``trainable_encoders`` value, or ``lora`` /
+``last_blocks`` for both towers), then a table and a plot.
 
 Every mode trains the same task, data, fusion head and budget (``train.max_steps`` / ``train.epochs``);
 each keeps its own run folder under ``train.output_dir/<mode>``. The comparison is written beside them:
@@ -14,7 +15,7 @@ from typing import Any
 
 from accelerate.state import PartialState
 
-from vlfuse.config import Config
+from vlfuse.config import TUNING, Config
 from vlfuse.tasks import get_task
 from vlfuse.training import eval_splits, train
 
@@ -32,11 +33,8 @@ def run_comparison(cfg: Config) -> dict[str, Any]:
     metric = cfg.compare.metric or get_task(cfg.model.task).primary_metric
     rows = []
     for mode in cfg.compare.modes:
-        run_cfg = copy.deepcopy(cfg)
-        run_cfg.model.trainable_encoders = mode
+        run_cfg = mode_config(cfg, mode)
         run_cfg.train.output_dir = str(root / mode)
-        if mode == "all":
-            run_cfg.train.cache_features = False
         train(run_cfg)
         summary = json.loads((root / mode / "summary.json").read_text())
         records = [json.loads(line) for line in (root / mode / "metrics.jsonl").read_text().splitlines()]
@@ -62,6 +60,20 @@ def run_comparison(cfg: Config) -> dict[str, Any]:
         (root / "comparison.md").write_text(comparison_markdown(result))
         plot_comparison(result, root / "comparison.png")
     return result
+
+
+def mode_config(cfg: Config, mode: str) -> Config:
+    """The config of one comparison run: ``trainable_encoders=mode``, or for ``lora`` / ``last_blocks``
+    both towers trainable with that tuning; the feature cache only where a tower is frozen."""
+    run_cfg = copy.deepcopy(cfg)
+    if mode in TUNING:
+        run_cfg.model.trainable_encoders = "all"
+        run_cfg.model.image_encoder.tuning = run_cfg.model.text_encoder.tuning = mode
+    else:
+        run_cfg.model.trainable_encoders = mode
+    if run_cfg.model.trainable_encoders == "all":
+        run_cfg.train.cache_features = False
+    return run_cfg
 
 
 def comparison_markdown(result: dict[str, Any]) -> str:

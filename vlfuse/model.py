@@ -19,6 +19,7 @@ from torch import nn
 
 from vlfuse.data.transforms import letterbox, to_tensor
 from vlfuse.encoders import EncoderOutput, ImageEncoder, TextEncoder
+from vlfuse.encoders.tuning import freeze_mode, lora_state, merge_lora_state
 from vlfuse.fusion import TowerShape, build_fusion
 from vlfuse.schema import TRAINABLE_ENCODERS, ModelConfig, section_from_dict, to_dict
 from vlfuse.tasks import check_task_fusion, get_task
@@ -26,6 +27,7 @@ from vlfuse.tasks import check_task_fusion, get_task
 CONFIG_NAME = "vlfuse_config.json"
 WEIGHTS_NAME = "model.safetensors"
 TEXT_ENCODER_DIR = "text_encoder"
+ADAPTERS_DIR = "adapters"
 
 # Which towers learn under each value of model.trainable_encoders.
 TRAINABLE_TOWERS: dict[str, frozenset[str]] = {
@@ -57,6 +59,8 @@ class VLFuseModel(nn.Module):
         pretrained: overrides both towers' ``pretrained`` (False when rebuilding a saved model).
         image_data_config: saved preprocessing settings of the image tower.
         text_source: a folder with the text tower's config and tokenizer (a saved model).
+        adapters: add the LoRA adapters of ``lora`` towers (False for a saved model, whose adapters
+            are merged into its weights).
     """
 
     def __init__(
@@ -65,6 +69,7 @@ class VLFuseModel(nn.Module):
         pretrained: bool | None = None,
         image_data_config: dict | None = None,
         text_source: str | None = None,
+        adapters: bool = True,
     ) -> None:
         super().__init__()
         self.config = cfg
@@ -72,15 +77,17 @@ class VLFuseModel(nn.Module):
         self.task = get_task(cfg.task)
         check_task_fusion(cfg.task, cfg.fusion.name)
         self.image_encoder = ImageEncoder(
-            cfg.image_encoder, pretrained=pretrained, data_config=image_data_config
+            cfg.image_encoder, pretrained=pretrained, data_config=image_data_config, adapters=adapters
         )
-        self.text_encoder = TextEncoder(cfg.text_encoder, pretrained=pretrained, source=text_source)
+        self.text_encoder = TextEncoder(
+            cfg.text_encoder, pretrained=pretrained, source=text_source, adapters=adapters
+        )
         image_shape, text_shape = _tower_shapes(self.image_encoder, self.text_encoder)
         self.fusion = build_fusion(
             cfg.fusion, image_shape, text_shape, max_text_len=cfg.text_encoder.max_length
         )
         self.head = self.task.build_head(cfg, self.fusion)
-        self.set_trainable_encoders(cfg.trainable_encoders)
+        self.set_trainable_encoders(cfg.trainable_encoders, add_adapters=adapters)
 
     # ----------------------------------------------------------------------------------------- the switch
     @property
@@ -90,8 +97,17 @@ class VLFuseModel(nn.Module):
     def tower_is_trainable(self, tower: str) -> bool:
         return tower in TRAINABLE_TOWERS[self.config.trainable_encoders]
 
-    def set_trainable_encoders(self, mode: str) -> VLFuseModel:
-        """Applies ``mode`` to both towers; idempotent, and reversible in either direction."""
+    def set_trainable_encoders(self, mode: str, add_adapters: bool = True) -> VLFuseModel:
+        """Applies ``mode`` to both towers; idempotent, and reversible in either direction.
+
+        A trainable tower learns as its ``tuning`` says (every weight, LoRA adapters, or its last blocks);
+        the rest of it is frozen like a frozen tower's weights, and modules whose own parameters are all
+        frozen stay in eval mode.
+
+        Args:
+            add_adapters: add LoRA adapters to a trainable ``lora`` tower that has none (a loaded model's
+                merged tower); without them it learns nothing.
+        """
         if mode not in TRAINABLE_TOWERS:
             raise ValueError(
                 f"model.trainable_encoders: invalid value {mode!r}; allowed: {', '.join(TRAINABLE_ENCODERS)}"
@@ -100,18 +116,41 @@ class VLFuseModel(nn.Module):
         for tower, attr in TOWER_ATTRS.items():
             encoder = getattr(self, attr)
             trainable = tower in TRAINABLE_TOWERS[mode]
-            encoder.requires_grad_(trainable)
-            encoder.train(self.training and trainable)
+            if trainable and encoder.cfg.tuning == "lora" and add_adapters and not encoder.has_adapters:
+                encoder.add_adapters()
+            learnable = encoder.learnable_parameter_names() if trainable else set()
+            for name, p in encoder.named_parameters():
+                p.requires_grad_(name in learnable)
         self.fusion.requires_grad_(True)
         self.head.requires_grad_(True)
-        return self
+        return self.train(self.training)
 
     def train(self, mode: bool = True) -> VLFuseModel:
         super().train(mode)
         for tower, attr in TOWER_ATTRS.items():
+            encoder = getattr(self, attr)
             if not self.tower_is_trainable(tower):
-                getattr(self, attr).eval()
+                encoder.eval()
+            elif mode:
+                freeze_mode(encoder)
         return self
+
+    def parameter_counts(self) -> dict[str, dict[str, int]]:
+        """Trainable and frozen parameters per part: each tower, and the fusion + task head."""
+        parts = {**{attr: getattr(self, attr) for attr in TOWER_ATTRS.values()}, "fusion_and_head": None}
+        counts = {}
+        for part, module in parts.items():
+            params = (
+                module.parameters()
+                if module is not None
+                else [*self.fusion.parameters(), *self.head.parameters()]
+            )
+            params = list(params)
+            counts[part] = {
+                "trainable": sum(p.numel() for p in params if p.requires_grad),
+                "frozen": sum(p.numel() for p in params if not p.requires_grad),
+            }
+        return counts
 
     def set_gradient_checkpointing(self, enable: bool = True) -> None:
         """Activation checkpointing in the trainable towers (frozen ones build no graph to save)."""
@@ -281,20 +320,46 @@ class VLFuseModel(nn.Module):
         """
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
+        lora_towers = [attr for attr in TOWER_ATTRS.values() if getattr(self, attr).has_adapters]
         meta = {
             "model": to_dict(self.config),
             "image_data_config": self.image_encoder.data_config,
             "format_version": 1,
+            # LoRA adapters are merged into these towers' weights: they load as plain layers.
+            "lora_merged": lora_towers,
         }
         (folder / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
         self.text_encoder.save_source(folder / TEXT_ENCODER_DIR)
-        if state_dict is None:
+        if state_dict is None and not lora_towers:
             save_model(self, str(folder / WEIGHTS_NAME))
-        else:
-            save_file(
-                {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(folder / WEIGHTS_NAME)
-            )
+            return folder
+        state = self._merge_adapters(state_dict if state_dict is not None else self.state_dict(), folder)
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(folder / WEIGHTS_NAME))
         return folder
+
+    def _merge_adapters(self, state: dict[str, torch.Tensor], folder: Path) -> dict[str, torch.Tensor]:
+        """``state`` with each LoRA tower's adapters merged into its weights; the adapters alone are
+        written to ``folder/adapters/`` (``<tower>.safetensors`` and ``adapter_config.json``)."""
+        merged, configs = dict(state), {}
+        for attr in TOWER_ATTRS.values():
+            encoder = getattr(self, attr)
+            if not encoder.has_adapters:
+                continue
+            prefix, lora = f"{attr}.", encoder.cfg.lora
+            part = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+            for key in part:
+                merged.pop(prefix + key)
+            merged.update(
+                {prefix + k: v for k, v in merge_lora_state(part, lora.lora_alpha / lora.r).items()}
+            )
+            (folder / ADAPTERS_DIR).mkdir(exist_ok=True)
+            adapters = {k: v.detach().contiguous().cpu() for k, v in lora_state(part).items()}
+            save_file(adapters, str(folder / ADAPTERS_DIR / f"{attr}.safetensors"))
+            targets = sorted({k.split(".lora_A.")[0] for k in adapters if ".lora_A." in k})
+            configs[attr] = {**to_dict(lora), "target_modules": targets}
+        if configs:
+            (folder / ADAPTERS_DIR / "adapter_config.json").write_text(json.dumps(configs, indent=2))
+        return merged
 
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str | Path, revision: str | None = None) -> VLFuseModel:
@@ -314,6 +379,7 @@ class VLFuseModel(nn.Module):
             pretrained=False,
             image_data_config=meta.get("image_data_config"),
             text_source=str(folder / TEXT_ENCODER_DIR),
+            adapters=not meta.get("lora_merged"),
         )
         weights = folder / WEIGHTS_NAME
         try:

@@ -25,6 +25,10 @@ TRAINABLE_ENCODERS = ("none", "image", "text", "all")
 FUSION_NAMES = ("concat", "transformer", "dense", "projection")
 BOX_FORMATS = ("xyxy", "xywh", "cxcywh")
 MIXED_PRECISION = ("no", "fp16", "bf16")
+# How a trainable tower learns (see LoraSettings and the towers' last_blocks).
+TUNING = ("full", "lora", "last_blocks")
+# recipes/compare.py's modes: a trainable_encoders value, or both towers trained with that tuning.
+COMPARE_MODES = (*TRAINABLE_ENCODERS, "lora", "last_blocks")
 
 
 class ConfigError(ValueError):
@@ -40,6 +44,26 @@ def _at_least(default: Any, minimum: float) -> Any:
 
 
 @dataclass
+class LoraSettings:
+    """Low-rank adapters (``tuning: lora``), with peft's ``LoraConfig`` names."""
+
+    # Rank of each low-rank update.
+    r: int = _at_least(8, 1)
+    # The update is scaled by lora_alpha / r.
+    lora_alpha: float = _at_least(16.0, 0.0)
+    # Dropout on the adapters' input.
+    lora_dropout: float = _at_least(0.0, 0.0)
+    # Modules to adapt: full module names, or names they end with (peft's matching), e.g. [qkv] or
+    # [query, value]. Empty: automatic: the attention q/k/v projections of transformers and timm ViTs;
+    # a CNN's convolutions.
+    target_modules: list[str] = field(default_factory=list)
+
+
+def _tuning() -> Any:
+    return field(default="full", metadata={"choices": TUNING})
+
+
+@dataclass
 class ImageEncoderConfig:
     # Any timm model name (``timm.list_models()``), e.g. resnet50.a1_in1k.
     name: str = "resnet50.a1_in1k"
@@ -51,6 +75,13 @@ class ImageEncoderConfig:
     image_size: int = _at_least(384, 16)
     # Extra keyword arguments for ``timm.create_model`` (e.g. {output_stride: 16, drop_path_rate: 0.1}).
     kwargs: dict[str, Any] = field(default_factory=dict)
+    # How the tower learns when model.trainable_encoders includes it: full (every weight), lora (low-rank
+    # adapters, the tower's weights frozen), last_blocks (the last ``last_blocks`` of timm's blocks).
+    tuning: str = _tuning()
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    # tuning=last_blocks: how many of timm's blocks (its fine group_matcher; a final norm goes with the
+    # last) learn; the stem and earlier blocks stay frozen, their BatchNorm statistics too.
+    last_blocks: int = _at_least(1, 1)
 
 
 @dataclass
@@ -63,6 +94,12 @@ class TextEncoderConfig:
     max_length: int = _at_least(40, 2)
     # Allow custom model code from the Hub (off unless you trust the repository).
     trust_remote_code: bool = False
+    # How the tower learns when model.trainable_encoders includes it: full, lora or last_blocks.
+    tuning: str = _tuning()
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    # tuning=last_blocks: how many of the last transformer layers learn (a final norm goes with the
+    # last); the embeddings and earlier layers stay frozen.
+    last_blocks: int = _at_least(1, 1)
 
 
 @dataclass
@@ -197,7 +234,9 @@ class TrainConfig:
 
 @dataclass
 class CompareConfig:
-    # recipes/compare.py: the trainable_encoders values to train side by side (same data, head, budget).
+    # recipes/compare.py: the runs to train side by side (same data, head, budget): trainable_encoders
+    # values (none, image, text, all; each tower learns as its tuning says), or lora / last_blocks (both
+    # towers trainable, both with that tuning).
     modes: list[str] = field(default_factory=lambda: ["none", "image", "text", "all"])
     # The metric to plot against wall time (default: the task's primary metric).
     metric: str | None = None
@@ -255,11 +294,11 @@ def validate(cfg: Any, prefix: str = "") -> None:
         if minimum is not None and value is not None and value < minimum:
             raise ConfigError(f"invalid value {value!r} for '{key}'; must be >= {minimum}")
     if isinstance(cfg, CompareConfig):
-        bad = [m for m in cfg.modes if m not in TRAINABLE_ENCODERS]
+        bad = [m for m in cfg.modes if m not in COMPARE_MODES]
         if bad or not cfg.modes or len(set(cfg.modes)) != len(cfg.modes):
             raise ConfigError(
                 f"invalid value {cfg.modes!r} for 'compare.modes'; allowed: distinct values of "
-                f"{', '.join(TRAINABLE_ENCODERS)}"
+                f"{', '.join(COMPARE_MODES)}"
             )
     if isinstance(cfg, DataConfig):
         splits = cfg.eval_split if isinstance(cfg.eval_split, list | tuple) else [cfg.eval_split]

@@ -344,15 +344,23 @@ def resume(run: Run) -> TrainState:
     return state
 
 
-def announce(run: Run, train_examples: int, total_steps: int) -> tuple[int, int]:
-    """Prints what will train; returns the (trainable, frozen) parameter counts."""
+def announce(run: Run, train_examples: int, total_steps: int) -> dict[str, Any]:
+    """Prints what will train, per tower; returns the parameter counts (total and per part)."""
     n_train, n_frozen = parameter_counts(run.model)
+    per_part = run.accelerator.unwrap_model(run.model).parameter_counts()
+    model_cfg = run.cfg.model
+    tuning = {"image_encoder": model_cfg.image_encoder.tuning, "text_encoder": model_cfg.text_encoder.tuning}
+    parts = "; ".join(
+        f"{part}{f' ({tuning[part]})' if part in tuning and c['trainable'] else ''}: "
+        f"{c['trainable']:,} trainable, {c['frozen']:,} frozen"
+        for part, c in per_part.items()
+    )
     run.accelerator.print(
-        f"trainable_encoders={run.cfg.model.trainable_encoders}: {n_train:,} trainable, {n_frozen:,} frozen "
-        f"parameters; {train_examples:,} train examples, {total_steps} steps, "
+        f"trainable_encoders={model_cfg.trainable_encoders}: {n_train:,} trainable, {n_frozen:,} frozen "
+        f"parameters ({parts}); {train_examples:,} train examples, {total_steps} steps, "
         f"{run.accelerator.num_processes} process(es)"
     )
-    return n_train, n_frozen
+    return {"trainable": n_train, "frozen": n_frozen, "per_part": per_part}
 
 
 def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
@@ -464,7 +472,7 @@ def checkpoint(run: Run, state: TrainState) -> None:
 
 
 def finish(
-    run: Run, state: TrainState, meter: Throughput, rate: float, memory: PeakMemory, counts: tuple[int, int]
+    run: Run, state: TrainState, meter: Throughput, rate: float, memory: PeakMemory, counts: dict[str, Any]
 ) -> None:
     """The last evaluation and checkpoint (unless the loop just wrote them), ``final/`` and
     ``summary.json``."""
@@ -489,8 +497,10 @@ def finish(
         "train_samples_per_s": rate,
         "peak_memory_mb": memory.stop_mb(),
         "peak_memory_kind": memory.kind,
-        "trainable_parameters": counts[0],
-        "frozen_parameters": counts[1],
+        "trainable_parameters": counts["trainable"],
+        "frozen_parameters": counts["frozen"],
+        "parameters": counts["per_part"],
+        "tuning": {"image": cfg.model.image_encoder.tuning, "text": cfg.model.text_encoder.tuning},
         "last_loss": state.last_loss,
         "time_data_s": meter.data,
         "time_step_s": meter.step,

@@ -8,10 +8,14 @@ from typing import Any
 import timm
 import torch
 from timm.data import resolve_model_data_config
+from timm.models import group_parameters
 from torch import nn
 
 from vlfuse.encoders.base import EncoderOutput
+from vlfuse.encoders.tuning import LORA_MARK, add_lora, learnable_names
 from vlfuse.schema import ImageEncoderConfig
+
+KEY = "model.image_encoder"
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
@@ -51,14 +55,22 @@ class ImageEncoder(nn.Module):
     patch tokens for ViT-style models (class/register prefix tokens removed); the pooled vector is timm's
     own head pooling (``forward_head(pre_logits=True)``).
 
+    ``cfg.tuning`` says how the tower learns when it is trainable (``learnable_parameter_names``): every
+    weight, LoRA adapters (added here, through peft) or timm's last blocks.
+
     Args:
         cfg: the image encoder section of the config.
         pretrained: overrides ``cfg.pretrained`` (``from_pretrained`` rebuilds without downloading).
         data_config: preprocessing settings to use instead of timm's (restored from a saved model).
+        adapters: with ``tuning: lora``, add the adapters now (a saved model's merged weights have none).
     """
 
     def __init__(
-        self, cfg: ImageEncoderConfig, pretrained: bool | None = None, data_config: dict | None = None
+        self,
+        cfg: ImageEncoderConfig,
+        pretrained: bool | None = None,
+        data_config: dict | None = None,
+        adapters: bool = True,
     ) -> None:
         super().__init__()
         self.cfg = cfg
@@ -80,6 +92,28 @@ class ImageEncoder(nn.Module):
         self.pooled_dim = out.pooled.shape[-1]
         self.grid = out.grid
         self.num_tokens = out.tokens.shape[1]
+        if cfg.tuning == "lora" and adapters:
+            self.add_adapters()
+
+    # ------------------------------------------------------------------------------------------ tuning
+    @property
+    def has_adapters(self) -> bool:
+        return any(LORA_MARK in n for n, _ in self.named_parameters())
+
+    def add_adapters(self) -> None:
+        """LoRA adapters on ``cfg.lora``'s targets (default: a ViT's q/k/v projections, a CNN's convs)."""
+        add_lora(self.model, self.cfg.lora, KEY)
+
+    def blocks(self) -> list[list[str]]:
+        """Parameter names in timm's block grouping (``group_matcher``): the stem, then each block."""
+        groups = group_parameters(self.model, self.model.group_matcher(coarse=False))
+        return [[f"model.{n}" for n in names] for names in groups.values()]
+
+    def learnable_parameter_names(self) -> set[str]:
+        """The parameters that learn when this tower is trainable, as ``cfg.tuning`` says."""
+        names = [n for n, _ in self.named_parameters()]
+        blocks = self.blocks() if self.cfg.tuning == "last_blocks" else []
+        return learnable_names(self.cfg.tuning, names, blocks, self.cfg.last_blocks, KEY)
 
     @property
     def mean(self) -> tuple[float, ...]:

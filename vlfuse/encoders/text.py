@@ -11,7 +11,10 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
 from vlfuse.encoders.base import EncoderOutput
+from vlfuse.encoders.tuning import LORA_MARK, add_lora, blocks_by_prefix, learnable_names
 from vlfuse.schema import TextEncoderConfig
+
+KEY = "model.text_encoder"
 
 BUNDLED_PREFIX = "vlfuse:"
 
@@ -99,13 +102,23 @@ class TextEncoder(nn.Module):
     Encoder-decoder models (T5) contribute their encoder only; a dual-tower checkpoint (CLIP, SigLIP and
     the other families transformers has) its text tower only.
 
+    ``cfg.tuning`` says how the tower learns when it is trainable (``learnable_parameter_names``): every
+    weight, LoRA adapters (added here, through peft) or the last transformer layers.
+
     Args:
         cfg: the text encoder section of the config.
         pretrained: overrides ``cfg.pretrained``.
         source: a folder to load config and tokenizer from instead of ``cfg.name`` (a saved model).
+        adapters: with ``tuning: lora``, add the adapters now (a saved model's merged weights have none).
     """
 
-    def __init__(self, cfg: TextEncoderConfig, pretrained: bool | None = None, source: str | None = None):
+    def __init__(
+        self,
+        cfg: TextEncoderConfig,
+        pretrained: bool | None = None,
+        source: str | None = None,
+        adapters: bool = True,
+    ):
         super().__init__()
         self.cfg = cfg
         path = source or resolve_text_encoder_name(cfg.name)
@@ -130,6 +143,32 @@ class TextEncoder(nn.Module):
             model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.d_model
         )
         self.token_dim = self.pooled_dim = self.dim
+        if cfg.tuning == "lora" and adapters:
+            self.add_adapters()
+
+    # ------------------------------------------------------------------------------------------ tuning
+    @property
+    def has_adapters(self) -> bool:
+        return any(LORA_MARK in n for n, _ in self.named_parameters())
+
+    def add_adapters(self) -> None:
+        """LoRA adapters on ``cfg.lora``'s targets (default: the attention q/k/v projections)."""
+        add_lora(self.model, self.cfg.lora, KEY)
+
+    def blocks(self) -> list[list[str]]:
+        """Parameter names in blocks: the embeddings, then each layer of the model's layer stack (its
+        longest ``nn.ModuleList``); a final norm after the stack goes with the last layer."""
+        lists = [(n, m) for n, m in self.model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
+        if not lists:
+            raise ValueError(f"{KEY}.tuning=last_blocks: found no layer stack in {type(self.model).__name__}")
+        stack, layers = max(lists, key=lambda nm: len(nm[1]))
+        return blocks_by_prefix([n for n, _ in self.named_parameters()], f"model.{stack}", len(layers))
+
+    def learnable_parameter_names(self) -> set[str]:
+        """The parameters that learn when this tower is trainable, as ``cfg.tuning`` says."""
+        names = [n for n, _ in self.named_parameters()]
+        blocks = self.blocks() if self.cfg.tuning == "last_blocks" else []
+        return learnable_names(self.cfg.tuning, names, blocks, self.cfg.last_blocks, KEY)
 
     @property
     def max_length(self) -> int:

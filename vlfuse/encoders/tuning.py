@@ -1,0 +1,160 @@
+"""How a trainable tower learns: every weight (``full``), low-rank adapters (``lora``, through peft) or
+its last blocks only (``last_blocks``).
+
+Both towers describe themselves the same way, so one set of rules serves both: ``blocks()`` lists the
+tower's parameter names in blocks, first the stem/embeddings (never trained by ``last_blocks``), then one
+list per block (a final norm goes with the last block); ``lora_targets()`` names the modules LoRA adapts
+by default. ``learnable_names`` says which parameters learn; ``freeze_mode`` keeps every module whose
+own parameters are all frozen in eval mode (BatchNorm statistics of a frozen stem never move).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from torch import nn
+
+from vlfuse.schema import ConfigError, LoraSettings
+
+LORA_MARK = "lora_"
+# Attention projections LoRA adapts by default (transformers' BERT/RoBERTa, CLIP/SigLIP, T5; timm ViTs).
+ATTENTION_PROJECTIONS = ("qkv", "query", "key", "value", "q_proj", "k_proj", "v_proj", "q", "k", "v")
+
+
+def default_lora_targets(model: nn.Module) -> list[str]:
+    """Full names of the modules LoRA adapts when ``lora.target_modules`` is empty: the attention q/k/v
+    projections (``nn.Linear``) where the model has them, else its ungrouped convolutions (a CNN)."""
+    linear = [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in ATTENTION_PROJECTIONS
+    ]
+    if linear:
+        return linear
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups == 1]
+
+
+def add_lora(model: nn.Module, settings: LoraSettings, key: str) -> int:
+    """Injects LoRA adapters into ``model`` in place (peft; the base weights are untouched and the update
+    starts at zero, so the outputs do not change).
+
+    Args:
+        key: the config section, for messages (``model.image_encoder``).
+
+    Returns:
+        The number of adapted modules.
+
+    Raises:
+        ConfigError: if the target modules match nothing, naming the key.
+    """
+    targets = list(settings.target_modules) or default_lora_targets(model)
+    if not targets:
+        raise ConfigError(f"{key}.lora.target_modules: found no module to adapt; name them explicitly")
+    names = [n for n, _ in model.named_modules()]
+    unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if unmatched:
+        raise ConfigError(
+            f"{key}.lora.target_modules: {unmatched} match no module of the tower (names are module names "
+            f"or their last parts, e.g. {_examples(model)})"
+        )
+    config = LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.lora_alpha,
+        lora_dropout=settings.lora_dropout,
+        target_modules=targets,
+    )
+    try:
+        inject_adapter_in_model(config, model)
+    except ValueError as err:  # peft refuses a module type it cannot adapt
+        raise ConfigError(f"{key}.lora.target_modules: {err}") from None
+    return sum(1 for n, _ in model.named_modules() if n.endswith(".lora_A"))
+
+
+def _examples(model: nn.Module) -> list[str]:
+    leaves = [n for n, m in model.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)]
+    return sorted({n.rsplit(".", 1)[-1] for n in leaves})[:8]
+
+
+def learnable_names(
+    tuning: str, names: list[str], blocks: list[list[str]], last_blocks: int, key: str
+) -> set[str]:
+    """The parameter names that learn when the tower is trainable.
+
+    Args:
+        tuning: ``full``, ``lora`` or ``last_blocks``.
+        names: all of the tower's parameter names.
+        blocks: the tower's blocks (``blocks()``): stem first, then one list per block.
+        last_blocks: for ``last_blocks``, how many learn.
+        key: the config section, for messages.
+    """
+    if tuning == "full":
+        return set(names)
+    if tuning == "lora":
+        return {n for n in names if LORA_MARK in n}
+    available = len(blocks) - 1
+    if last_blocks > available:
+        raise ConfigError(
+            f"{key}.last_blocks={last_blocks}, but the tower has {available} blocks; use 1 to {available}"
+        )
+    return {n for block in blocks[-last_blocks:] for n in block}
+
+
+def blocks_by_prefix(names: Iterable[str], stack: str, size: int) -> list[list[str]]:
+    """Parameter names in blocks for a model whose blocks are ``<stack>.<i>.``: the parameters before the
+    stack are the stem, the ones after it go with the last block."""
+    pattern = re.compile(re.escape(stack) + r"\.(\d+)\.")
+    blocks: list[list[str]] = [[] for _ in range(size + 1)]
+    seen_stack = False
+    for name in names:
+        match = pattern.match(name)
+        if match:
+            seen_stack = True
+            blocks[int(match.group(1)) + 1].append(name)
+        else:
+            blocks[size if seen_stack else 0].append(name)
+    return blocks
+
+
+def freeze_mode(module: nn.Module) -> None:
+    """Puts every submodule whose own parameters are all frozen in eval mode (not recursively: a frozen
+    norm inside a trainable block is frozen, the block's other layers are not)."""
+    for m in module.modules():
+        own = list(m.parameters(recurse=False))
+        if own and not any(p.requires_grad for p in own):
+            m.training = False
+
+
+def lora_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The adapter weights of a state dict."""
+    return {k: v for k, v in state.items() if LORA_MARK in k}
+
+
+def merge_lora_state(state: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
+    """A state dict with every LoRA adapter merged into its base weight, keyed as the plain model's
+    (``x.base_layer.weight`` + ``scaling * B @ A`` -> ``x.weight``; convolutions likewise).
+
+    Args:
+        scaling: ``lora_alpha / r``.
+    """
+    merged: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if LORA_MARK in key:
+            continue
+        if ".base_layer." not in key:
+            merged[key] = value
+            continue
+        module, param = key.split(".base_layer.")
+        plain = f"{module}.{param}"
+        a, b = state.get(f"{module}.lora_A.default.weight"), state.get(f"{module}.lora_B.default.weight")
+        if param != "weight" or a is None or b is None:
+            merged[plain] = value
+            continue
+        if value.ndim == 2:
+            delta = b.float() @ a.float()
+        else:  # conv: B is [out, r, 1, 1], A is [r, in/groups, kh, kw]
+            delta = (b.float().flatten(1) @ a.float().flatten(1)).reshape(value.shape)
+        merged[plain] = (value.float() + scaling * delta).to(value.dtype)
+    return merged
