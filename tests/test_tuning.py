@@ -248,3 +248,58 @@ def test_compare_accepts_the_middle_modes():
     assert mode_config(cfg, "none").train.cache_features
     with pytest.raises(ConfigError, match="compare.modes"):
         tiny_config("compare.modes=[none,half]")
+
+
+def test_lora_with_gradient_checkpointing_and_bf16_trains(tmp_path):
+    metrics = train(
+        tiny_config(
+            *SMALL_DATA,
+            "model.fusion.name=transformer",
+            "model.trainable_encoders=all",
+            "model.image_encoder.name=test_vit",
+            "model.image_encoder.tuning=lora",
+            "model.text_encoder.tuning=lora",
+            "train.gradient_checkpointing=true",
+            "train.mixed_precision=bf16",
+            "train.max_steps=2",
+            f"train.output_dir={tmp_path}",
+        )
+    )
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["skipped_steps"] == 0
+    assert 0 <= metrics["validation"]["acc@0.5"] <= 1
+    assert summary["parameters"]["image_encoder"]["trainable"] == 6 * 8 * (64 + 192)  # qkv adapters only
+    assert not VLFuseModel.from_pretrained(tmp_path / "final").image_encoder.has_adapters  # merged
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_processes_with_lora_and_last_blocks(tmp_path):
+    """DDP without find_unused_parameters: ranks stay identical, frozen parts never move."""
+    from conftest import TINY_MODEL
+    from safetensors.torch import load_file
+    from test_recipes import launch
+
+    args = [
+        *TINY_MODEL,
+        *SMALL_DATA,
+        "model.fusion.name=dense",
+        "model.trainable_encoders=all",
+        "model.image_encoder.tuning=last_blocks",
+        "model.text_encoder.tuning=lora",
+        f"train.output_dir={tmp_path}",
+        "train.max_steps=3",
+        "train.seed=3",
+    ]
+    launch("../tests/scripts/grounding_dump_ranks.py", *args, processes=2)
+    rank0, rank1 = (load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1))
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    torch.manual_seed(3)
+    start = VLFuseModel(tiny_config(*args).model).state_dict()
+    moved = {k for k in start if not torch.equal(start[k], rank0[k])}
+    assert moved and all(
+        k.startswith(("fusion.", "head.", "image_encoder.model.layer4.")) or ".lora_" in k for k in moved
+    ), sorted(moved)[:8]
+    assert any(".lora_B." in k for k in moved) and any(
+        k.startswith("image_encoder.model.layer4.") for k in moved
+    )
