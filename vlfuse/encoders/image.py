@@ -12,10 +12,8 @@ from timm.models import group_parameters
 from torch import nn
 
 from vlfuse.encoders.base import EncoderOutput
-from vlfuse.encoders.tuning import LORA_MARK, add_lora, learnable_names
+from vlfuse.encoders.tuning import TunableTower
 from vlfuse.schema import ImageEncoderConfig
-
-KEY = "model.image_encoder"
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
@@ -48,7 +46,7 @@ def _create(cfg: ImageEncoderConfig, pretrained: bool) -> nn.Module:
         return timm.create_model(cfg.name, pretrained=pretrained, **kwargs)
 
 
-class ImageEncoder(nn.Module):
+class ImageEncoder(TunableTower, nn.Module):
     """Wraps a timm model behind ``EncoderOutput``.
 
     Token features are the final feature map flattened to ``[B, H*W, C]`` for CNNs (NCHW or NHWC) and the
@@ -64,6 +62,8 @@ class ImageEncoder(nn.Module):
         data_config: preprocessing settings to use instead of timm's (restored from a saved model).
         adapters: with ``tuning: lora``, add the adapters now (a saved model's merged weights have none).
     """
+
+    KEY = "model.image_encoder"
 
     def __init__(
         self,
@@ -96,24 +96,10 @@ class ImageEncoder(nn.Module):
             self.add_adapters()
 
     # ------------------------------------------------------------------------------------------ tuning
-    @property
-    def has_adapters(self) -> bool:
-        return any(LORA_MARK in n for n, _ in self.named_parameters())
-
-    def add_adapters(self) -> None:
-        """LoRA adapters on ``cfg.lora``'s targets (default: a ViT's q/k/v projections, a CNN's convs)."""
-        add_lora(self.model, self.cfg.lora, KEY)
-
     def blocks(self) -> list[list[str]]:
         """Parameter names in timm's block grouping (``group_matcher``): the stem, then each block."""
         groups = group_parameters(self.model, self.model.group_matcher(coarse=False))
         return [[f"model.{n}" for n in names] for names in groups.values()]
-
-    def learnable_parameter_names(self) -> set[str]:
-        """The parameters that learn when this tower is trainable, as ``cfg.tuning`` says."""
-        names = [n for n, _ in self.named_parameters()]
-        blocks = self.blocks() if self.cfg.tuning == "last_blocks" else []
-        return learnable_names(self.cfg.tuning, names, blocks, self.cfg.last_blocks, KEY)
 
     @property
     def mean(self) -> tuple[float, ...]:

@@ -11,10 +11,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
 from vlfuse.encoders.base import EncoderOutput
-from vlfuse.encoders.tuning import LORA_MARK, add_lora, blocks_by_prefix, learnable_names
+from vlfuse.encoders.tuning import TunableTower, blocks_by_prefix
 from vlfuse.schema import TextEncoderConfig
-
-KEY = "model.text_encoder"
 
 BUNDLED_PREFIX = "vlfuse:"
 
@@ -93,7 +91,7 @@ def _drop_unused_modules(model: PreTrainedModel, tokenizer) -> list[str]:
     return dropped
 
 
-class TextEncoder(nn.Module):
+class TextEncoder(TunableTower, nn.Module):
     """Wraps a transformers encoder and its tokenizer behind ``EncoderOutput``.
 
     The pooled vector is the mask-weighted mean of the last hidden states, so every architecture pools
@@ -111,6 +109,8 @@ class TextEncoder(nn.Module):
         source: a folder to load config and tokenizer from instead of ``cfg.name`` (a saved model).
         adapters: with ``tuning: lora``, add the adapters now (a saved model's merged weights have none).
     """
+
+    KEY = "model.text_encoder"
 
     def __init__(
         self,
@@ -147,28 +147,16 @@ class TextEncoder(nn.Module):
             self.add_adapters()
 
     # ------------------------------------------------------------------------------------------ tuning
-    @property
-    def has_adapters(self) -> bool:
-        return any(LORA_MARK in n for n, _ in self.named_parameters())
-
-    def add_adapters(self) -> None:
-        """LoRA adapters on ``cfg.lora``'s targets (default: the attention q/k/v projections)."""
-        add_lora(self.model, self.cfg.lora, KEY)
-
     def blocks(self) -> list[list[str]]:
         """Parameter names in blocks: the embeddings, then each layer of the model's layer stack (its
         longest ``nn.ModuleList``); a final norm after the stack goes with the last layer."""
         lists = [(n, m) for n, m in self.model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
         if not lists:
-            raise ValueError(f"{KEY}.tuning=last_blocks: found no layer stack in {type(self.model).__name__}")
+            raise ValueError(
+                f"{self.KEY}.tuning=last_blocks: found no layer stack in {type(self.model).__name__}"
+            )
         stack, layers = max(lists, key=lambda nm: len(nm[1]))
         return blocks_by_prefix([n for n, _ in self.named_parameters()], f"model.{stack}", len(layers))
-
-    def learnable_parameter_names(self) -> set[str]:
-        """The parameters that learn when this tower is trainable, as ``cfg.tuning`` says."""
-        names = [n for n, _ in self.named_parameters()]
-        blocks = self.blocks() if self.cfg.tuning == "last_blocks" else []
-        return learnable_names(self.cfg.tuning, names, blocks, self.cfg.last_blocks, KEY)
 
     @property
     def max_length(self) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
@@ -22,6 +23,35 @@ from vlfuse.schema import ConfigError, LoraSettings
 LORA_MARK = "lora_"
 # Attention projections LoRA adapts by default (transformers' BERT/RoBERTa, CLIP/SigLIP, T5; timm ViTs).
 ATTENTION_PROJECTIONS = ("qkv", "query", "key", "value", "q_proj", "k_proj", "v_proj", "q", "k", "v")
+
+
+class TunableTower:
+    """What both towers share about how they learn: mixed into an ``nn.Module`` that sets ``KEY`` (its
+    config section), holds ``cfg`` (with ``tuning``, ``lora``, ``last_blocks``) and ``model``, and
+    implements ``blocks()``."""
+
+    KEY: str
+    cfg: Any
+    model: nn.Module
+
+    def blocks(self) -> list[list[str]]:
+        """Parameter names in blocks: the stem / embeddings first, then one list per block."""
+        raise NotImplementedError
+
+    @property
+    def has_adapters(self) -> bool:
+        return any(LORA_MARK in n for n, _ in self.named_parameters())
+
+    def add_adapters(self) -> None:
+        """LoRA adapters on ``cfg.lora``'s targets (default: the attention q/k/v projections; a CNN's
+        convolutions)."""
+        add_lora(self.model, self.cfg.lora, self.KEY)
+
+    def learnable_parameter_names(self) -> set[str]:
+        """The parameters that learn when this tower is trainable, as ``cfg.tuning`` says."""
+        names = [n for n, _ in self.named_parameters()]
+        blocks = self.blocks() if self.cfg.tuning == "last_blocks" else []
+        return learnable_names(self.cfg.tuning, names, blocks, self.cfg.last_blocks, self.KEY)
 
 
 def default_lora_targets(model: nn.Module) -> list[str]:
