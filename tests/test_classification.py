@@ -15,11 +15,13 @@ VQA = ["model.task=classification", "model.fusion.name=dense"]
 
 
 def test_answers_are_read_and_normalized_from_every_layout():
+    # the official normalization ("!" is not among its punctuation marks; number words become digits)
     assert normalize_answer("  Yes. ") == "yes"
-    assert normalize_answer("Two  Dogs!") == "two dogs"
-    assert answers_of("Red") == ["red"]
-    assert answers_of(["red", " ", "Blue"]) == ["red", "blue"]
-    assert answers_of([{"answer": "2", "answer_id": 1}, {"answer": "Two"}]) == ["2", "two"]
+    assert normalize_answer("Two  Dogs!") == "2 dogs!"
+    # answers are kept as written (cleaned); normalization happens where they are compared
+    assert answers_of("Red") == ["Red"]
+    assert answers_of(["red", " ", "Blue\n"]) == ["red", "Blue"]
+    assert answers_of([{"answer": "2", "answer_id": 1}, {"answer": "Two"}]) == ["2", "Two"]
     assert answers_of(None) == [] and answers_of(3) == []
 
 
@@ -49,7 +51,8 @@ def test_soft_scores_and_targets():
     index = {"yes": 0, "no": 1, "2": 2}
     # ten annotators: yes x2, no x7, "maybe" x1 (not in the vocabulary)
     scores, target = answer_scores(["yes"] * 2 + ["no"] * 7 + ["maybe"], index)
-    assert scores.tolist() == pytest.approx([2 / 3, 1.0, 0.0, 0.0])
+    # official leave-one-out: yes (2 of 10): (2 * min(1, 1/3) + 8 * min(1, 2/3)) / 10 = 0.6; no (7): 1
+    assert scores.tolist() == pytest.approx([0.6, 1.0, 0.0, 0.0])
     assert target.sum().item() == pytest.approx(1.0)
     assert target.tolist() == pytest.approx([x / (2 / 3 + 1 + 1 / 3) for x in (2 / 3, 1, 0, 1 / 3)])
     # one answer: plain accuracy (score 1 for it), one-hot target
@@ -65,18 +68,19 @@ def test_accuracy_and_majority_baseline_on_hand_made_logits():
     index = {"yes": 0, "no": 1, "red": 2}
     rows = [["yes"] * 3, ["no"] * 10, ["red"], ["red"] * 2 + ["no"] * 8]
     scores = torch.stack([answer_scores(r, index)[0] for r in rows])
-    # predictions: yes (1.0), no (1.0), yes (0.0), and the unknown column is highest on row 3 but is never
-    # predicted: its best real class is red (2/3)
+    # predictions: yes (3 of 3 annotators: each left out leaves 2 matches -> 2/3), no (1.0), yes (0.0), and
+    # the unknown column is highest on row 3 but is never predicted: its best real class is red (2 of 10:
+    # (2 * 1/3 + 8 * 2/3) / 10 = 0.6)
     logits = torch.tensor([[5.0, 0, 0, 0], [0, 5.0, 0, 0], [5.0, 0, 0, 0], [0, 0, 1.0, 9.0]])
     valid = torch.tensor([True, True, True, True])
     values = task.eval_values({"logits": logits}, {"scores": scores, "valid": valid})
     m = task.metrics(values)
-    assert m["accuracy"] == pytest.approx((1 + 1 + 0 + 2 / 3) / 4)
-    # majority answer = vocabulary[0] = "yes": scores 1, 0, 0, 0
-    assert m["majority_baseline"] == pytest.approx(1 / 4)
+    assert m["accuracy"] == pytest.approx((2 / 3 + 1 + 0 + 0.6) / 4)
+    # majority answer = vocabulary[0] = "yes": scores 2/3, 0, 0, 0
+    assert m["majority_baseline"] == pytest.approx((2 / 3) / 4)
     assert m["count"] == 4
     values["valid"] = torch.tensor([True, True, False, True])  # a masked bad row is not scored
-    assert task.metrics(values)["accuracy"] == pytest.approx((1 + 1 + 2 / 3) / 3)
+    assert task.metrics(values)["accuracy"] == pytest.approx((2 / 3 + 1 + 0.6) / 3)
 
 
 def test_vqav2_layout_dataset_and_bad_rows(tmp_path):

@@ -1,14 +1,16 @@
 """VQA-style answer classification: the fused representation -> one of the answer vocabulary's classes.
 
-The vocabulary is built from the train split: the ``data.num_answers`` most frequent (normalized)
-answers, most frequent first; every other answer maps to one extra class, ``unknown``, which is counted,
-trained on (so that rare answers do not pull probability onto the known ones) and never predicted.
+The vocabulary is built from the train split: the ``data.num_answers`` most frequent answers under the
+official VQA normalization (``vlfuse.data.answers.normalize_answer``: punctuation, number words to
+digits, articles, contractions), most frequent first, so "Two", "two" and "2" are one class; every other
+answer maps to one extra class, ``unknown``, which is counted, trained on (so that rare answers do not
+pull probability onto the known ones) and never predicted.
 
-Where a question has several answers (VQAv2 gives ten annotators' answers), the target is VQA's soft
-score per answer, ``min(1, #annotators who gave it / 3)``, normalized into a distribution, and the
-metric is VQA accuracy: the predicted answer's score (Antol et al., 2015; the official script further
-averages it over the ten leave-one-out subsets of the ten answers, which lowers some scores slightly).
-With one answer per question, the target is that answer and the metric is plain accuracy.
+Where a question has several answers (VQAv2 gives ten annotators' answers), the metric ``accuracy`` is
+the official VQA evaluation's (``vqa_accuracy``): the mean over the annotators of ``min(1, matches among
+the other annotators / 3)``, with its normalization; the training target stays VQA's soft score per
+answer, ``min(1, #annotators who gave it / 3)``, normalized into a distribution. With one answer per
+question, the target is that answer and the metric is plain accuracy.
 
 Examples: one per question. The answer column may hold a string (``multiple_choice_answer``), a list of
 strings or a list of ``{"answer": ...}`` dicts (VQAv2's ten annotators). Each example carries the VQA
@@ -23,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from vlfuse.data.answers import UNKNOWN, answer_scores, answers_of, build_vocabulary
+from vlfuse.data.answers import UNKNOWN, answer_scores, answers_of, build_vocabulary, normalize_answer
 from vlfuse.data.examples import BadExample, ExampleCollator, ImageTextDataset
 from vlfuse.data.loading import DataError, check_columns
 from vlfuse.schema import ConfigError
@@ -55,7 +57,7 @@ class ClassificationDataset(ImageTextDataset):
         cells = self.ds[self.columns["answer"]]
         self.answers = [answers_of(cells[row]) for row, _ in self.index]
         self.counts["unknown_answer"] = sum(
-            bool(a) and not any(x in self.index_of for x in a) for a in self.answers
+            bool(a) and not any(normalize_answer(x) in self.index_of for x in a) for a in self.answers
         )
         self.counts["missing_answer"] = sum(not a for a in self.answers)
         return self
