@@ -42,12 +42,70 @@ def test_recall_on_a_hand_made_similarity_matrix():
     assert m["mean_recall"] == pytest.approx((2 / 3 + 1 + 1 + 3 / 5 + 1 + 1) / 6)
 
 
-def test_ties_count_against_the_model():
-    """A collapsed model (every score equal) must not look perfect."""
+def test_ties_score_their_expected_value():
+    """A collapsed model (every score equal) gets chance level, neither 0 nor 1 (tie-aware recall)."""
     text_image = torch.tensor([0, 1, 2, 3])
     m = recall_from_similarity(torch.ones(4, 4), text_image)
-    assert m["i2t_r@1"] == 0.0 and m["t2i_r@1"] == 0.0
-    assert m["i2t_r@5"] == 1.0  # 3 other texts tie: rank 3 < 5
+    # one positive among 4 tied items: in the top 1 with probability 1/4, always in the top 4
+    assert m["i2t_r@1"] == pytest.approx(0.25) and m["t2i_r@1"] == pytest.approx(0.25)
+    assert m["i2t_r@5"] == 1.0
+
+
+def test_tie_aware_recall_by_hand():
+    # image 0 has 2 captions (t0, t1); image 1 has t2, t3; image 2 has t4.
+    text_image = torch.tensor([0, 0, 1, 1, 2])
+    sim = torch.tensor(
+        [
+            # t0   t1   t2   t3   t4
+            [0.5, 0.5, 0.5, 0.5, 0.1],  # image 0: its 2 captions tie with 2 negatives at the top
+            [0.9, 0.5, 0.5, 0.2, 0.5],  # image 1: t0 above; its t2 ties with t1, t4 (negatives)
+            [0.3, 0.3, 0.3, 0.3, 0.3],  # image 2: all 5 tie, 1 positive
+        ]
+    )
+    m = recall_from_similarity(sim, text_image)
+    # image 0: top-1 is a negative with prob C(2,1)/C(4,1) = 1/2 -> 0.5; top-2 both negatives: C(2,2)/C(4,2)
+    #   = 1/6 -> 5/6 (and 1 from K=5 on). image 1: one negative above, so K=1 -> 0; K=5: 4 places for
+    #   the 3 tied -> 1. image 2: 1/5 at K=1, 1 at K=5.
+    assert m["i2t_r@1"] == pytest.approx((0.5 + 0.0 + 0.2) / 3)
+    assert m["i2t_r@5"] == pytest.approx(1.0)
+    # text -> image: t0: image 1 (0.9) above image 0 (0.5) -> 0 at K=1; t1: image 0 ties with image 1
+    # at 0.5 -> 1/2; t2: image 1 ties with image 0 at 0.5 -> 1/2; t3: images 0 (0.5) and 2 (0.3) above
+    # its 0.2 -> 0; t4: image 1 (0.5) above image 2 (0.3) -> 0
+    assert m["t2i_r@1"] == pytest.approx((0 + 1 / 2 + 1 / 2 + 0 + 0) / 5)
+    # two positives with the negatives: the probability of the top 2 both negative, by hand, for image 0
+    assert m["i2t_r@10"] == pytest.approx(1.0)
+
+
+def _sort_based_recall(similarity, text_image, k):
+    """The reference computation (open_clip / CLIP_benchmark style): sort, rank of the first positive."""
+    positive = text_image[None, :] == torch.arange(similarity.shape[0])[:, None]
+    i2t = []
+    for row, pos in zip(similarity, positive, strict=True):
+        order = torch.argsort(row, descending=True)
+        i2t.append(float(pos[order][:k].any()))
+    t2i = []
+    for t, row in enumerate(similarity.T):
+        order = torch.argsort(row, descending=True)
+        t2i.append(float(int(text_image[t]) in order[:k].tolist()))
+    return sum(i2t) / len(i2t), sum(t2i) / len(t2i)
+
+
+def test_without_ties_recall_equals_the_sort_based_reference():
+    torch.manual_seed(1)
+    for _ in range(5):
+        images = F.normalize(torch.randn(30, 16), dim=-1)
+        owner = torch.randint(0, 30, (70,))
+        texts = F.normalize(images[owner] + 1.5 * torch.randn(70, 16), dim=-1)
+        sim = images @ texts.T
+        got = retrieval_metrics(images, texts, owner, chunk=7)
+        for k in (1, 5, 10):
+            i2t, t2i = _sort_based_recall(sim, owner, k)
+            # images without captions count as queries in the reference but have no positive: skip them
+            has_text = torch.zeros(30, dtype=torch.bool)
+            has_text[owner] = True
+            if has_text.all():
+                assert got[f"i2t_r@{k}"] == pytest.approx(i2t)
+            assert got[f"t2i_r@{k}"] == pytest.approx(t2i)
 
 
 def test_recall_at_k_cutoffs():

@@ -8,8 +8,10 @@ whole global batch (transformers' dual encoders gather without gradients).
 
 Metrics are Recall@1/5/10 in both directions over the whole evaluation split: an image counts as found
 for a caption if it ranks in the top K; for an image, if any of its captions does. Evaluation batches hold
-images with all of their captions, so each image is encoded once. Ties are counted
-against the model (a collapsed model that scores everything equally gets chance-level recall, not 1).
+images with all of their captions, so each image is encoded once. Exact ties are scored by their expected
+value under a random order of the tied items (tie-aware recall, McSherry & Najork 2008): without ties
+this is the usual sort-based recall, and a collapsed model that scores everything alike gets chance
+level, neither 0 nor 1.
 
 Examples: training reads one (image, caption) pair per caption of a row (a caption column may hold one
 string or a list; Flickr30k and COCO layouts give five per image). Evaluation reads one example per
@@ -229,16 +231,35 @@ def contrastive_loss(
 
 
 # -------------------------------------------------------------------------------------------- metrics
-def _i2t_ranks(similarity: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
-    """For each image (row): how many non-matching texts score at least as high as its best match."""
-    best = similarity.masked_fill(~positive, float("-inf")).max(dim=1).values
-    return ((similarity >= best[:, None]) & ~positive).sum(dim=1)
+def _tie_counts(similarity: torch.Tensor, positive: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per query (row): negatives scoring above its best positive, negatives tied with it, and positives
+    tied with it (the best one included)."""
+    best = similarity.masked_fill(~positive, float("-inf")).max(dim=1, keepdim=True).values
+    negative = ~positive
+    above = ((similarity > best) & negative).sum(dim=1)
+    tied_negatives = ((similarity == best) & negative).sum(dim=1)
+    tied_positives = ((similarity == best) & positive).sum(dim=1)
+    return above, tied_negatives, tied_positives
 
 
-def _t2i_ranks(similarity: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """For each text (row): how many other images score at least as high as its own image."""
-    own = similarity.gather(1, target[:, None])
-    return (similarity >= own).sum(dim=1) - 1
+def _expected_hits(
+    above: torch.Tensor, tied_neg: torch.Tensor, tied_pos: torch.Tensor, k: int
+) -> torch.Tensor:
+    """Tie-aware hit@K (McSherry & Najork, 2008): the probability that a positive is in the top K when
+    tied items come in random order. ``n = K - above`` places are left for the tied block; all of them go
+    to negatives with probability ``C(t, n) / C(t + m, n)``."""
+    places = k - above
+    all_negative = torch.ones(above.shape, dtype=torch.float64)
+    for i in range(k):
+        left = (tied_neg - i).double()
+        factor = torch.where(left > 0, left / (tied_neg + tied_pos - i).double().clamp(min=1), 0.0)
+        all_negative = torch.where(places > i, all_negative * factor, all_negative)
+    return torch.where(places > 0, 1.0 - all_negative, 0.0)
+
+
+def _hits(similarity: torch.Tensor, positive: torch.Tensor) -> dict[int, torch.Tensor]:
+    counts = _tie_counts(similarity, positive)
+    return {k: _expected_hits(*counts, k) for k in RECALL_AT}
 
 
 def recall_from_similarity(similarity: torch.Tensor, text_image: torch.Tensor) -> dict[str, float]:
@@ -249,14 +270,14 @@ def recall_from_similarity(similarity: torch.Tensor, text_image: torch.Tensor) -
         text_image: ``[num_texts]``, the image (row of ``similarity``) each text belongs to.
     """
     positive = text_image[None, :] == torch.arange(similarity.shape[0])[:, None]
-    return _recalls(_i2t_ranks(similarity, positive), _t2i_ranks(similarity.T, text_image))
+    return _recalls(_hits(similarity, positive), _hits(similarity.T, positive.T))
 
 
-def _recalls(i2t: torch.Tensor, t2i: torch.Tensor) -> dict[str, float]:
+def _recalls(i2t: dict[int, torch.Tensor], t2i: dict[int, torch.Tensor]) -> dict[str, float]:
     out = {}
-    for name, ranks in (("i2t", i2t), ("t2i", t2i)):
+    for name, hits in (("i2t", i2t), ("t2i", t2i)):
         for k in RECALL_AT:
-            out[f"{name}_r@{k}"] = (ranks < k).float().mean().item()
+            out[f"{name}_r@{k}"] = hits[k].mean().item()
     out["mean_recall"] = sum(out.values()) / len(out)
     return out
 
@@ -277,21 +298,15 @@ def retrieval_metrics(
         nan = {f"{d}_r@{k}": float("nan") for d in ("i2t", "t2i") for k in RECALL_AT}
         return {**nan, "mean_recall": float("nan"), "images": n_images, "texts": n_texts}
     images, texts = image_embeds.float(), text_embeds.float()
-    i2t = torch.cat(
-        [
-            _i2t_ranks(
-                images[s : s + chunk] @ texts.T,
-                text_image[None, :] == torch.arange(s, min(s + chunk, n_images))[:, None],
-            )
-            for s in range(0, n_images, chunk)
-        ]
-    )
-    t2i = torch.cat(
-        [
-            _t2i_ranks(texts[s : s + chunk] @ images.T, text_image[s : s + chunk])
-            for s in range(0, n_texts, chunk)
-        ]
-    )
+    i2t_parts, t2i_parts = [], []
+    for s in range(0, n_images, chunk):
+        positive = text_image[None, :] == torch.arange(s, min(s + chunk, n_images))[:, None]
+        i2t_parts.append(_hits(images[s : s + chunk] @ texts.T, positive))
+    for s in range(0, n_texts, chunk):
+        positive = text_image[s : s + chunk, None] == torch.arange(n_images)[None, :]
+        t2i_parts.append(_hits(texts[s : s + chunk] @ images.T, positive))
+    i2t = {k: torch.cat([part[k] for part in i2t_parts]) for k in RECALL_AT}
+    t2i = {k: torch.cat([part[k] for part in t2i_parts]) for k in RECALL_AT}
     out = _recalls(i2t, t2i)
     out.update(images=n_images, texts=n_texts, chance_r1=1.0 / n_images)
     return out
