@@ -72,8 +72,13 @@ def test_tie_aware_recall_by_hand():
     # at 0.5 -> 1/2; t2: image 1 ties with image 0 at 0.5 -> 1/2; t3: images 0 (0.5) and 2 (0.3) above
     # its 0.2 -> 0; t4: image 1 (0.5) above image 2 (0.3) -> 0
     assert m["t2i_r@1"] == pytest.approx((0 + 1 / 2 + 1 / 2 + 0 + 0) / 5)
-    # two positives with the negatives: the probability of the top 2 both negative, by hand, for image 0
     assert m["i2t_r@10"] == pytest.approx(1.0)
+    # image 0 at K=2 (not a reported cutoff): both top places negative with probability 1/6 -> 5/6
+    from vlfuse.tasks.retrieval import _expected_hits
+
+    one = torch.tensor([0])
+    assert _expected_hits(one * 0, one * 0 + 2, one * 0 + 2, 2).item() == pytest.approx(5 / 6)
+    assert _expected_hits(one * 0 + 1, one * 0 + 2, one * 0 + 2, 2).item() == pytest.approx(0.5)
 
 
 def _sort_based_recall(similarity, text_image, k):
@@ -221,8 +226,36 @@ def test_contrastive_loss_is_symmetric_infonce():
     assert contrastive_loss(img, img, scale)[0] < contrastive_loss(img, img.flip(0), scale)[0]
 
 
+def _multi_positive_by_hand(img, txt, scale, ids):
+    """Each anchor's loss: minus the log of its softmax probability summed over its positives."""
+    logits = scale * img @ txt.T
+    total = 0.0
+    for direction in (logits, logits.T):
+        p = direction.softmax(dim=1)
+        for i in range(len(ids)):
+            total += -math.log(sum(p[i, j].item() for j in range(len(ids)) if ids[j] == ids[i]))
+    return total / (2 * len(ids))
+
+
+def test_captions_of_one_image_are_positives_not_negatives():
+    torch.manual_seed(0)
+    base = F.normalize(torch.randn(3, 8), dim=-1)
+    ids = torch.tensor([0, 1, 0, 2])  # rows 0 and 2: two captions of image 0
+    img = base[ids]
+    txt = F.normalize(img + 0.5 * torch.randn(4, 8), dim=-1)
+    scale = torch.tensor(10.0)
+    loss, _ = contrastive_loss(img, txt, scale, ids)
+    assert loss.item() == pytest.approx(_multi_positive_by_hand(img, txt, scale, ids.tolist()), rel=1e-5)
+    plain = contrastive_loss(img, txt, scale)[0]  # arange labels: t2 is a negative of image row 0
+    assert abs(plain.item() - loss.item()) > 1e-3
+    # without repeats the multi-positive loss is plain InfoNCE
+    distinct = torch.arange(4)
+    assert contrastive_loss(img, txt, scale, distinct)[0].item() == pytest.approx(plain.item(), rel=1e-6)
+
+
 @pytest.mark.multiprocess
-def test_gathered_loss_on_two_processes_equals_one_process_on_the_whole_batch(tmp_path):
+@pytest.mark.parametrize("with_ids", [False, True], ids=["pairs", "repeated_images"])
+def test_gathered_loss_on_two_processes_equals_one_process_on_the_whole_batch(tmp_path, with_ids):
     out = tmp_path / "ranks.json"
     env = {**os.environ, "ACCELERATE_USE_CPU": "1"}
     accelerate = str(Path(sys.executable).parent / "accelerate")
@@ -234,6 +267,7 @@ def test_gathered_loss_on_two_processes_equals_one_process_on_the_whole_batch(tm
             str(ROOT / "recipes/configs/accelerate/cpu_2proc.yaml"),
             str(ROOT / "tests/scripts/retrieval_gather_loss.py"),
             str(out),
+            *(["ids"] if with_ids else []),
         ],
         capture_output=True,
         text=True,
@@ -251,8 +285,14 @@ def test_gathered_loss_on_two_processes_equals_one_process_on_the_whole_batch(tm
     images.requires_grad_(True)
     texts.requires_grad_(True)
     log_scale = torch.tensor(2.5, requires_grad=True)
-    loss, _ = contrastive_loss(images, texts, log_scale.exp())
+    ids = torch.tensor([0, 1, 0, 2, 3, 1, 4, 0]) if with_ids else None
+    loss, _ = contrastive_loss(images, texts, log_scale.exp(), ids)
     loss.backward()
+    if with_ids:  # captions of one image on different ranks are each other's positives
+        by_hand = _multi_positive_by_hand(
+            images.detach(), texts.detach(), log_scale.exp().item(), ids.tolist()
+        )
+        assert loss.item() == pytest.approx(by_hand, rel=1e-5)
 
     # DDP averages gradients over ranks: the ranks' mean loss and mean-of-ranks gradients must equal
     # the one-process ones, with every rank's negatives taken from the other rank too.
@@ -264,7 +304,9 @@ def test_gathered_loss_on_two_processes_equals_one_process_on_the_whole_batch(tm
     torch.testing.assert_close(grad_images, images.grad, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(grad_texts, texts.grad, rtol=1e-5, atol=1e-7)
     # ... and a loss without the other rank's negatives would differ (the check can fail).
-    alone = contrastive_loss(images[:3].detach(), texts[:3].detach(), log_scale.exp())[0].item()
+    alone = contrastive_loss(
+        images[:3].detach(), texts[:3].detach(), log_scale.exp(), None if ids is None else ids[:3]
+    )[0].item()
     assert abs(alone * 3 / 8 * world - ranks[0]["loss"]) > 1e-3
 
 

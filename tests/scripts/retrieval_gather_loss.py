@@ -1,6 +1,8 @@
 """Run on N processes: each rank computes the contrastive loss on its share of one global batch (the
 shares may differ in size), with embeddings gathered across ranks. Rank 0 writes, per rank, the loss and
 the gradients of that rank's embeddings and of the logit scale to the JSON file given as argv[1].
+With a second argument ``ids``, rows carry image ids with repeats within and across ranks (IDS), and the
+loss is the multi-positive one.
 """
 
 import json
@@ -13,9 +15,10 @@ from accelerate import Accelerator
 from vlfuse.tasks.retrieval import contrastive_loss
 
 SIZES = [3, 5]  # rows per rank (ranks beyond these get 2)
+IDS = [0, 1, 0, 2, 3, 1, 4, 0]  # image 0 three times (both ranks), image 1 twice (both ranks)
 
 
-def main(out: str) -> None:
+def main(out: str, with_ids: bool) -> None:
     accelerator = Accelerator(cpu=True)
     world, rank = accelerator.num_processes, accelerator.process_index
     sizes = [SIZES[r] if r < len(SIZES) else 2 for r in range(world)]
@@ -27,7 +30,8 @@ def main(out: str) -> None:
     local_images = images[start : start + sizes[rank]].clone().requires_grad_(True)
     local_texts = texts[start : start + sizes[rank]].clone().requires_grad_(True)
     log_scale = torch.tensor(2.5, requires_grad=True)
-    loss, _ = contrastive_loss(local_images, local_texts, log_scale.exp())
+    ids = torch.tensor(IDS[start : start + sizes[rank]]) if with_ids else None
+    loss, _ = contrastive_loss(local_images, local_texts, log_scale.exp(), ids)
     loss.backward()
     record = {
         "rank": rank,
@@ -47,4 +51,4 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], len(sys.argv) > 2 and sys.argv[2] == "ids")

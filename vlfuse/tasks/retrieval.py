@@ -210,10 +210,44 @@ def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     return _AllGather.apply(x, sizes, rank), sum(sizes[:rank]), sum(sizes)
 
 
+def gather_ids(ids: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``[n]`` ids concatenated in rank order (sizes may differ; no gradient)."""
+    world, _ = _world()
+    if world == 1:
+        return ids
+    n = torch.tensor([ids.shape[0]], device=ids.device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    sizes = [int(x) for x in sizes]
+    padded = ids.new_full((max(sizes),), -1)
+    padded[: ids.shape[0]] = ids
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:size] for part, size in zip(parts, sizes, strict=True)])
+
+
+def _multi_positive_nce(logits: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+    """Sum over rows of ``-log sum_{positives} softmax(row)`` (one positive per row: cross-entropy)."""
+    logits = logits.float()
+    return (logits.logsumexp(dim=1) - logits.masked_fill(~positive, float("-inf")).logsumexp(dim=1)).sum()
+
+
 def contrastive_loss(
-    image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    logit_scale: torch.Tensor,
+    image_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict]:
-    """Symmetric InfoNCE over the global batch (all ranks): image i and text i are the positive pair.
+    """Symmetric InfoNCE over the global batch (all ranks): image i and text i are a positive pair.
+
+    With ``image_ids`` (which image of the split each row shows), every caption of the same image is a
+    positive, never a negative: each anchor's loss is ``-log`` of the softmax probability summed over its
+    positives (multi-positive InfoNCE, as MIL-NCE, Miech et al. 2020, writes it). Two captions of one image
+    in a global batch (likely with five captions per Flickr image) are then never pushed away from their
+    image: how the probability splits among an anchor's positives does not change its loss. (Averaging
+    the log-probabilities over the positives instead, SupCon's L_out, equals plain InfoNCE when the
+    repeated images are the same pixels, so it would not remove the false negatives.) Without repeats it
+    is plain InfoNCE.
 
     Each rank's loss is its rows' share of the global mean, scaled by the number of ranks, so that the
     ranks' average (what DDP's gradient averaging optimizes) is exactly the one-process loss on the
@@ -221,9 +255,16 @@ def contrastive_loss(
     """
     all_images, offset, total = gather_with_grad(image_embeds)
     all_texts, _, _ = gather_with_grad(text_embeds)
-    labels = torch.arange(image_embeds.shape[0], device=image_embeds.device) + offset
-    i2t = F.cross_entropy(logit_scale * image_embeds @ all_texts.T, labels, reduction="sum")
-    t2i = F.cross_entropy(logit_scale * text_embeds @ all_images.T, labels, reduction="sum")
+    n = image_embeds.shape[0]
+    if image_ids is None:
+        positive = torch.zeros(n, total, dtype=torch.bool, device=image_embeds.device)
+        positive[torch.arange(n), torch.arange(n) + offset] = True
+    else:
+        image_ids = image_ids.to(image_embeds.device)
+        positive = image_ids[:, None] == gather_ids(image_ids)[None, :]
+    i2t = _multi_positive_nce(logit_scale * image_embeds @ all_texts.T, positive)
+    # text i's positives are the images of its own image: the same rows of the same matrix
+    t2i = _multi_positive_nce(logit_scale * text_embeds @ all_images.T, positive)
     world, _ = _world()
     scale = world / total
     loss = (i2t + t2i) / 2 * scale
@@ -335,7 +376,9 @@ class RetrievalTask(Task):
         return RetrievalImagesCollator(model.text_encoder.tokenize)
 
     def loss(self, outputs, batch):
-        return contrastive_loss(outputs["image_embeds"], outputs["text_embeds"], outputs["logit_scale"])
+        return contrastive_loss(
+            outputs["image_embeds"], outputs["text_embeds"], outputs["logit_scale"], batch["image_ids"]
+        )
 
     def eval_values(self, outputs, batch):
         b, c = batch["text_valid"].shape
