@@ -161,3 +161,109 @@ def test_gradient_checkpointing_only_in_trainable_towers():
     out = model(pixel_values=torch.randn(2, 3, 64, 64), **batch)
     out["boxes"].sum().backward()
     assert all(p.grad is not None for p in model.text_encoder.parameters())
+
+
+def _grounding_rows(folder, sizes, bad_first=False, box_format="xyxy", normalized=False):
+    """A local Hub-layout grounding set of non-square images with a white rectangle each; optionally the
+    first row's image is undecodable."""
+    import io
+
+    import datasets
+    from PIL import Image, ImageDraw
+
+    from vlfuse.data.boxes import convert_boxes
+
+    rows = {"image": [], "text": [], "box": []}
+    for i, (w, h) in enumerate(sizes):
+        image = Image.new("RGB", (w, h), (30, 30, 30))
+        x0, y0, x1, y1 = w * 0.2, h * 0.3, w * 0.2 + w * 0.3 + i, h * 0.3 + h * 0.4
+        ImageDraw.Draw(image).rectangle([x0, y0, x1 - 1, y1 - 1], fill=(250, 250, 250))
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        data = b"not an image" if bad_first and i == 0 else buffer.getvalue()
+        box = convert_boxes(torch.tensor([x0, y0, x1, y1]), "xyxy", box_format)
+        if normalized:
+            box = box / torch.tensor([w, h, w, h], dtype=torch.float32)
+        rows["image"].append({"bytes": data, "path": None})
+        rows["text"].append(f"the white box {i}")
+        rows["box"].append(box.tolist())
+    features = datasets.Features(
+        {
+            "image": datasets.Image(decode=False),
+            "text": datasets.Value("string"),
+            "box": datasets.Sequence(datasets.Value("float32")),
+        }
+    )
+    (folder / "data").mkdir(parents=True)
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(
+        str(folder / "data" / "validation-00000-of-00001.parquet")
+    )
+    return folder
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_a_bad_row_repeated_as_padding_counts_once(tmp_path):
+    """5 examples on 2 processes x batch 2: Accelerate evens the last batches out by repeating the first
+    examples, the bad one included; the repeat is dropped from the metrics and from bad_rows."""
+    folder = _grounding_rows(
+        tmp_path / "ds", [(60, 40), (40, 70), (50, 50), (80, 30), (30, 60)], bad_first=True
+    )
+    VLFuseModel(tiny_config("model.fusion.name=dense").model).save_pretrained(tmp_path / "model")
+    common = [
+        *TINY_MODEL,
+        f"data.dataset={folder}",
+        "data.eval_split=validation",
+        f"model.init_from={tmp_path / 'model'}",
+        "train.eval_batch_size=2",
+    ]
+    launch("evaluate.py", *common, f"train.output_dir={tmp_path / 'two'}", processes=2)
+    launch("evaluate.py", *common, f"train.output_dir={tmp_path / 'one'}", processes=1)
+    two = read_metrics(tmp_path / "two" / "metrics.jsonl")[0]
+    one = read_metrics(tmp_path / "one" / "metrics.jsonl")[0]
+    assert two["num_processes"] == 2
+    assert one["bad_rows"] == two["bad_rows"] == 1 and one["count"] == two["count"] == 4
+    assert one["miou"] == pytest.approx(two["miou"], abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("box_format", "normalized"), [("xyxy", False), ("xywh", False), ("cxcywh", False), ("xywh", True)]
+)
+def test_reported_metrics_are_the_metrics_of_predict(tmp_path, box_format, normalized):
+    """Acc@0.5 / Acc@0.75 / mean IoU of the loop equal scoring VLFuseModel.predict's pixel boxes on the
+    original images against the dataset's boxes (non-square images, every box format)."""
+    from PIL import Image
+
+    from vlfuse.data.boxes import paired_iou, to_absolute_xyxy
+    from vlfuse.data.loading import load_image, load_split
+    from vlfuse.tasks.grounding import grounding_metrics
+
+    sizes = [(90, 40), (40, 90), (64, 64), (120, 50), (33, 77), (70, 35)]
+    folder = _grounding_rows(tmp_path / "ds", sizes, box_format=box_format, normalized=normalized)
+    cfg = tiny_config(
+        "model.fusion.name=dense",
+        f"data.dataset={folder}",
+        "data.train_split=validation",
+        f"data.box_format={box_format}",
+        f"data.box_normalized={str(normalized).lower()}",
+        "train.batch_size=3",
+        "train.max_steps=4",
+        f"train.output_dir={tmp_path / 'run'}",
+    )
+    reported = train(cfg)["validation"]
+    model = VLFuseModel.from_pretrained(tmp_path / "run" / "final")
+    rows = load_split(cfg.data, "validation")
+    images = [load_image(r["image"], None) for r in rows]
+    assert all(isinstance(im, Image.Image) for im in images)
+    predicted = model.predict(images, list(rows["text"]))
+    truth = torch.stack(
+        [
+            to_absolute_xyxy(r["box"], box_format, normalized, *im.size)
+            for r, im in zip(rows, images, strict=True)
+        ]
+    )
+    by_predict = grounding_metrics(paired_iou(predicted, truth))
+    assert reported["count"] == by_predict["count"] == len(sizes)
+    for key in ("acc@0.5", "acc@0.75", "miou"):
+        assert reported[key] == pytest.approx(by_predict[key], abs=1e-5), key
+    assert by_predict["miou"] > 0  # real overlaps, not an all-zero agreement

@@ -185,20 +185,22 @@ def format_metrics(results: dict[str, dict[str, Any]]) -> str:
 def evaluate(accelerator: Accelerator, model, task: Task, loader: DataLoader) -> dict[str, float]:
     """Metrics over the whole split on any number of processes: per-example values are gathered (the
     duplicates added to even out the processes are dropped) before reduction. Unusable rows are masked
-    out and reported as ``bad_rows``."""
+    out (the task's ``valid`` value) and reported as ``bad_rows``."""
     was_training = model.training
     model.eval()
     values: dict[str, list[torch.Tensor]] = defaultdict(list)
-    bad = torch.zeros((), device=accelerator.device)
     for batch in loader:
-        bad += batch.pop("bad_rows")
+        batch.pop("bad_rows")
         outputs = model(**batch)
         gathered = accelerator.gather_for_metrics(task.eval_values(outputs, batch))
         for k, v in gathered.items():
             values[k].append(v.detach().float().cpu())
     model.train(was_training)
-    metrics = task.metrics({k: torch.cat(v) for k, v in values.items()})
-    metrics["bad_rows"] = int(accelerator.reduce(bad, "sum").item())
+    values = {k: torch.cat(v) for k, v in values.items()}
+    metrics = task.metrics(values)
+    # Counted from the gathered mask: a bad row that Accelerate repeats to even out the last batches is
+    # dropped with the other repeats, so it counts once (a per-process count would count it twice).
+    metrics["bad_rows"] = int((values["valid"] == 0).sum().item())
     return metrics
 
 

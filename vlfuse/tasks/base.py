@@ -109,7 +109,8 @@ class Task:
         raise NotImplementedError
 
     def eval_values(self, outputs: Batch, batch: Batch) -> Batch:
-        """Per-example tensors (first dim = batch) that ``metrics`` reduces after gathering all processes."""
+        """Per-example tensors (first dim = batch) that ``metrics`` reduces after gathering all processes;
+        ``valid`` (the batch's mask of usable examples) among them: the loop counts bad rows from it."""
         raise NotImplementedError
 
     def metrics(self, values: Batch) -> dict[str, float]:
