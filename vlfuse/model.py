@@ -137,20 +137,15 @@ class VLFuseModel(nn.Module):
 
     def parameter_counts(self) -> dict[str, dict[str, int]]:
         """Trainable and frozen parameters per part: each tower, and the fusion + task head."""
-        parts = {**{attr: getattr(self, attr) for attr in TOWER_ATTRS.values()}, "fusion_and_head": None}
-        counts = {}
-        for part, module in parts.items():
-            params = (
-                module.parameters()
-                if module is not None
-                else [*self.fusion.parameters(), *self.head.parameters()]
-            )
-            params = list(params)
-            counts[part] = {
+        parts = {attr: list(getattr(self, attr).parameters()) for attr in TOWER_ATTRS.values()}
+        parts["fusion_and_head"] = [*self.fusion.parameters(), *self.head.parameters()]
+        return {
+            part: {
                 "trainable": sum(p.numel() for p in params if p.requires_grad),
                 "frozen": sum(p.numel() for p in params if not p.requires_grad),
             }
-        return counts
+            for part, params in parts.items()
+        }
 
     def set_gradient_checkpointing(self, enable: bool = True) -> None:
         """Activation checkpointing in the trainable towers (frozen ones build no graph to save)."""
