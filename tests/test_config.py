@@ -67,7 +67,7 @@ def test_parse_cli_and_yaml_round_trip(tmp_path):
         (["model.task=classification", "model.fusion.name=projection"], "projection serves retrieval only"),
         (
             ["model.task=retrieval", "model.fusion.name=projection", "train.cache_features=true"],
-            "model.task=grounding only",
+            "model.task=grounding, classification only \\(not retrieval\\)",
         ),
         (["model.task=classification", "data.hflip_prob=0.5"], "data.hflip_prob=0.5 with model.task"),
         (["model.task=vqa"], "'model.task'; allowed: grounding, retrieval, classification"),

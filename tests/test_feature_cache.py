@@ -11,6 +11,7 @@ from test_recipes import SMALL_DATA, launch
 from vlfuse.config import ConfigError
 from vlfuse.data.feature_cache import cached_dataset
 from vlfuse.model import VLFuseModel
+from vlfuse.tasks import get_task
 from vlfuse.tasks.grounding import GroundingTask
 from vlfuse.training import train
 
@@ -133,3 +134,68 @@ def test_two_processes_compute_the_cache_once(tmp_path):
     assert result.stdout.count("feature cache written") == 2  # train + validation, by the main process only
     assert sorted(p.name.split("-")[0] for p in cache.iterdir()) == ["train", "validation"]  # no leftovers
     assert np.load(next(cache.glob("train-*")) / "valid.npy").all()
+
+
+VQA = [
+    "model.task=classification",
+    "model.fusion.name=dense",
+    "data.columns={image: image, question: question, answer: answer}",
+]
+
+
+def test_classification_cached_features_and_labels_equal_live_ones(tmp_path):
+    cfg = tiny_config(*SMALL_DATA, *VQA, "model.trainable_encoders=none")
+    cfg.model.answers = ["yes", "no", "2", "red"]
+    model = VLFuseModel(cfg.model).eval()
+    task = get_task("classification")
+    live = task.build_dataset(cfg, model, "validation", train=False)
+    cached = cached_dataset(
+        model, live, "validation", tmp_path / "cache", "float32", 4, Accelerator(cpu=True)
+    )
+    key = json.loads((cached.folder / "cache.json").read_text())
+    assert key["answers"] == ["yes", "no", "2", "red"]  # the vocabulary decides the labels: in the key
+    for i in (0, 5, len(live) - 1):
+        ex, cex = live[i], cached[i]
+        assert (
+            cex.pixel_values is None
+            and torch.equal(ex.scores, cex.scores)
+            and torch.equal(ex.target, cex.target)
+        )
+        with torch.no_grad():
+            image = model.image_encoder(ex.pixel_values[None], with_pooled=False)
+        torch.testing.assert_close(cex.features["image_tokens"], image.tokens[0], atol=1e-5, rtol=1e-5)
+    AcceleratorState._reset_state(True)
+    cfg.model.answers = ["yes", "no"]  # another vocabulary: another cache folder
+    other = task.build_dataset(cfg, VLFuseModel(cfg.model), "validation", train=False)
+    torch.manual_seed(0)
+    assert (
+        cached_dataset(
+            VLFuseModel(cfg.model),
+            other,
+            "validation",
+            tmp_path / "cache",
+            "float32",
+            4,
+            Accelerator(cpu=True),
+        ).folder
+        != cached.folder
+    )
+
+
+def test_classification_run_with_and_without_cache_reach_the_same_metrics(tmp_path):
+    common = [
+        *SMALL_DATA,
+        *VQA,
+        "model.trainable_encoders=none",
+        "train.max_steps=4",
+        "train.eval_every=4",
+        f"train.cache_dir={tmp_path / 'cache'}",
+    ]
+    live = train(tiny_config(*common, f"train.output_dir={tmp_path / 'live'}"))["validation"]
+    AcceleratorState._reset_state(True)
+    cached = train(
+        tiny_config(*common, "train.cache_features=true", f"train.output_dir={tmp_path / 'cached'}")
+    )
+    assert cached["validation"]["count"] == live["count"]
+    for key in ("accuracy", "majority_baseline"):
+        assert cached["validation"][key] == pytest.approx(live[key], abs=1e-4)

@@ -21,6 +21,7 @@ training, masked and counted in evaluation.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +62,10 @@ class ClassificationDataset(ImageTextDataset):
         )
         self.counts["missing_answer"] = sum(not a for a in self.answers)
         return self
+
+    def cache_settings(self) -> dict[str, Any]:
+        """The feature cache's key also covers the vocabulary (the examples' scores and targets)."""
+        return {**super().cache_settings(), "answers": list(self.index_of)}
 
     def describe_extra(self) -> list[str]:
         c = self.counts
@@ -119,6 +124,8 @@ class ClassificationTask(Task):
     primary_metric = "accuracy"
     report_metrics = ("accuracy", "majority_baseline")
     fusions = ("concat", "transformer", "dense")
+    # One image and one question per example, tensor labels: the frozen-feature cache serves it.
+    feature_cache = True
     bad_rows = "undecodable images or no answer"
 
     def check_config(self, cfg) -> None:
