@@ -348,8 +348,9 @@ def resume(run: Run) -> TrainState:
 
 def announce(run: Run, train_examples: int, total_steps: int) -> dict[str, Any]:
     """Prints what will train, per tower; returns the parameter counts (total and per part)."""
-    n_train, n_frozen = parameter_counts(run.model)
     per_part = run.accelerator.unwrap_model(run.model).parameter_counts()
+    n_train = sum(c["trainable"] for c in per_part.values())
+    n_frozen = sum(c["frozen"] for c in per_part.values())
     model_cfg = run.cfg.model
     tuning = {"image_encoder": model_cfg.image_encoder.tuning, "text_encoder": model_cfg.text_encoder.tuning}
     parts = "; ".join(
@@ -363,13 +364,6 @@ def announce(run: Run, train_examples: int, total_steps: int) -> dict[str, Any]:
         f"{run.accelerator.num_processes} process(es)"
     )
     return {"trainable": n_train, "frozen": n_frozen, "per_part": per_part}
-
-
-def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, frozen) parameter counts."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-    return trainable, frozen
 
 
 def train_step(run: Run, batch: dict[str, torch.Tensor], meter: Throughput) -> StepOutcome:
