@@ -5,6 +5,12 @@ data position) plus ``trainer_state.json`` (step, scheduler state as JSON, count
 SHA-256). It is written to ``.tmp_step_<N>`` and published by rename, and old checkpoints are pruned only
 after that, so a crash at any point leaves the previous checkpoint intact. Resuming verifies every file
 against its checksum; ``latest`` falls back past damaged checkpoints with a warning.
+
+Checkpoints are slim: the model file holds what training can change (trainable parameters, and the
+buffers of modules that train), not the frozen weights, which the run rebuilds from their source (timm,
+transformers, a local file). ``trainer_state.json`` records a fingerprint of the frozen weights per part
+instead, and resuming fails, naming the part, if the rebuilt frozen weights differ. ``final/`` is always
+whole. (Under FSDP and DeepSpeed, Accelerate saves sharded states its own way, and checkpoints stay whole.)
 """
 
 from __future__ import annotations
@@ -17,12 +23,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
+from safetensors import safe_open
 
+from vlfuse.data.feature_cache import state_fingerprint
 from vlfuse.schema import TrainConfig
 
 CHECKPOINT_PREFIX = "step_"
 TRAINER_STATE = "trainer_state.json"
+MODEL_FILE = "model.safetensors"  # Accelerate's name for the first model's weights
+# Prefixes that wrappers add to state-dict names (DDP, torch.compile).
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
 class CheckpointError(RuntimeError):
@@ -97,6 +110,71 @@ def resolve_resume(
     return None
 
 
+def _unwrapped_name(name: str) -> str:
+    for prefix in _WRAPPER_PREFIXES:
+        name = name.removeprefix(prefix)
+    return name
+
+
+class FrozenWeights:
+    """The frozen weights of a run: left out of its checkpoints, and fingerprinted so that a resume can
+    tell whether the weights it rebuilt are the ones the checkpoint was trained with.
+
+    Args:
+        model: the unwrapped model, trainable/frozen split applied (``frozen_state_names``).
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        state = model.state_dict()
+        self.names = {n for names in model.frozen_state_names().values() for n in names}
+        self.saved_names = set(state) - self.names
+        self.record = {
+            part: {"tensors": len(names), "sha256": state_fingerprint({n: state[n] for n in names})}
+            for part, names in model.frozen_state_names().items()
+        }
+
+    def attach(self, accelerator: Accelerator) -> bool:
+        """Makes ``accelerator.save_state`` leave the frozen weights out; False (checkpoints stay whole)
+        where Accelerate saves sharded states (FSDP, DeepSpeed) or nothing is frozen."""
+        sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+        if not self.names or sharded:
+            self.record = {}
+            return False
+        accelerator.register_save_state_pre_hook(self._drop_frozen)
+        return True
+
+    def _drop_frozen(self, models: list, weights: list[dict[str, torch.Tensor]], output_dir: str) -> None:
+        for state in weights[:1]:
+            for name in [n for n in state if _unwrapped_name(n) in self.names]:
+                del state[name]
+
+    def check(self, path: Path, saved: dict[str, dict[str, Any]]) -> None:
+        """Checks a slim checkpoint against the rebuilt model before loading it.
+
+        Raises:
+            CheckpointError: a part's frozen weights differ from the checkpoint's fingerprint, or the
+                checkpoint's model file does not hold exactly the weights that train.
+        """
+        for part, record in saved.items():
+            mine = self.record.get(part)
+            if mine != record:
+                now = f"{mine['sha256'][:12]}, {mine['tensors']} tensors" if mine else "nothing frozen"
+                raise CheckpointError(
+                    f"cannot resume from {path}: the frozen weights of model.{part} differ from those the "
+                    f"checkpoint was trained with (fingerprint {record['sha256'][:12]}, {record['tensors']} "
+                    f"tensors; this run: {now}). Rebuild the model from the same weights (model.*.name, "
+                    "pretrained, checkpoint) and the same trainable_encoders/tuning, or start a new run"
+                )
+        with safe_open(str(path / MODEL_FILE), framework="pt") as f:
+            stored = {_unwrapped_name(k) for k in f.keys()}  # noqa: SIM118 (safe_open is no mapping)
+        if stored != self.saved_names:
+            missing, extra = sorted(self.saved_names - stored), sorted(stored - self.saved_names)
+            raise CheckpointError(
+                f"cannot resume from {path}: its model file does not match this model's trainable state "
+                f"(missing {len(missing)}: {missing[:3]}; unexpected {len(extra)}: {extra[:3]})"
+            )
+
+
 def save_checkpoint(
     accelerator: Accelerator, output_dir: Path, state: dict[str, Any], keep_last: int
 ) -> Path:
@@ -127,8 +205,11 @@ def save_checkpoint(
     return final
 
 
-def restore_checkpoint(accelerator: Accelerator, cfg: TrainConfig, output_dir: Path) -> dict[str, Any] | None:
-    """Loads ``train.resume_from`` into the prepared objects (model, optimizer, RNG, data position).
+def restore_checkpoint(
+    accelerator: Accelerator, cfg: TrainConfig, output_dir: Path, frozen: FrozenWeights
+) -> dict[str, Any] | None:
+    """Loads ``train.resume_from`` into the prepared objects (model, optimizer, RNG, data position);
+    a slim checkpoint's frozen-weight fingerprints are checked first (``FrozenWeights.check``).
 
     Returns:
         The checkpoint's trainer state (step, scheduler, counters), or None when starting fresh.
@@ -140,8 +221,13 @@ def restore_checkpoint(accelerator: Accelerator, cfg: TrainConfig, output_dir: P
                 f"resume_from=latest: no usable checkpoint in {output_dir / 'checkpoints'}, starting fresh"
             )
         return None
-    accelerator.load_state(str(resume))
     saved = json.loads((resume / TRAINER_STATE).read_text())
+    slim = saved.get("frozen_weights")
+    if slim:
+        frozen.check(resume, slim)
+        accelerator.load_state(str(resume), strict=False)  # the missing keys are the checked frozen ones
+    else:
+        accelerator.load_state(str(resume))
     if saved.get("num_processes") != accelerator.num_processes or saved.get("batch_size") != cfg.batch_size:
         accelerator.print(
             f"warning: the data order changes: resuming with {accelerator.num_processes} process(es) x "

@@ -152,6 +152,26 @@ class VLFuseModel(nn.Module):
         for tower, attr in TOWER_ATTRS.items():
             getattr(self, attr).set_grad_checkpointing(enable and self.tower_is_trainable(tower))
 
+    def frozen_state_names(self) -> dict[str, list[str]]:
+        """The state-dict entries training cannot change, per part (``image_encoder``, ``text_encoder``,
+        ...): parameters without gradient, and the buffers of modules held in eval mode during training
+        (a frozen tower's, or a frozen layer's in a partly trainable tower: their BatchNorm statistics
+        never move). Slim checkpoints leave these out and record their fingerprint instead."""
+        was_training = self.training
+        self.train(True)
+        frozen: dict[str, list[str]] = {}
+        for module_name, module in self.named_modules():
+            prefix = f"{module_name}." if module_name else ""
+            own = [(n, p) for n, p in module.named_parameters(recurse=False) if not p.requires_grad]
+            if not module.training:
+                own += list(module.named_buffers(recurse=False))
+            for name, _ in own:
+                full = prefix + name
+                frozen.setdefault(full.split(".")[0], []).append(full)
+        self.train(was_training)
+        state_names = set(self.state_dict())  # non-persistent buffers are not saved at all
+        return {part: sorted(n for n in names if n in state_names) for part, names in frozen.items()}
+
     def frozen_towers(self) -> list[str]:
         return [t for t in TOWER_ATTRS if not self.tower_is_trainable(t)]
 

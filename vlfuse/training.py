@@ -34,6 +34,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from vlfuse.checkpointing import (
     CheckpointError,
+    FrozenWeights,
     list_checkpoints,
     resolve_resume,
     restore_checkpoint,
@@ -218,6 +219,7 @@ class Run:
     eval_loaders: dict[str, DataLoader]
     output_dir: Path
     wall_start: float
+    frozen: FrozenWeights
     metrics_log: JsonlWriter = field(init=False)
     train_log: JsonlWriter = field(init=False)
 
@@ -273,6 +275,8 @@ def train(
     model = build_model(cfg)
     if cfg.train.gradient_checkpointing:
         model.set_gradient_checkpointing(True)
+    frozen = FrozenWeights(model)  # slim checkpoints: the frozen weights are fingerprinted, not saved
+    frozen.attach(accelerator)
     train_set, train_loader = build_train_loader(accelerator, cfg, task, model)
     eval_loaders = build_eval_loaders(accelerator, cfg, task, model)
     optimizer = torch.optim.AdamW(
@@ -286,7 +290,9 @@ def train(
     # Stepped by hand once per optimizer step, so its length is in optimizer steps on any process count;
     # its state travels as JSON in trainer_state.json (no pickle to load back).
     scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.train.warmup_steps, total_steps)
-    run = Run(cfg, accelerator, task, model, optimizer, scheduler, eval_loaders, output_dir, wall_start)
+    run = Run(
+        cfg, accelerator, task, model, optimizer, scheduler, eval_loaders, output_dir, wall_start, frozen
+    )
     state = resume(run)
     counts = announce(run, len(train_set), total_steps)
 
@@ -338,7 +344,7 @@ def train(
 def resume(run: Run) -> TrainState:
     """The loop's state: fresh, or restored from ``train.resume_from`` (with the prepared objects)."""
     state = TrainState()
-    saved = restore_checkpoint(run.accelerator, run.cfg.train, run.output_dir)
+    saved = restore_checkpoint(run.accelerator, run.cfg.train, run.output_dir, run.frozen)
     if saved is not None:
         run.scheduler.load_state_dict(saved["scheduler"])
         state.step = int(saved["step"])
@@ -463,6 +469,7 @@ def checkpoint(run: Run, state: TrainState) -> None:
         "batch_size": run.cfg.train.batch_size,
         "scheduler": run.scheduler.state_dict(),
         "counters": state.counters,
+        "frozen_weights": run.frozen.record,
     }
     save_checkpoint(run.accelerator, run.output_dir, trainer_state, run.cfg.train.keep_last)
 
