@@ -1,4 +1,5 @@
 import json
+import re
 
 import numpy as np
 import pytest
@@ -23,64 +24,113 @@ def _fresh_accelerate_state():
     AcceleratorState._reset_state(True)
 
 
-def _cached(tmp_path, mode="none", dtype="float32", *extra):
-    cfg = tiny_config(*SMALL_DATA, "model.fusion.name=concat", f"model.trainable_encoders={mode}", *extra)
+def _cached(tmp_path, mode="none", dtype="float32", *extra, fusion="concat"):
+    cfg = tiny_config(*SMALL_DATA, f"model.fusion.name={fusion}", f"model.trainable_encoders={mode}", *extra)
     model = VLFuseModel(cfg.model)
     live = GroundingTask().build_dataset(cfg, model, "validation", train=False)
     cached = cached_dataset(model, live, "validation", tmp_path / "cache", dtype, 8, Accelerator(cpu=True))
     return model, live, cached
 
 
+# What each fusion reads, hence what is cached: pooled vectors only (concat), or token features (dense).
+STORED = {
+    "concat": {"image_pooled", "text_pooled"},
+    "dense": {"image_tokens", "text_tokens", "text_mask", "text_pooled"},
+}
+
+
+@pytest.mark.parametrize("fusion", ["concat", "dense"])
 @pytest.mark.parametrize(("dtype", "tol"), [("float32", 1e-5), ("float16", 2e-2)])
-def test_cached_features_equal_live_ones(tmp_path, dtype, tol):
-    model, live, cached = _cached(tmp_path, "none", dtype)
+def test_cached_features_equal_live_ones(tmp_path, dtype, tol, fusion):
+    model, live, cached = _cached(tmp_path, "none", dtype, fusion=fusion)
     model.eval()
     for i in (0, 3, len(live) - 1):
         ex, cex = live[i], cached[i]
         assert cex.pixel_values is None and torch.equal(ex.box, cex.box) and torch.equal(ex.meta, cex.meta)
+        assert set(cex.features) == STORED[fusion]
         with torch.no_grad():
             image = model.image_encoder(ex.pixel_values[None])
             tokens = model.text_encoder.tokenize([ex.text])
             text = model.text_encoder(**tokens)
-        torch.testing.assert_close(cex.features["image_tokens"], image.tokens[0], atol=tol, rtol=tol)
-        torch.testing.assert_close(cex.features["image_pooled"], image.pooled[0], atol=tol, rtol=tol)
-        n = int(tokens["attention_mask"].sum())
-        assert cex.features["text_mask"][:n].all() and not cex.features["text_mask"][n:].any()
-        torch.testing.assert_close(cex.features["text_tokens"][:n], text.tokens[0, :n], atol=tol, rtol=tol)
+        if fusion == "dense":
+            torch.testing.assert_close(cex.features["image_tokens"], image.tokens[0], atol=tol, rtol=tol)
+            n = int(tokens["attention_mask"].sum())
+            assert cex.features["text_mask"][:n].all() and not cex.features["text_mask"][n:].any()
+            torch.testing.assert_close(
+                cex.features["text_tokens"][:n], text.tokens[0, :n], atol=tol, rtol=tol
+            )
+        else:
+            torch.testing.assert_close(cex.features["image_pooled"], image.pooled[0], atol=tol, rtol=tol)
         torch.testing.assert_close(cex.features["text_pooled"], text.pooled[0], atol=tol, rtol=tol)
 
 
 def test_only_the_frozen_tower_is_cached(tmp_path):
     _, _, image_frozen = _cached(tmp_path, "text")
-    assert {
-        "image_tokens",
-        "image_row",
-    } <= image_frozen.arrays.keys() and "text_tokens" not in image_frozen.arrays
+    assert set(image_frozen.folders) == {"image"}
+    assert {"image_pooled", "image_row"} <= image_frozen.arrays.keys()
+    assert "text_pooled" not in image_frozen.arrays
     assert image_frozen[0].pixel_values is None and "input_ids" not in image_frozen[0].features
     AcceleratorState._reset_state(True)
     _, _, text_frozen = _cached(tmp_path, "image")
-    assert "text_tokens" in text_frozen.arrays and "image_tokens" not in text_frozen.arrays
+    assert set(text_frozen.folders) == {"text"}
+    assert "text_pooled" in text_frozen.arrays and "image_pooled" not in text_frozen.arrays
     assert text_frozen[0].pixel_values is not None
+
+
+def _stamp(folder):
+    return (folder / "cache.json").stat().st_mtime_ns
 
 
 def test_key_changes_recompute_and_same_key_reuses(tmp_path):
     _, _, first = _cached(tmp_path)
-    stamp = (first.folder / "cache.json").stat().st_mtime_ns
+    stamps = {tower: _stamp(folder) for tower, folder in first.folders.items()}
     AcceleratorState._reset_state(True)
     torch.manual_seed(0)  # the same random init: the same weights
     _, _, again = _cached(tmp_path)
-    assert again.folder == first.folder and (again.folder / "cache.json").stat().st_mtime_ns == stamp
+    assert again.folders == first.folders
+    assert {tower: _stamp(folder) for tower, folder in again.folders.items()} == stamps
     AcceleratorState._reset_state(True)
+    torch.manual_seed(0)
+    # Each tower has its own key: a text setting changes the text folder only, an image one the image's.
     _, _, other_length = _cached(tmp_path, "none", "float32", "model.text_encoder.max_length=12")
+    assert other_length.folders["image"] == first.folders["image"]
+    assert other_length.folders["text"] != first.folders["text"]
     AcceleratorState._reset_state(True)
-    torch.manual_seed(1)  # other weights
-    _, _, other_weights = _cached(tmp_path)
-    AcceleratorState._reset_state(True)
+    torch.manual_seed(0)
     _, _, other_size = _cached(tmp_path, "none", "float32", "model.image_encoder.image_size=48")
-    folders = {first.folder, other_length.folder, other_weights.folder, other_size.folder}
-    assert len(folders) == 4
-    key = json.loads((other_size.folder / "cache.json").read_text())
-    assert key["towers"]["image"]["image_size"] == 48 and key["split"] == "validation"
+    assert other_size.folders["text"] == first.folders["text"]
+    assert other_size.folders["image"] != first.folders["image"]
+    key = json.loads((other_size.folders["image"] / "cache.json").read_text())
+    assert key["encoder"]["image_size"] == 48 and key["split"] == "validation" and key["tower"] == "image"
+    AcceleratorState._reset_state(True)
+    torch.manual_seed(1)  # other weights: both towers
+    _, _, other_weights = _cached(tmp_path)
+    assert not set(other_weights.folders.values()) & set(first.folders.values())
+    AcceleratorState._reset_state(True)
+    torch.manual_seed(0)  # another fusion reads token features: other folders
+    _, _, tokens = _cached(tmp_path, fusion="dense")
+    assert not set(tokens.folders.values()) & set(first.folders.values())
+
+
+def test_a_tower_cached_by_one_mode_is_reused_by_the_others(tmp_path, capsys):
+    # compare's modes: none computes both towers; text and image then reuse the tower they freeze.
+    common = [
+        *SMALL_DATA,
+        "model.fusion.name=dense",
+        "train.max_steps=2",
+        "train.cache_features=true",
+        f"train.cache_dir={tmp_path / 'cache'}",
+    ]
+    written = {}
+    for mode in ("none", "text", "image"):
+        train(tiny_config(*common, f"model.trainable_encoders={mode}", f"train.output_dir={tmp_path / mode}"))
+        AcceleratorState._reset_state(True)
+        out = capsys.readouterr().out
+        written[mode] = sorted(set(re.findall(r"feature cache (written|reused) \((\w+) tower\)", out)))
+    assert written["none"] == [("written", "image"), ("written", "text")]
+    assert written["text"] == [("reused", "image")]  # the text tower trains: only the image is cached
+    assert written["image"] == [("reused", "text")]
+    assert len(list((tmp_path / "cache").iterdir())) == 4  # train + validation, image + text: once each
 
 
 def test_frozen_run_with_and_without_cache_reach_the_same_metrics(tmp_path):
@@ -131,9 +181,11 @@ def test_two_processes_compute_the_cache_once(tmp_path):
         "train.max_steps=2",
         processes=2,
     )
-    assert result.stdout.count("feature cache written") == 2  # train + validation, by the main process only
-    assert sorted(p.name.split("-")[0] for p in cache.iterdir()) == ["train", "validation"]  # no leftovers
-    assert np.load(next(cache.glob("train-*")) / "valid.npy").all()
+    # train + validation, image + text, by the main process only
+    assert result.stdout.count("feature cache written") == 4
+    names = sorted(p.name.rsplit("-", 1)[0] for p in cache.iterdir())
+    assert names == ["train-image", "train-text", "validation-image", "validation-text"]  # no leftovers
+    assert np.load(next(cache.glob("train-image-*")) / "valid.npy").all()
 
 
 VQA = [
@@ -152,7 +204,7 @@ def test_classification_cached_features_and_labels_equal_live_ones(tmp_path):
     cached = cached_dataset(
         model, live, "validation", tmp_path / "cache", "float32", 4, Accelerator(cpu=True)
     )
-    key = json.loads((cached.folder / "cache.json").read_text())
+    key = json.loads((cached.folders["image"] / "cache.json").read_text())
     assert key["answers"] == ["yes", "no", "2", "red"]  # the vocabulary decides the labels: in the key
     for i in (0, 5, len(live) - 1):
         ex, cex = live[i], cached[i]
@@ -177,8 +229,8 @@ def test_classification_cached_features_and_labels_equal_live_ones(tmp_path):
             "float32",
             4,
             Accelerator(cpu=True),
-        ).folder
-        != cached.folder
+        ).folders["image"]
+        != cached.folders["image"]
     )
 
 
@@ -199,3 +251,136 @@ def test_classification_run_with_and_without_cache_reach_the_same_metrics(tmp_pa
     assert cached["validation"]["count"] == live["count"]
     for key in ("accuracy", "majority_baseline"):
         assert cached["validation"][key] == pytest.approx(live[key], abs=1e-4)
+
+
+RETRIEVAL = ["model.task=retrieval", "model.fusion.name=projection", "data.columns.text=alt_text"]
+
+
+def test_retrieval_cached_evaluation_equals_live(tmp_path):
+    from helpers import write_flickr_layout
+
+    folder = write_flickr_layout(tmp_path)
+    cfg = tiny_config(*RETRIEVAL, f"data.dataset={folder}", "model.trainable_encoders=none")
+    model = VLFuseModel(cfg.model).eval()
+    task = get_task("retrieval")
+    live = task.build_dataset(cfg, model, "test", train=False)
+    cached = task.with_cache(
+        live,
+        lambda base: cached_dataset(
+            model, base, "test", tmp_path / "cache", "float32", 4, Accelerator(cpu=True)
+        ),
+    )
+    assert set(cached.base.folders) == {"image", "text"}
+    collate = task.collator(model, train=False)
+    live_batch = collate([live[i] for i in range(len(live))])
+    cached_batch = collate([cached[i] for i in range(len(cached))])
+    # pooled vectors only (the projection fusion reads nothing else), captions flattened as live ones are
+    assert "pixel_values" not in cached_batch and "input_ids" not in cached_batch
+    assert cached_batch["image_pooled"].shape[0] == 8 and cached_batch["text_pooled"].shape[0] == 8 * 4
+    assert torch.equal(cached_batch["text_valid"], live_batch["text_valid"])
+    with torch.no_grad():
+        a = task.metrics(task.eval_values(model(**live_batch), live_batch))
+        b_out = model(**cached_batch)
+        b = task.metrics(task.eval_values(b_out, cached_batch))
+        live_out = model(**live_batch)
+    torch.testing.assert_close(b_out["image_embeds"], live_out["image_embeds"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(b_out["text_embeds"], live_out["text_embeds"], atol=1e-5, rtol=1e-5)
+    assert a == pytest.approx(b)
+
+
+@pytest.mark.parametrize("mode", ["none", "text"])
+def test_retrieval_run_with_and_without_cache_reach_the_same_metrics(tmp_path, mode):
+    # none: only the projections learn; text: LiT (a locked, cached image tower, the text tower learns)
+    from helpers import write_flickr_layout
+
+    folder = write_flickr_layout(tmp_path)
+    common = [
+        *RETRIEVAL,
+        f"data.dataset={folder}",
+        f"model.trainable_encoders={mode}",
+        "data.train_split=train",
+        "data.eval_split=test",
+        "train.batch_size=8",
+        "train.max_steps=4",
+        "train.eval_every=4",
+        f"train.cache_dir={tmp_path / 'cache'}",
+    ]
+    live = train(tiny_config(*common, f"train.output_dir={tmp_path / 'live'}"))["test"]
+    AcceleratorState._reset_state(True)
+    cached = train(
+        tiny_config(*common, "train.cache_features=true", f"train.output_dir={tmp_path / 'cached'}")
+    )["test"]
+    assert cached["images"] == live["images"] == 8 and cached["texts"] == live["texts"] == 32
+    for key in ("i2t_r@1", "t2i_r@1", "mean_recall"):
+        assert cached[key] == pytest.approx(live[key], abs=1e-4), key
+
+
+def test_towers_served_by_the_cache_stay_off_the_accelerator():
+    from vlfuse.training import towers_served_by_cache
+
+    accelerator = Accelerator(cpu=True)
+    decide = {
+        (mode, cache): towers_served_by_cache(
+            tiny_config(f"model.trainable_encoders={mode}", f"train.cache_features={cache}"), accelerator
+        )
+        for mode, cache in (("none", True), ("text", True), ("image", True), ("none", False))
+    }
+    assert decide == {
+        ("none", True): ["image", "text"],
+        ("text", True): ["image"],
+        ("image", True): ["text"],
+        ("none", False): [],
+    }
+    # The placement itself, checked on a device other than the CPU ("meta": no memory, no GPU needed).
+    model = VLFuseModel(tiny_config("model.trainable_encoders=text").model).place(
+        "meta", keep_on_cpu=["image"]
+    )
+    devices = {name.split(".")[0]: p.device.type for name, p in model.named_parameters()}
+    assert devices == {"image_encoder": "cpu", "text_encoder": "meta", "fusion": "meta", "head": "meta"}
+    ignored = model.tower_state_names(["image"])
+    assert ignored and all(n.startswith("image_encoder.") for n in ignored)
+    assert any(n.endswith("running_mean") for n in ignored)  # buffers too: DDP would broadcast them
+
+
+def test_a_cached_tower_never_runs_and_the_saved_model_is_whole(tmp_path, monkeypatch, capsys):
+    import vlfuse.training as training
+
+    common = [
+        *SMALL_DATA,
+        "model.fusion.name=dense",
+        "model.trainable_encoders=none",
+        "train.max_steps=3",
+        "train.eval_every=3",
+        "train.cache_features=true",
+        f"train.cache_dir={tmp_path / 'cache'}",
+    ]
+    first = train(tiny_config(*common, f"train.output_dir={tmp_path / 'first'}"))  # computes the cache
+    AcceleratorState._reset_state(True)
+    real_build = training.build_model
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a tower served by the cache was called")
+
+    def build_with_towers_that_refuse(cfg, check_task=True):
+        model = real_build(cfg, check_task)
+        monkeypatch.setattr(model.image_encoder, "forward", refuse)
+        monkeypatch.setattr(model.text_encoder, "forward", refuse)
+        return model
+
+    monkeypatch.setattr(training, "build_model", build_with_towers_that_refuse)
+    seen = {}
+
+    def on_end(accelerator, model):
+        seen.update({n.split(".")[0]: p.device.type for n, p in model.named_parameters()})
+
+    again = train(tiny_config(*common, f"train.output_dir={tmp_path / 'again'}"), on_end=on_end)
+    assert "left on the CPU, never run" in capsys.readouterr().out
+    assert seen["image_encoder"] == seen["text_encoder"] == "cpu"
+    assert again["validation"]["acc@0.5"] == first["validation"]["acc@0.5"]
+    assert again["validation"]["miou"] == pytest.approx(first["validation"]["miou"], abs=1e-6)
+    # final/ holds both towers and predicts from raw inputs
+    from PIL import Image
+
+    saved = VLFuseModel.from_pretrained(tmp_path / "again" / "final")
+    box = saved.predict([Image.new("RGB", (64, 48), (200, 30, 30))], ["the red square"])
+    assert tuple(box.shape[-1:]) == (4,) and torch.isfinite(box).all()

@@ -171,10 +171,13 @@ def test_evaluation_encodes_each_image_once_and_matches_recall_by_hand(tmp_path)
         assert got[k] == pytest.approx(v), k
 
 
-def test_a_bad_image_drops_out_of_retrieval_metrics_with_its_captions(tmp_path):
+@pytest.mark.parametrize("cached", [False, True])
+def test_a_bad_image_drops_out_of_retrieval_metrics_with_its_captions(tmp_path, cached):
     import datasets
+    from accelerate import Accelerator
     from PIL import Image
 
+    from vlfuse.data.feature_cache import cached_dataset
     from vlfuse.tasks.retrieval import RetrievalTask
 
     folder = tmp_path / "with_bad"
@@ -197,7 +200,15 @@ def test_a_bad_image_drops_out_of_retrieval_metrics_with_its_captions(tmp_path):
     model = VLFuseModel(cfg.model).eval()
     task = RetrievalTask()
     dataset = task.build_dataset(cfg, model, "test", train=False)
+    if cached:  # the frozen towers' features from the cache; the bad row gets blank ones
+        dataset = task.with_cache(
+            dataset,
+            lambda base: cached_dataset(
+                model, base, "test", tmp_path / "c", "float32", 2, Accelerator(cpu=True)
+            ),
+        )
     batch = task.collator(model, train=False)([dataset[i] for i in range(3)])
+    assert ("pixel_values" in batch) != cached
     assert batch["valid"].tolist() == [True, False, True] and int(batch["bad_rows"]) == 1
     assert batch["text_valid"].tolist() == [[True, True], [False, False], [True, False]]
     with torch.no_grad():

@@ -201,17 +201,35 @@ class VLFuseModel(nn.Module):
 
     # ------------------------------------------------------------------------------------------ forward
     def encode_image(self, pixel_values: torch.Tensor) -> EncoderOutput:
-        with_pooled = self.fusion.uses_image_pooled
-        if self.tower_is_trainable("image"):
-            return self.image_encoder(pixel_values, with_pooled=with_pooled)
-        with torch.no_grad():
-            return self.image_encoder(pixel_values, with_pooled=with_pooled)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.tower_is_trainable("image")):
+            return self._on_tower(self.image_encoder, pixel_values, with_pooled=self.fusion.uses_image_pooled)
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> EncoderOutput:
-        if self.tower_is_trainable("text"):
-            return self.text_encoder(input_ids, attention_mask)
-        with torch.no_grad():
-            return self.text_encoder(input_ids, attention_mask)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.tower_is_trainable("text")):
+            return self._on_tower(self.text_encoder, input_ids, attention_mask)
+
+    def _on_tower(self, encoder: nn.Module, *inputs: torch.Tensor, **kwargs: Any) -> EncoderOutput:
+        """Runs ``encoder`` where its weights are: a frozen tower whose features a run reads from the cache
+        stays on the CPU (``place``), and may still be asked to encode raw inputs afterwards."""
+        tower_device = next(encoder.parameters()).device
+        if tower_device == inputs[0].device:
+            return encoder(*inputs, **kwargs)
+        return encoder(*(x.to(tower_device) for x in inputs), **kwargs).to(inputs[0].device)
+
+    def place(self, device: torch.device | str, keep_on_cpu: Sequence[str] = ()) -> VLFuseModel:
+        """Moves the model to ``device``, except the towers in ``keep_on_cpu`` (``image``/``text``):
+        frozen towers whose features all come from the cache would only take accelerator memory."""
+        kept = {TOWER_ATTRS[t] for t in keep_on_cpu}
+        for name, child in self.named_children():
+            child.to("cpu" if name in kept else device)
+        return self
+
+    def tower_state_names(self, towers: Sequence[str]) -> list[str]:
+        """The parameter and buffer names of ``towers`` (what DDP is told to leave alone when they stay on
+        the CPU)."""
+        prefixes = tuple(f"{TOWER_ATTRS[t]}." for t in towers)
+        names = [n for n, _ in self.named_parameters()] + [n for n, _ in self.named_buffers()]
+        return [n for n in names if n.startswith(prefixes)]
 
     def forward(
         self,
@@ -239,12 +257,14 @@ class VLFuseModel(nn.Module):
         alone (and returns only those embeddings).
         """
         image = text = None
-        if image_tokens is not None:
+        if image_tokens is not None or image_pooled is not None:
             image = EncoderOutput(image_tokens, image_pooled, grid=self.image_encoder.grid)
         elif pixel_values is not None:
             image = self.encode_image(pixel_values)
-        if text_tokens is not None:
-            text = EncoderOutput(text_tokens, text_pooled, mask=text_mask.bool())
+        if text_tokens is not None or text_pooled is not None:
+            text = EncoderOutput(
+                text_tokens, text_pooled, mask=None if text_mask is None else text_mask.bool()
+            )
         elif input_ids is not None:
             text = self.encode_text(input_ids, attention_mask)
         if image is None and text is None:
@@ -283,7 +303,7 @@ class VLFuseModel(nn.Module):
         """
         was_training = self.training
         self.eval()
-        device, inputs, meta = next(self.parameters()).device, {}, None
+        device, inputs, meta = next(self.fusion.parameters()).device, {}, None
         if images is not None:
             pixels, meta = self.preprocess_images(images)
             inputs["pixel_values"] = pixels.to(device)

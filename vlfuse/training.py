@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration, set_seed
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
@@ -44,7 +45,7 @@ from vlfuse.checkpointing import (
 from vlfuse.config import Config, ConfigError, to_yaml
 from vlfuse.data.feature_cache import cached_dataset
 from vlfuse.data.loading import DataError
-from vlfuse.model import VLFuseModel
+from vlfuse.model import TRAINABLE_TOWERS, VLFuseModel
 from vlfuse.tasks import Task, get_task
 from vlfuse.tracking import JsonlWriter, LossWindow, PeakMemory, Throughput
 
@@ -142,8 +143,11 @@ def build_split(accelerator: Accelerator, cfg: Config, task: Task, model, split:
         dataset = task.build_dataset(cfg, model, split, train=train)
     if cfg.train.cache_features:
         batch_size = cfg.train.eval_batch_size or cfg.train.batch_size
-        dataset = cached_dataset(
-            model, dataset, split, cfg.train.cache_dir, cfg.train.cache_dtype, batch_size, accelerator
+        dataset = task.with_cache(
+            dataset,
+            lambda base: cached_dataset(
+                model, base, split, cfg.train.cache_dir, cfg.train.cache_dtype, batch_size, accelerator
+            ),
         )
     accelerator.print(f"{'train' if train else 'eval'} split {split}: {dataset.describe()}")
     return dataset
@@ -170,6 +174,34 @@ def build_eval_loaders(accelerator: Accelerator, cfg: Config, task: Task, model)
         )
         for split in eval_splits(cfg)
     }
+
+
+def towers_served_by_cache(cfg: Config, accelerator: Accelerator) -> list[str]:
+    """The frozen towers whose every feature (training and evaluation) comes from the feature cache: they
+    stay on the CPU, never run, and take no accelerator memory. None under FSDP and DeepSpeed, which
+    shard and place the whole model themselves."""
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    if not cfg.train.cache_features or sharded:
+        return []
+    return [
+        tower for tower in ("image", "text") if tower not in TRAINABLE_TOWERS[cfg.model.trainable_encoders]
+    ]
+
+
+def prepare_model(accelerator: Accelerator, cfg: Config, model: VLFuseModel, optimizer, train_loader):
+    """``accelerator.prepare`` for the model, optimizer and train loader, leaving the towers the cache
+    serves on the CPU (DDP is told to ignore their weights, which it would otherwise broadcast)."""
+    on_cpu = towers_served_by_cache(cfg, accelerator)
+    if not on_cpu:
+        return accelerator.prepare(model, optimizer, train_loader)
+    model.place(accelerator.device, keep_on_cpu=on_cpu)
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+        model, model.tower_state_names(on_cpu)
+    )
+    accelerator.print(
+        f"the feature cache serves the frozen {' and '.join(on_cpu)} tower(s): left on the CPU, never run"
+    )
+    return accelerator.prepare(model, optimizer, train_loader, device_placement=[False, True, True])
 
 
 def format_metrics(results: dict[str, dict[str, Any]]) -> str:
@@ -282,7 +314,7 @@ def train(
     optimizer = torch.optim.AdamW(
         model.param_groups(cfg.train.lr, cfg.train.encoder_lr, cfg.train.weight_decay)
     )
-    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    model, optimizer, train_loader = prepare_model(accelerator, cfg, model, optimizer, train_loader)
     eval_loaders = {split: accelerator.prepare(loader) for split, loader in eval_loaders.items()}
     accum = cfg.train.gradient_accumulation_steps
     steps_per_epoch = max(1, len(train_loader) // accum)

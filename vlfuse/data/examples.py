@@ -166,6 +166,14 @@ class ImageTextDataset(Dataset):
     def describe_extra(self) -> list[str]:
         return []
 
+    def text_features(self, i: int) -> dict[str, torch.Tensor]:
+        """Cached text features of example ``i``: none here (the feature cache's datasets have them)."""
+        return {}
+
+    def blank_features(self) -> dict[str, torch.Tensor]:
+        """Blank cached features for a bad row's placeholder: none here (see ``text_features``)."""
+        return {}
+
     def __len__(self) -> int:
         return len(self.index)
 
@@ -241,7 +249,7 @@ class ExampleCollator:
             batch["pixel_values"] = torch.stack([e.pixel_values for e in examples])
         for name in examples[0].features:
             batch[name] = torch.stack([e.features[name] for e in examples])
-        if "text_tokens" not in batch:
+        if "text_pooled" not in batch:  # not cached: tokenize for the text tower
             batch.update(self.tokenize(self.texts(examples)))
         for key, attr in self.fields.items():
             batch[key] = torch.stack([torch.as_tensor(getattr(e, attr)) for e in examples])

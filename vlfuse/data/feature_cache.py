@@ -4,14 +4,18 @@ A frozen tower maps the same input to the same features every epoch, so ``train.
 runs it once over a split, writes its token features (and pooled vector and mask) to disk, and training
 and evaluation read them instead of running the tower.
 
-Storage is one folder per (split, key) under ``train.cache_dir``, with ``.npy`` arrays opened as memory
-maps: random access by example index with no decoding and no copy, which is what a shuffled training
-loop needs (an Arrow table would decode a row group per access; safetensors has no partial reads).
-The key covers everything that changes the features: each cached tower's name, a hash of its weights,
+Storage is one folder per (split, tower, key) under ``train.cache_dir``, with ``.npy`` arrays opened as
+memory maps: random access by example index with no decoding and no copy, which is what a shuffled
+training loop needs (an Arrow table would decode a row group per access; safetensors has no partial
+reads). Each tower has its own folder and key, so a run that freezes only the text tower reuses the text
+features of a run that froze both (``recipes/compare.py`` computes each tower's features once for all its
+modes). The key covers everything that changes the tower's features: its name, a hash of its weights,
 the preprocessing (image size, normalisation, interpolation; the tokenizer's vocabulary and
-``max_length``), the dataset's fingerprint, split, columns and the settings its labels are read with
-(e.g. box formats), and the storage dtype.
+``max_length``), which features the fusion reads (token features or only pooled vectors), the dataset's
+fingerprint, split, columns and the settings its labels are read with (e.g. box formats), and the storage
+dtype. The image tower's folder also holds the examples' labels, so a cached image is never decoded.
 A folder is written under a temporary name and published by rename, so a crash never leaves a half cache.
+Clearing the cache is deleting folders: each holds a ``cache.json`` saying what it was computed from.
 
 The cache knows no task: it serves any ``ImageTextDataset`` whose examples are dataclasses with
 ``pixel_values``, ``text``, ``features`` and tensor labels (a task says whether its datasets qualify with
@@ -82,9 +86,10 @@ def label_fields(dataset: ImageTextDataset) -> dict[str, torch.Tensor]:
     return labels
 
 
-def cache_key(model, dataset: ImageTextDataset, split: str, dtype: str) -> dict[str, Any]:
-    """Everything that changes the cached features or the examples they belong to."""
-    key: dict[str, Any] = {
+def dataset_key(dataset: ImageTextDataset, split: str, dtype: str) -> dict[str, Any]:
+    """What identifies the examples of a split: the dataset, its fingerprint, the split, the row and
+    example counts, the example type and the settings its labels are read with; and the storage dtype."""
+    return {
         "version": CACHE_FORMAT_VERSION,
         "dataset": dataset.cfg.dataset,
         "dataset_fingerprint": getattr(dataset.ds, "_fingerprint", None),
@@ -94,11 +99,19 @@ def cache_key(model, dataset: ImageTextDataset, split: str, dtype: str) -> dict[
         "example_type": type(dataset.placeholder()).__name__,
         **dataset.cache_settings(),
         "dtype": dtype,
-        "towers": {},
     }
-    if not model.tower_is_trainable("image"):
+
+
+def tower_key(model, dataset: ImageTextDataset, split: str, dtype: str, tower: str) -> dict[str, Any]:
+    """Everything that changes one frozen tower's cached features (and the examples they belong to).
+
+    The key names nothing about the other tower or what trains, so every run that freezes this tower
+    (e.g. each of ``recipes/compare.py``'s modes) reads the same folder.
+    """
+    key = {**dataset_key(dataset, split, dtype), "tower": tower, "tokens": bool(model.fusion.uses_tokens)}
+    if tower == "image":
         enc = model.image_encoder
-        key["towers"]["image"] = {
+        key["encoder"] = {
             "name": enc.cfg.name,
             "weights": module_fingerprint(enc),
             "image_size": dataset.image_size,
@@ -107,10 +120,10 @@ def cache_key(model, dataset: ImageTextDataset, split: str, dtype: str) -> dict[
             "interpolation": dataset.interpolation,
             "pooled": bool(model.fusion.uses_image_pooled),
         }
-    if not model.tower_is_trainable("text"):
+    else:
         enc = model.text_encoder
         vocab = json.dumps(enc.tokenizer.get_vocab(), sort_keys=True).encode()
-        key["towers"]["text"] = {
+        key["encoder"] = {
             "name": enc.cfg.name,
             "weights": module_fingerprint(enc),
             "tokenizer": type(enc.tokenizer).__name__,
@@ -128,74 +141,80 @@ def folder_size(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
+def _batches(n: int, batch_size: int, desc: str):
+    progress = tqdm(total=n, desc=desc, unit="ex")
+    for start in range(0, n, batch_size):
+        idx = list(range(start, min(n, start + batch_size)))
+        yield idx
+        progress.update(len(idx))
+    progress.close()
+
+
 @torch.no_grad()
-def _compute(model, dataset: ImageTextDataset, folder: Path, dtype: str, batch_size: int, device) -> None:
-    """Runs the frozen towers over every example of ``dataset`` and writes the arrays into ``folder``."""
+def _compute_image(model, dataset: ImageTextDataset, folder: Path, dtype: str, batch_size: int, device):
+    """Runs the frozen image tower once per image row, and stores the examples' labels beside it (a cached
+    image needs no decoding at all)."""
     np_dtype = np.float16 if dtype == "float16" else np.float32
-    n = len(dataset)
-    image_frozen = not model.tower_is_trainable("image")
-    text_frozen = not model.tower_is_trainable("text")
+    n, enc = len(dataset), model.image_encoder
     labels = label_fields(dataset)
     arrays: dict[str, np.ndarray] = {
         name: np.zeros((n, *value.shape), value.numpy().dtype) for name, value in labels.items()
     }
     arrays["valid"] = np.zeros((n,), np.bool_)
-    enc_img, enc_txt = model.image_encoder, model.text_encoder
     rows = [row for row, _ in dataset.index]
     unique_rows = sorted(set(rows))
     row_slot = {row: k for k, row in enumerate(unique_rows)}
-    if image_frozen:
-        arrays["image_row"] = np.array([row_slot[r] for r in rows], np.int64)
-        arrays["image_tokens"] = np.lib.format.open_memmap(
-            folder / "image_tokens.npy",
-            "w+",
-            np_dtype,
-            (len(unique_rows), enc_img.num_tokens, enc_img.token_dim),
-        )
-        if model.fusion.uses_image_pooled:
-            arrays["image_pooled"] = np.zeros((len(unique_rows), enc_img.pooled_dim), np_dtype)
-    if text_frozen:
-        t = enc_txt.max_length
-        arrays["text_tokens"] = np.lib.format.open_memmap(
-            folder / "text_tokens.npy", "w+", np_dtype, (n, t, enc_txt.dim)
-        )
-        arrays["text_mask"] = np.zeros((n, t), np.bool_)
-        arrays["text_pooled"] = np.zeros((n, enc_txt.dim), np_dtype)
-    was_training = model.training
-    model.eval()
+    arrays["image_row"] = np.array([row_slot[r] for r in rows], np.int64)
+    if model.fusion.uses_tokens:
+        shape = (len(unique_rows), enc.num_tokens, enc.token_dim)
+        arrays["image_tokens"] = np.lib.format.open_memmap(folder / "image_tokens.npy", "w+", np_dtype, shape)
+    if model.fusion.uses_image_pooled:
+        arrays["image_pooled"] = np.zeros((len(unique_rows), enc.pooled_dim), np_dtype)
     done_rows: set[int] = set()
-    progress = tqdm(total=n, desc=f"caching frozen features ({folder.name[:12]})", unit="ex")
-    for start in range(0, n, batch_size):
-        idx = list(range(start, min(n, start + batch_size)))
-        examples = [dataset[i] for i in idx]
-        for i, ex in zip(idx, examples, strict=True):
-            if not isinstance(ex, BadExample):
-                for name in labels:
-                    arrays[name][i] = torch.as_tensor(getattr(ex, name)).numpy()
-                arrays["valid"][i] = True
-        if image_frozen:
-            todo = []  # one image per row: expressions of the same row share its features
-            for i, ex in zip(idx, examples, strict=True):
-                if not isinstance(ex, BadExample) and rows[i] not in done_rows:
-                    done_rows.add(rows[i])
-                    todo.append((i, ex))
-            if todo:
-                pixels = torch.stack([ex.pixel_values for _, ex in todo]).to(device)
-                out = enc_img(pixels, with_pooled=model.fusion.uses_image_pooled)
-                slots = [row_slot[rows[i]] for i, _ in todo]
+    for idx in _batches(n, batch_size, f"caching frozen image features ({folder.name[:24]})"):
+        todo = []  # one image per row: expressions of the same row share its features
+        for i in idx:
+            ex = dataset[i]
+            if isinstance(ex, BadExample):
+                continue
+            for name in labels:
+                arrays[name][i] = torch.as_tensor(getattr(ex, name)).numpy()
+            arrays["valid"][i] = True
+            if rows[i] not in done_rows:
+                done_rows.add(rows[i])
+                todo.append((i, ex))
+        if todo:
+            pixels = torch.stack([ex.pixel_values for _, ex in todo]).to(device)
+            out = enc(pixels, with_pooled=model.fusion.uses_image_pooled)
+            slots = [row_slot[rows[i]] for i, _ in todo]
+            if "image_tokens" in arrays:
                 arrays["image_tokens"][slots] = out.tokens.float().cpu().numpy().astype(np_dtype)
-                if "image_pooled" in arrays:
-                    arrays["image_pooled"][slots] = out.pooled.float().cpu().numpy().astype(np_dtype)
-        if text_frozen:
-            texts = [dataset.texts[i] for i in idx]
-            tokens = enc_txt.tokenize(texts, padding="max_length")
-            out = enc_txt(tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
+            if "image_pooled" in arrays:
+                arrays["image_pooled"][slots] = out.pooled.float().cpu().numpy().astype(np_dtype)
+    _save(arrays, folder)
+
+
+@torch.no_grad()
+def _compute_text(model, dataset: ImageTextDataset, folder: Path, dtype: str, batch_size: int, device):
+    """Runs the frozen text tower over every example's text (no image is read)."""
+    np_dtype = np.float16 if dtype == "float16" else np.float32
+    n, enc = len(dataset), model.text_encoder
+    arrays: dict[str, np.ndarray] = {"text_pooled": np.zeros((n, enc.dim), np_dtype)}
+    if model.fusion.uses_tokens:
+        shape = (n, enc.max_length, enc.dim)
+        arrays["text_tokens"] = np.lib.format.open_memmap(folder / "text_tokens.npy", "w+", np_dtype, shape)
+        arrays["text_mask"] = np.zeros((n, enc.max_length), np.bool_)
+    for idx in _batches(n, batch_size, f"caching frozen text features ({folder.name[:24]})"):
+        tokens = enc.tokenize([dataset.texts[i] for i in idx], padding="max_length")
+        out = enc(tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
+        arrays["text_pooled"][idx] = out.pooled.float().cpu().numpy().astype(np_dtype)
+        if "text_tokens" in arrays:
             arrays["text_tokens"][idx] = out.tokens.float().cpu().numpy().astype(np_dtype)
             arrays["text_mask"][idx] = out.mask.cpu().numpy()
-            arrays["text_pooled"][idx] = out.pooled.float().cpu().numpy().astype(np_dtype)
-        progress.update(len(idx))
-    progress.close()
-    model.train(was_training)
+    _save(arrays, folder)
+
+
+def _save(arrays: dict[str, np.ndarray], folder: Path) -> None:
     for name, array in arrays.items():
         if isinstance(array, np.memmap):
             array.flush()
@@ -203,18 +222,39 @@ def _compute(model, dataset: ImageTextDataset, folder: Path, dtype: str, batch_s
             np.save(folder / f"{name}.npy", array)
 
 
+_COMPUTE = {"image": _compute_image, "text": _compute_text}
+_FEATURES = {"image": ("image_tokens", "image_pooled"), "text": ("text_tokens", "text_mask", "text_pooled")}
+
+
 @dataclass
 class CachedDataset(Dataset):
-    """The examples of a dataset with frozen towers' features (and the labels) read from a cache folder."""
+    """The examples of a dataset with its frozen towers' features read from their cache folders (one per
+    tower); with the image tower cached, the labels come from the cache too and no image is decoded."""
 
     base: ImageTextDataset
-    folder: Path
+    folders: dict[str, Path]  # tower -> its cache folder
 
     def __post_init__(self) -> None:
-        self.arrays = {p.stem: np.load(p, mmap_mode="r") for p in sorted(self.folder.glob("*.npy"))}
+        self.arrays = {
+            p.stem: np.load(p, mmap_mode="r")
+            for folder in self.folders.values()
+            for p in sorted(folder.glob("*.npy"))
+        }
         self.counts = self.base.counts
         self.labels = list(label_fields(self.base))
         self.example_type = type(self.base.placeholder())
+
+    @property
+    def texts(self) -> list[str]:
+        return self.base.texts
+
+    @property
+    def image_ids(self) -> list[int]:
+        return self.base.image_ids
+
+    @property
+    def image_size(self) -> int:
+        return self.base.image_size
 
     def __len__(self) -> int:
         return len(self.base)
@@ -223,46 +263,62 @@ class CachedDataset(Dataset):
         self.base.set_epoch(epoch)
 
     def describe(self) -> str:
-        return self.base.describe() + f"; frozen features from {self.folder}"
+        where = ", ".join(f"{tower} from {folder}" for tower, folder in self.folders.items())
+        return self.base.describe() + f"; frozen features: {where}"
+
+    def blank_features(self) -> dict[str, torch.Tensor]:
+        """Zero features of one example (a bad row's placeholder), one real token in the text mask."""
+        blank = {
+            k: torch.zeros(a.shape[1:], dtype=torch.bool if k == "text_mask" else torch.float32)
+            for k, a in self.arrays.items()
+            if k in _FEATURES["image"] + _FEATURES["text"]
+        }
+        if "text_mask" in blank:
+            blank["text_mask"][0] = True
+        return blank
+
+    def text_features(self, i: int) -> dict[str, torch.Tensor]:
+        """The cached text features of example ``i`` (empty when the text tower is not cached)."""
+        return {
+            k: torch.from_numpy(
+                np.array(self.arrays[k][i], dtype=np.bool_ if k == "text_mask" else np.float32)
+            )
+            for k in _FEATURES["text"]
+            if k in self.arrays
+        }
+
+    def _image_features(self, i: int) -> dict[str, torch.Tensor]:
+        row = int(self.arrays["image_row"][i])
+        return {
+            k: torch.from_numpy(np.array(self.arrays[k][row], dtype=np.float32))
+            for k in _FEATURES["image"]
+            if k in self.arrays
+        }
+
+    def _bad(self, i: int, bad: Any) -> BadExample:
+        """Example ``i`` as a bad row, its placeholder given blank features (batches stack alike)."""
+        if not isinstance(bad, BadExample):
+            bad = self.base[i]  # re-read the row to tell why (bad rows are few)
+            bad = bad if isinstance(bad, BadExample) else self.base.bad("bad_row", f"example {i}")
+        bad.placeholder.features = self.blank_features()
+        if "image" in self.folders:
+            bad.placeholder.pixel_values = None
+        return bad
 
     def __getitem__(self, i: int) -> Any:
-        a = self.arrays
-        if not a["valid"][i]:
-            # Re-read the row to tell why (bad rows are few); the placeholder gets blank features.
-            bad = self.base[i]
-            bad = bad if isinstance(bad, BadExample) else self.base.bad("bad_row", f"example {i}")
-            blank = {
-                k: torch.zeros(a[k].shape[1:], dtype=torch.float32)
-                for k in a
-                if k.startswith(("image_t", "image_p", "text_t", "text_p"))
-            }
-            if "text_mask" in a:
-                blank["text_mask"] = torch.zeros(a["text_mask"].shape[1:], dtype=torch.bool)
-                blank["text_mask"][0] = True
-            placeholder = bad.placeholder
-            placeholder.features = blank
-            if "image_tokens" in a:
-                placeholder.pixel_values = None
-            return bad
-        features: dict[str, torch.Tensor] = {}
-        if "image_tokens" in a:
-            row = int(a["image_row"][i])
-            features["image_tokens"] = torch.from_numpy(np.array(a["image_tokens"][row], dtype=np.float32))
-            if "image_pooled" in a:
-                features["image_pooled"] = torch.from_numpy(
-                    np.array(a["image_pooled"][row], dtype=np.float32)
-                )
+        if "image" in self.folders:
+            if not self.arrays["valid"][i]:
+                return self._bad(i, None)
+            features = self._image_features(i)
+            labels = {name: torch.from_numpy(np.array(self.arrays[name][i])) for name in self.labels}
             pixel_values = None
         else:
             live = self.base[i]
             if isinstance(live, BadExample):
-                return live
-            pixel_values = live.pixel_values
-        if "text_tokens" in a:
-            features["text_tokens"] = torch.from_numpy(np.array(a["text_tokens"][i], dtype=np.float32))
-            features["text_mask"] = torch.from_numpy(np.array(a["text_mask"][i]))
-            features["text_pooled"] = torch.from_numpy(np.array(a["text_pooled"][i], dtype=np.float32))
-        labels = {name: torch.from_numpy(np.array(a[name][i])) for name in self.labels}
+                return self._bad(i, live)
+            features, pixel_values = {}, live.pixel_values
+            labels = {name: getattr(live, name) for name in self.labels}
+        features.update(self.text_features(i))
         return self.example_type(
             pixel_values=pixel_values, text=self.base.texts[i], features=features, **labels
         )
@@ -277,24 +333,34 @@ def cached_dataset(
     batch_size: int,
     accelerator,
 ) -> CachedDataset:
-    """The cached version of ``dataset``: reuses a folder with the same key, or computes one (on the main
-    process; the others wait and then read it)."""
-    key = cache_key(model, dataset, split, dtype)
+    """The cached version of ``dataset``: each frozen tower's features from the folder with its key,
+    computed first if there is none (on the main process; the others wait and then read it)."""
     root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    folder = root / f"{split}-{_digest(key)}"
-    with accelerator.main_process_first():
-        if accelerator.is_main_process and not (folder / META_FILE).is_file():
-            tmp = root / f".tmp-{folder.name}-{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            device = accelerator.device
-            model.to(device)
-            _compute(model, dataset, tmp, dtype, batch_size, device)
-            (tmp / META_FILE).write_text(json.dumps(key, indent=2))
-            if folder.exists():
-                shutil.rmtree(folder)
-            os.replace(tmp, folder)
-            accelerator.print(f"feature cache written: {folder} ({folder_size(folder) / 2**20:.1f} MiB)")
-        elif accelerator.is_main_process:
-            accelerator.print(f"feature cache reused: {folder} ({folder_size(folder) / 2**20:.1f} MiB)")
-    return CachedDataset(dataset, folder)
+    folders = {}
+    for tower in ("image", "text"):
+        if model.tower_is_trainable(tower):
+            continue
+        key = tower_key(model, dataset, split, dtype, tower)
+        folder = root / f"{split}-{tower}-{_digest(key)}"
+        folders[tower] = folder
+        with accelerator.main_process_first():
+            if accelerator.is_main_process and not (folder / META_FILE).is_file():
+                tmp = root / f".tmp-{folder.name}-{os.getpid()}"
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+                encoder = getattr(model, f"{tower}_encoder")
+                home = next(encoder.parameters()).device  # where training wants it (see VLFuseModel)
+                encoder.to(accelerator.device)
+                _COMPUTE[tower](model, dataset, tmp, dtype, batch_size, accelerator.device)
+                encoder.to(home)
+                (tmp / META_FILE).write_text(json.dumps(key, indent=2))
+                if folder.exists():
+                    shutil.rmtree(folder)
+                os.replace(tmp, folder)
+                verb = "written"
+            else:
+                verb = "reused"
+            accelerator.print(
+                f"feature cache {verb} ({tower} tower): {folder} ({folder_size(folder) / 2**20:.1f} MiB)"
+            )
+    return CachedDataset(dataset, folders)

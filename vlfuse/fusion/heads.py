@@ -49,6 +49,7 @@ class ConcatFusion(nn.Module):
     """Pooled image ++ pooled text -> MLP. The simplest baseline; no token interaction."""
 
     output_kind = "vector"
+    uses_tokens = False  # reads the towers' token features (else only their pooled vectors)
     uses_image_pooled = True
     single_modality = False
 
@@ -70,6 +71,7 @@ class TransformerFusion(nn.Module):
     token(s), through a transformer encoder; the first query's output is the fused vector."""
 
     output_kind = "vector"
+    uses_tokens = True  # reads the towers' token features (else only their pooled vectors)
     uses_image_pooled = False
     single_modality = False
 
@@ -161,6 +163,7 @@ class DenseFusion(nn.Module):
     """
 
     output_kind = "dense"
+    uses_tokens = True  # reads the towers' token features (else only their pooled vectors)
     uses_image_pooled = False
     single_modality = False
 
@@ -224,6 +227,7 @@ class ProjectionFusion(nn.Module):
     embedded separately and compared all against all."""
 
     output_kind = "embedding"
+    uses_tokens = False  # reads the towers' token features (else only their pooled vectors)
     uses_image_pooled = True
     # Each modality is embedded on its own: images or texts may come alone.
     single_modality = True

@@ -66,8 +66,8 @@ class Task:
         primary_metric: the metric compared across runs (``recipes/compare.py``'s plot).
         report_metrics: the metrics a comparison table shows.
         fusions: the fusion heads (``model.fusion.name``) it accepts.
-        feature_cache: whether ``train.cache_features`` can serve its datasets (one image and one text
-            per example, labels that are tensors).
+        feature_cache: whether ``train.cache_features`` can serve its datasets (built on
+            ``ImageTextDataset``s with tensor labels; see ``with_cache``).
         bad_rows: what makes a row unusable, for messages.
         data_hint: the settings to check when many rows are unusable.
     """
@@ -97,6 +97,13 @@ class Task:
     def build_dataset(self, cfg: Config, model: TaskModel, split: str, train: bool) -> TaskDataset:
         """The examples of one split, preprocessed for ``model``."""
         raise NotImplementedError
+
+    def with_cache(self, dataset: TaskDataset, cache: Callable[[Any], TaskDataset]) -> TaskDataset:
+        """``dataset`` with its frozen towers' features read through ``cache`` (``train.cache_features``),
+        which takes the ``ImageTextDataset`` of one image and one text per example. A task whose
+        dataset is built over such a dataset (e.g. grouped per image for evaluation) rebuilds it over the
+        cached one."""
+        return cache(dataset)
 
     def collator(self, model: TaskModel, train: bool) -> Callable[[list[Any]], Batch]:
         """Turns a list of examples into a batch dict of tensors, with ``bad_rows`` (the count of unusable

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -114,20 +115,34 @@ class RetrievalImages(Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.base.set_epoch(epoch)
 
-    def _example(self, pixels: torch.Tensor, texts: list[str], image_id: int) -> RetrievalImageExample:
+    def _example(
+        self, pixels: torch.Tensor | None, texts: list[str], image_id: int, features: dict[str, torch.Tensor]
+    ) -> RetrievalImageExample:
         pad = self.max_captions - len(texts)
         valid = torch.tensor([True] * len(texts) + [False] * pad)
-        return RetrievalImageExample(pixels, texts + [""] * pad, valid, torch.tensor(image_id))
+        return RetrievalImageExample(pixels, texts + [""] * pad, valid, torch.tensor(image_id), features)
+
+    def _text_features(self, members: list[int]) -> dict[str, torch.Tensor]:
+        """Cached text features of the captions ``members``, ``[C, ...]`` padded with blanks (none when
+        the text tower runs live)."""
+        blank = {k: v for k, v in self.base.blank_features().items() if k.startswith("text_")}
+        if not blank:
+            return {}
+        rows = [self.base.text_features(i) for i in members] + [blank] * (self.max_captions - len(members))
+        return {k: torch.stack([row[k] for row in rows]) for k in blank}
 
     def __getitem__(self, j: int) -> RetrievalImageExample | BadExample:
         image_id, members = self.groups[j]
-        read = self.base.read_image(members[0])
-        if isinstance(read, BadExample):
-            s = self.base.image_size
-            placeholder = self._example(torch.zeros(3, s, s), [], -1)
-            return BadExample(read.reason, read.detail, placeholder)
-        pixels, _, _ = self.base.pixels(read[1])
-        return self._example(pixels, [self.base.texts[i] for i in members], image_id)
+        first = self.base[members[0]]  # the image (pixels, or its cached features), read once
+        if isinstance(first, BadExample):
+            image = {k: v for k, v in first.placeholder.features.items() if k.startswith("image_")}
+            placeholder = self._example(
+                first.placeholder.pixel_values, [], -1, {**image, **self._text_features([])}
+            )
+            return BadExample(first.reason, first.detail, placeholder)
+        image = {k: v for k, v in first.features.items() if k.startswith("image_")}
+        texts = [self.base.texts[i] for i in members]
+        return self._example(first.pixel_values, texts, image_id, {**image, **self._text_features(members)})
 
 
 class RetrievalCollator(ExampleCollator):
@@ -147,6 +162,13 @@ class RetrievalImagesCollator(ExampleCollator):
 
     def texts(self, examples: list[RetrievalImageExample]) -> list[str]:
         return [t for e in examples for t in e.texts]
+
+    def __call__(self, examples: list[Any]) -> dict[str, torch.Tensor]:
+        batch = super().__call__(examples)
+        for key in ("text_tokens", "text_mask", "text_pooled"):  # cached, [B, C, ...] -> [B * C, ...]
+            if key in batch:
+                batch[key] = batch[key].flatten(0, 1)
+        return batch
 
 
 # ------------------------------------------------------------------------------------ head, loss, metrics
@@ -361,6 +383,7 @@ class RetrievalTask(Task):
     primary_metric = "mean_recall"
     report_metrics = ("i2t_r@1", "t2i_r@1", "t2i_r@5", "mean_recall")
     fusions = ("projection",)
+    feature_cache = True
 
     def build_head(self, cfg, fusion):
         return RetrievalHead(cfg.temperature)
@@ -369,6 +392,11 @@ class RetrievalTask(Task):
         dataset = build_image_text_dataset(RetrievalDataset, cfg, model, split, train)
         # Evaluation encodes each image once, with all of its captions.
         return dataset if train else dataset.by_image()
+
+    def with_cache(self, dataset, cache):
+        if isinstance(dataset, RetrievalImages):  # evaluation: the per-caption examples are cached
+            return RetrievalImages(cache(dataset.base))
+        return cache(dataset)
 
     def collator(self, model, train: bool):
         if train:
