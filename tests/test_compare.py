@@ -38,3 +38,36 @@ def test_compare_recipe_two_modes(tmp_path):
     assert frozen["trainable_parameters"] < e2e["trainable_parameters"]
     png = (out / "comparison.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_compare_computes_each_frozen_towers_cache_once(tmp_path, capsys):
+    import re
+
+    from accelerate.state import AcceleratorState
+    from conftest import tiny_config
+
+    from vlfuse.compare import run_comparison
+
+    cfg = tiny_config(
+        *SMALL_DATA,
+        "model.fusion.name=dense",
+        "compare.modes=[none,text,image,all]",
+        "train.max_steps=2",
+        "train.cache_features=true",
+        f"train.cache_dir={tmp_path / 'cache'}",
+        f"train.output_dir={tmp_path / 'cmp'}",
+    )
+    AcceleratorState._reset_state(True)
+    result = run_comparison(cfg)
+    AcceleratorState._reset_state(True)
+    events = re.findall(r"feature cache (written|reused) \((\w+) tower\)", capsys.readouterr().out)
+    # none writes both towers' features for train + validation; text and image reuse what they freeze;
+    # all caches nothing
+    assert sorted(events) == sorted(
+        [("written", "image")] * 2
+        + [("written", "text")] * 2
+        + [("reused", "image")] * 2
+        + [("reused", "text")] * 2
+    )
+    assert len(list((tmp_path / "cache").iterdir())) == 4
+    assert [r["mode"] for r in result["runs"]] == ["none", "text", "image", "all"]
