@@ -1,15 +1,22 @@
-"""Train throughput and peak memory: end-to-end vs frozen vs frozen + feature cache vs a bare PyTorch loop.
+"""Train throughput, peak memory and checkpoint size: end-to-end vs frozen vs frozen + feature cache vs a
+bare PyTorch loop, for grounding and retrieval.
 
     python benchmarks/throughput.py                   # resnet50 @224 px + a 6-layer 384-wide BERT
     python benchmarks/throughput.py --preset default  # the embedded default model (shapes.yaml)
-    python benchmarks/throughput.py --steps 20 --warmup 3 --batch-size 32
+    python benchmarks/throughput.py --steps 20 --warmup 3 --batch-size 32 --tasks grounding
 
 Each measurement runs in its own process (so peak memory is its own): vlfuse's loop (`vlfuse.training.train`,
 Accelerate included) for trainable_encoders=all, none, and none with train.cache_features=true (the one-off
-caching time reported separately), and for each the same modules in a bare PyTorch loop (plain DataLoader,
-AdamW, no Accelerate) as the floor. Train samples/s are steady state (warm-up steps excluded, evaluation
-excluded). Peak memory is the process's peak RSS on CPU, max_memory_allocated on GPU. The bare loop also
-splits its time into data loading, forward, backward and optimizer.
+caching time reported separately), and for grounding the same modules in a bare PyTorch loop (plain
+DataLoader, AdamW, no Accelerate) as the floor. Retrieval (the projection fusion over pooled vectors,
+LiT-style) is measured end-to-end and frozen + cache. Train samples/s are steady state (warm-up steps
+excluded, evaluation excluded); cached runs measure ten times as many steps (they are that much shorter).
+Peak memory is the process's peak RSS on CPU, max_memory_allocated on GPU. The bare loop also splits its
+time into data loading, forward, backward and optimizer. Checkpoint bytes are those of the resumable
+checkpoint each vlfuse run writes at its end (slim: frozen weights are fingerprinted, not saved).
+
+Targets (issue 14), printed as ratios at the end: retrieval frozen + cache >= 30x end-to-end samples/s;
+grounding frozen + cache, vlfuse's loop >= 0.95 of the bare loop; checkpoint bytes none <= 12% of all.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+RECIPE_DIR = {"grounding": "grounding", "retrieval": "retrieval"}
 
 
 def _text_encoder_folder(preset: str, folder: Path) -> str:
@@ -47,14 +55,18 @@ def _text_encoder_folder(preset: str, folder: Path) -> str:
     return str(folder)
 
 
-def _config(args, mode: str, cache: bool, work: Path):
+def _steps(args, cache: bool) -> int:
+    return args.steps * (10 if cache else 1)
+
+
+def _config(args, task: str, mode: str, cache: bool, work: Path):
     from vlfuse.config import load_config
 
     overrides = [
         f"model.trainable_encoders={mode}",
         f"train.cache_features={str(cache).lower()}",
         f"train.batch_size={args.batch_size}",
-        f"train.max_steps={args.warmup + args.steps}",
+        f"train.max_steps={args.warmup + _steps(args, cache)}",
         f"train.log_every={args.warmup}",
         "train.eval_every=1000000",
         "train.checkpoint_every=1000000",
@@ -65,7 +77,7 @@ def _config(args, mode: str, cache: bool, work: Path):
         "data.max_eval_samples=8",
     ]
     if args.preset == "default":
-        return load_config(ROOT / "recipes/configs/grounding/shapes.yaml", overrides)
+        return load_config(ROOT / f"recipes/configs/{RECIPE_DIR[task]}/shapes.yaml", overrides)
     # The realistic pair starts from the schema's defaults, not shapes.yaml (whose tiny CNN runs at
     # output_stride 8): the default fusion head (transformer) and training settings.
     overrides += [
@@ -76,8 +88,15 @@ def _config(args, mode: str, cache: bool, work: Path):
         f"model.text_encoder.name={_text_encoder_folder('realistic', work / 'bert')}",
         "model.text_encoder.pretrained=false",
         "model.text_encoder.max_length=16",
-        "model.fusion.name=transformer",
     ]
+    if task == "retrieval":
+        overrides += [
+            "model.task=retrieval",
+            "model.fusion.name=projection",
+            "data.columns={image: image, text: captions}",
+        ]
+    else:
+        overrides.append("model.fusion.name=transformer")
     return load_config(None, overrides)
 
 
@@ -91,10 +110,10 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_vlfuse(args, mode: str, cache: bool, work: Path) -> dict:
-    from vlfuse.training import train
+def run_vlfuse(args, task: str, mode: str, cache: bool, work: Path) -> dict:
+    from vlfuse.training import list_checkpoints, train
 
-    cfg = _config(args, mode, cache, work)
+    cfg = _config(args, task, mode, cache, work)
     caching_s = 0.0
     if cache:  # build the cache first, timed on its own; train() then reuses it
         import torch
@@ -106,7 +125,7 @@ def run_vlfuse(args, mode: str, cache: bool, work: Path) -> dict:
 
         torch.manual_seed(cfg.train.seed)
         model = VLFuseModel(cfg.model)
-        dataset = get_task("grounding").build_dataset(cfg, model, "train", train=True)
+        dataset = get_task(task).build_dataset(cfg, model, "train", train=True)
         t0 = time.perf_counter()
         cached_dataset(model, dataset, "train", cfg.train.cache_dir, cfg.train.cache_dtype, 64, Accelerator())
         caching_s = time.perf_counter() - t0
@@ -115,10 +134,16 @@ def run_vlfuse(args, mode: str, cache: bool, work: Path) -> dict:
         AcceleratorState._reset_state(True)
     train(cfg)
     summary = json.loads((Path(cfg.train.output_dir) / "summary.json").read_text())
-    return {"samples_per_s": summary["train_samples_per_s"], "peak_mb": _peak_mb(), "caching_s": caching_s}
+    checkpoint = list_checkpoints(Path(cfg.train.output_dir) / "checkpoints")[-1]
+    return {
+        "samples_per_s": summary["train_samples_per_s"],
+        "peak_mb": _peak_mb(),
+        "caching_s": caching_s,
+        "checkpoint_bytes": sum(p.stat().st_size for p in checkpoint.iterdir() if p.is_file()),
+    }
 
 
-def run_bare(args, mode: str, cache: bool, work: Path) -> dict:
+def run_bare(args, task_name: str, mode: str, cache: bool, work: Path) -> dict:
     """The same model, data and optimizer in a plain loop: the floor for vlfuse's loop."""
     import torch
     from torch.utils.data import DataLoader
@@ -126,11 +151,12 @@ def run_bare(args, mode: str, cache: bool, work: Path) -> dict:
     from vlfuse.model import VLFuseModel
     from vlfuse.tasks import get_task
 
-    cfg = _config(args, mode, cache, work)
+    cfg = _config(args, task_name, mode, cache, work)
+    steps = _steps(args, cache)
     torch.manual_seed(cfg.train.seed)
     torch.set_num_threads(os.cpu_count() or 1)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    task = get_task("grounding")
+    task = get_task(task_name)
     model = VLFuseModel(cfg.model)
     dataset = task.build_dataset(cfg, model, "train", train=True)
     if cache:
@@ -141,7 +167,7 @@ def run_bare(args, mode: str, cache: bool, work: Path) -> dict:
         dataset = cached_dataset(
             model, dataset, "train", cfg.train.cache_dir, cfg.train.cache_dtype, 64, Accelerator()
         )
-    model.to(device).train()
+    model.place(device, keep_on_cpu=["image", "text"] if cache else []).train()  # as vlfuse's loop does
     loader = DataLoader(
         dataset,
         batch_size=cfg.train.batch_size,
@@ -156,7 +182,7 @@ def run_bare(args, mode: str, cache: bool, work: Path) -> dict:
     phases = {"data": 0.0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0}
     done, samples, start = 0, 0, None
     iterator = iter(loader)
-    while done < args.warmup + args.steps:
+    while done < args.warmup + steps:
         t0 = time.perf_counter()
         try:
             batch = next(iterator)
@@ -182,86 +208,49 @@ def run_bare(args, mode: str, cache: bool, work: Path) -> dict:
         if done == args.warmup:
             start = time.perf_counter()
         elif done > args.warmup:
-            samples += batch["boxes"].shape[0]
+            samples += batch["valid"].shape[0]
             for name, (a, b) in zip(phases, ((t0, t1), (t1, t2), (t2, t3), (t3, t4)), strict=True):
                 phases[name] += b - a
     elapsed = time.perf_counter() - start
     return {
         "samples_per_s": samples / elapsed,
         "peak_mb": _peak_mb(),
-        "phases_ms_per_step": {k: 1000 * v / args.steps for k, v in phases.items()},
+        "phases_ms_per_step": {k: 1000 * v / steps for k, v in phases.items()},
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--preset", choices=("realistic", "default"), default="realistic")
-    parser.add_argument("--steps", type=int, default=8, help="measured steps per run")
-    parser.add_argument("--warmup", type=int, default=2, help="steps excluded from the measurement")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--train-images", type=int, default=400, help="embedded train images (cache size)")
-    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one measurement, print JSON
-    args = parser.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    if args.one:
-        loop, mode, cache = args.one.split(":")
-        with tempfile.TemporaryDirectory() as tmp:
-            work = Path(os.environ.get("VLFUSE_BENCH_WORK", tmp))
-            runner = run_vlfuse if loop == "vlfuse" else run_bare
-            result = runner(args, mode, cache == "cache", work)
-        print("RESULT " + json.dumps(result))
-        return
-    shared = Path(tempfile.mkdtemp(prefix="vlfuse-bench-"))  # the cache is shared by the runs that use it
-    rows = {}
-    for label, loop, mode, cache in [
+RUNS = {  # label -> (task, loop, trainable_encoders, cache)
+    "grounding": [
         ("end-to-end (all)", "vlfuse", "all", "live"),
         ("frozen (none)", "vlfuse", "none", "live"),
         ("frozen + cache", "vlfuse", "none", "cache"),
         ("bare all", "bare", "all", "live"),
         ("bare none", "bare", "none", "live"),
         ("bare none + cache", "bare", "none", "cache"),
-    ]:
-        cmd = [
-            sys.executable,
-            __file__,
-            "--one",
-            f"{loop}:{mode}:{cache}",
-            "--preset",
-            args.preset,
-            "--steps",
-            str(args.steps),
-            "--warmup",
-            str(args.warmup),
-            "--batch-size",
-            str(args.batch_size),
-            "--train-images",
-            str(args.train_images),
-        ]
-        env = {**os.environ, "VLFUSE_BENCH_WORK": str(shared / f"{loop}-{mode}-{cache}")}
-        if cache == "cache":
-            env["VLFUSE_BENCH_WORK"] = str(shared / f"{loop}-cache")
-        print(f"running {label} ...", flush=True)
-        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
-        if out.returncode != 0 or not line:
-            sys.exit(f"{label} failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
-        rows[label] = json.loads(line[0][len("RESULT ") :])
-    import torch
+    ],
+    "retrieval": [
+        ("end-to-end (all)", "vlfuse", "all", "live"),
+        ("frozen + cache", "vlfuse", "none", "cache"),
+    ],
+}
 
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
-    print(
-        f"\npreset={args.preset} batch={args.batch_size} steps={args.steps} "
-        f"(+{args.warmup} warm-up) on {device}"
+
+def _measure(args, task: str, loop: str, mode: str, cache: str, shared: Path) -> dict:
+    cmd = [sys.executable, __file__, "--one", f"{task}:{loop}:{mode}:{cache}", "--preset", args.preset]
+    for flag in ("steps", "warmup", "batch_size", "train_images"):
+        cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    work = shared / (f"{task}-{loop}-cache" if cache == "cache" else f"{task}-{loop}-{mode}-{cache}")
+    out = subprocess.run(
+        cmd, capture_output=True, text=True, env={**os.environ, "VLFUSE_BENCH_WORK": str(work)}
     )
-    print(f"{'run':<20} {'samples/s':>10} {'peak MiB':>10}")
-    for label, r in rows.items():
-        print(f"{label:<20} {r['samples_per_s']:>10.1f} {r['peak_mb']:>10.0f}")
+    line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+    if out.returncode != 0 or not line:
+        sys.exit(f"{task} {loop} {mode} {cache} failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
+    return json.loads(line[0][len("RESULT ") :])
+
+
+def _report_grounding(rows: dict) -> None:
     e2e = rows["end-to-end (all)"]
-    print(f"\none-off caching time: {rows['frozen + cache']['caching_s']:.1f} s")
-    print("ratios:")
     print(
         "  frozen + cache / end-to-end samples/s: "
         f"{rows['frozen + cache']['samples_per_s'] / e2e['samples_per_s']:.2f}x"
@@ -279,10 +268,66 @@ def main() -> None:
         ("frozen + cache", "bare none + cache"),
     ):
         print(f"  vlfuse / bare loop, {vl:<17} {rows[vl]['samples_per_s'] / rows[bare]['samples_per_s']:.3f}")
-    print("\nwhere a bare step's time goes (ms per step):")
+    none_mb, all_mb = (rows[k]["checkpoint_bytes"] / 2**20 for k in ("frozen (none)", "end-to-end (all)"))
+    print(
+        f"  checkpoint bytes none / all:           {none_mb / all_mb:.3f} ({none_mb:.1f} / {all_mb:.1f} MiB)"
+    )
+    print("  where a bare step's time goes (ms per step):")
     for bare in ("bare all", "bare none", "bare none + cache"):
         phases = rows[bare]["phases_ms_per_step"]
-        print(f"  {bare:<18} " + ", ".join(f"{k} {v:.0f}" for k, v in phases.items()))
+        print(f"    {bare:<18} " + ", ".join(f"{k} {v:.0f}" for k, v in phases.items()))
+
+
+def _report_retrieval(rows: dict) -> None:
+    e2e, cached = rows["end-to-end (all)"], rows["frozen + cache"]
+    print(f"  frozen + cache / end-to-end samples/s: {cached['samples_per_s'] / e2e['samples_per_s']:.1f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--preset", choices=("realistic", "default"), default="realistic")
+    parser.add_argument(
+        "--tasks", default="grounding,retrieval", help="comma-separated: grounding, retrieval"
+    )
+    parser.add_argument("--steps", type=int, default=8, help="measured steps per run (x10 for cached runs)")
+    parser.add_argument("--warmup", type=int, default=2, help="steps excluded from the measurement")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--train-images", type=int, default=400, help="embedded train images (cache size)")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one measurement, print JSON
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if args.one:
+        task, loop, mode, cache = args.one.split(":")
+        with tempfile.TemporaryDirectory() as tmp:
+            work = Path(os.environ.get("VLFUSE_BENCH_WORK", tmp))
+            runner = run_vlfuse if loop == "vlfuse" else run_bare
+            result = runner(args, task, mode, cache == "cache", work)
+        print("RESULT " + json.dumps(result))
+        return
+    import torch
+
+    shared = Path(tempfile.mkdtemp(prefix="vlfuse-bench-"))  # the cache is shared by the runs that use it
+    results = {}
+    for task in args.tasks.split(","):
+        if task not in RUNS:
+            sys.exit(f"--tasks: unknown task {task!r}; choose from {', '.join(RUNS)}")
+        rows = results[task] = {}
+        for label, loop, mode, cache in RUNS[task]:
+            print(f"running {task}: {label} ...", flush=True)
+            rows[label] = _measure(args, task, loop, mode, cache, shared)
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    steps = f"steps={args.steps} (+{args.warmup} warm-up)"
+    print(f"\npreset={args.preset} batch={args.batch_size} {steps} on {device}")
+    for task, rows in results.items():
+        print(f"\n{task}\n{'run':<20} {'samples/s':>10} {'peak MiB':>10} {'ckpt MiB':>9}")
+        for label, r in rows.items():
+            ckpt = f"{r['checkpoint_bytes'] / 2**20:>9.1f}" if "checkpoint_bytes" in r else f"{'-':>9}"
+            print(f"{label:<20} {r['samples_per_s']:>10.1f} {r['peak_mb']:>10.0f} {ckpt}")
+        print(f"one-off caching time: {rows['frozen + cache']['caching_s']:.1f} s; ratios:")
+        {"grounding": _report_grounding, "retrieval": _report_retrieval}[task](rows)
 
 
 if __name__ == "__main__":
