@@ -316,7 +316,7 @@ def test_retrieval_run_with_and_without_cache_reach_the_same_metrics(tmp_path, m
 
 
 def test_towers_served_by_the_cache_stay_off_the_accelerator():
-    from vlfuse.training import towers_served_by_cache
+    from vlfuse.training import accelerator_weights_mib, towers_served_by_cache
 
     accelerator = Accelerator(cpu=True)
     decide = {
@@ -337,6 +337,10 @@ def test_towers_served_by_the_cache_stay_off_the_accelerator():
     )
     devices = {name.split(".")[0]: p.device.type for name, p in model.named_parameters()}
     assert devices == {"image_encoder": "cpu", "text_encoder": "meta", "fusion": "meta", "head": "meta"}
+    on_meta = [*model.text_encoder.parameters(), *model.text_encoder.buffers(), *model.fusion.parameters()]
+    on_meta += [*model.fusion.buffers(), *model.head.parameters(), *model.head.buffers()]
+    expected_mib = sum(t.numel() * t.element_size() for t in on_meta) / 2**20
+    assert accelerator_weights_mib(model, torch.device("meta")) == pytest.approx(expected_mib)
     ignored = model.tower_state_names(["image"])
     assert ignored and all(n.startswith("image_encoder.") for n in ignored)
     assert any(n.endswith("running_mean") for n in ignored)  # buffers too: DDP would broadcast them
@@ -376,6 +380,9 @@ def test_a_cached_tower_never_runs_and_the_saved_model_is_whole(tmp_path, monkey
     again = train(tiny_config(*common, f"train.output_dir={tmp_path / 'again'}"), on_end=on_end)
     assert "left on the CPU, never run" in capsys.readouterr().out
     assert seen["image_encoder"] == seen["text_encoder"] == "cpu"
+    summary = json.loads((tmp_path / "again" / "summary.json").read_text())
+    assert summary["towers_served_by_cache"] == ["image", "text"]
+    assert summary["accelerator_weights_mib"] is None  # a CPU run
     assert again["validation"]["acc@0.5"] == first["validation"]["acc@0.5"]
     assert again["validation"]["miou"] == pytest.approx(first["validation"]["miou"], abs=1e-6)
     # final/ holds both towers and predicts from raw inputs

@@ -188,6 +188,14 @@ def towers_served_by_cache(cfg: Config, accelerator: Accelerator) -> list[str]:
     ]
 
 
+def accelerator_weights_mib(model: torch.nn.Module, device: torch.device) -> float | None:
+    """MiB of weights and buffers held in accelerator memory (None on a CPU run)."""
+    if device.type == "cpu":
+        return None
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors if t.device.type == device.type) / 2**20
+
+
 def prepare_model(accelerator: Accelerator, cfg: Config, model: VLFuseModel, optimizer, train_loader):
     """``accelerator.prepare`` for the model, optimizer and train loader, leaving the towers the cache
     serves on the CPU (DDP is told to ignore their weights, which it would otherwise broadcast)."""
@@ -536,6 +544,8 @@ def finish(
         "frozen_parameters": counts["frozen"],
         "parameters": counts["per_part"],
         "tuning": {"image": cfg.model.image_encoder.tuning, "text": cfg.model.text_encoder.tuning},
+        "towers_served_by_cache": towers_served_by_cache(cfg, accelerator),
+        "accelerator_weights_mib": accelerator_weights_mib(run.model, accelerator.device),
         "last_loss": state.last_loss,
         "time_data_s": meter.data,
         "time_step_s": meter.step,
