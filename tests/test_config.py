@@ -1,6 +1,6 @@
 import pytest
 
-from vlfuse.config import ConfigError, load_config, parse_cli, to_yaml
+from vlfuse.config import ConfigError, load_cli_config, load_config, parse_cli, to_yaml
 
 
 def test_defaults_match_design():
@@ -66,8 +66,8 @@ def test_parse_cli_and_yaml_round_trip(tmp_path):
         (["model.fusion.name=projection"], "projection serves retrieval only"),
         (["model.task=classification", "model.fusion.name=projection"], "projection serves retrieval only"),
         (
-            ["model.task=retrieval", "model.fusion.name=projection", "train.cache_features=true"],
-            "model.task=grounding, classification only \\(not retrieval\\)",
+            ["model.task=matching", "train.cache_features=true"],
+            "model.task=grounding, retrieval, classification only \\(not matching\\)",
         ),
         (["model.task=classification", "data.hflip_prob=0.5"], "data.hflip_prob=0.5 with model.task"),
         (["model.task=vqa"], "'model.task'; allowed: grounding, retrieval, classification"),
@@ -108,3 +108,32 @@ def test_split_slices(tmp_path):
         load_split(cfg, "test[20:]")
     with pytest.raises(DataError, match="has no split 'train'"):
         load_split(cfg, "train[:2]")
+
+
+SHAPES = "recipes/configs/grounding/shapes.yaml"
+
+
+def test_another_image_encoder_does_not_inherit_the_default_configs_kwargs():
+    # shapes.yaml's tiny CNN runs at output_stride 8; a user's encoder must not get it by accident
+    assert load_cli_config([], SHAPES, task="grounding").model.image_encoder.kwargs == {"output_stride": 8}
+    other = load_cli_config(["model.image_encoder.name=resnet18"], SHAPES, task="grounding")
+    assert other.model.image_encoder.kwargs == {}
+    given = load_cli_config(
+        ["model.image_encoder.name=resnet18", "model.image_encoder.kwargs.output_stride=16"],
+        SHAPES,
+        task="grounding",
+    )
+    assert given.model.image_encoder.kwargs == {"output_stride": 16}
+    same = load_cli_config(["model.image_encoder.name=test_resnet"], SHAPES, task="grounding")
+    assert same.model.image_encoder.kwargs == {"output_stride": 8}  # the same encoder keeps them
+    # a file naming another encoder drops them too (the schema default has none, shapes.yaml has some)
+    assert load_config(SHAPES, ["model.image_encoder.name=convnext_atto"]).model.image_encoder.kwargs == {}
+
+
+def test_a_mapping_on_the_command_line_replaces_the_mapping():
+    emptied = load_cli_config(["model.image_encoder.kwargs={}"], SHAPES, task="grounding")
+    assert emptied.model.image_encoder.kwargs == {}
+    columns = load_cli_config(["data.columns={image: img, text: caption}"], SHAPES, task="grounding")
+    assert columns.data.columns == {"image": "img", "text": "caption"}  # no "box" left from the file
+    one = load_cli_config(["data.columns.image=img"], SHAPES, task="grounding")
+    assert one.data.columns == {"image": "img", "text": "text", "box": "box"}  # one entry changed

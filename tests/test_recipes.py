@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -69,6 +70,9 @@ def test_recipe_through_accelerate_launch_and_resume(tmp_path, mode):
 
     resumed = launch("grounding.py", *common, "train.max_steps=6", "train.resume_from=latest")
     assert "at step 4" in resumed.stdout
+    # output captured (no terminal): plain progress lines, no progress-bar frames
+    assert "\r" not in resumed.stdout + resumed.stderr
+    assert re.search(r"train step 6/6 \(100%\): loss [\d.]+, lr [\d.e+-]+, [\d.]+ samples/s", resumed.stdout)
     records = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in records] == [2, 4, 6]
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step_4", "step_6"]  # keep_last=2

@@ -13,11 +13,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+import yaml
 from accelerate.state import PartialState
 
+from vlfuse.card import write_card
 from vlfuse.config import TUNING, Config
+from vlfuse.model import CONFIG_NAME
 from vlfuse.tasks import get_task
-from vlfuse.training import eval_splits, train
+from vlfuse.training import eval_splits, push_final, train
 
 
 def run_comparison(cfg: Config) -> dict[str, Any]:
@@ -59,7 +62,25 @@ def run_comparison(cfg: Config) -> dict[str, Any]:
         (root / "comparison.json").write_text(json.dumps(result, indent=2))
         (root / "comparison.md").write_text(comparison_markdown(result))
         plot_comparison(result, root / "comparison.png")
+        for row in rows:  # each mode's model card gets the table; then, if asked, each goes to the Hub
+            final = Path(row["run_dir"]) / "final"
+            add_comparison_to_card(final, result)
+            if cfg.train.push_to_hub:
+                push_final(cfg, final, suffix=f"-{row['mode']}")
     return result
+
+
+def add_comparison_to_card(final: Path, comparison: dict[str, Any]) -> None:
+    """Rewrites a compared run's model card (``final/README.md``) with the comparison table."""
+    run_dir = final.parent
+    meta = json.loads((final / CONFIG_NAME).read_text())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    run = {
+        "config": yaml.safe_load((run_dir / "config.yaml").read_text()),
+        "summary": summary,
+        "comparison": comparison,
+    }
+    write_card(final, meta["model"], summary["parameters"], run)
 
 
 def mode_config(cfg: Config, mode: str) -> Config:
@@ -73,6 +94,7 @@ def mode_config(cfg: Config, mode: str) -> Config:
         run_cfg.model.trainable_encoders = mode
     if run_cfg.model.trainable_encoders == "all":
         run_cfg.train.cache_features = False
+    run_cfg.train.push_to_hub = False  # pushed after the comparison, with the table in each card
     return run_cfg
 
 

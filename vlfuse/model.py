@@ -7,16 +7,18 @@ task builds the head and decodes ``predict``.
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from huggingface_hub import snapshot_download
+from huggingface_hub import HfApi, snapshot_download
 from PIL import Image
 from safetensors.torch import load_model, save_file, save_model
 from torch import nn
 
+from vlfuse.card import write_card
 from vlfuse.data.transforms import letterbox, to_tensor
 from vlfuse.encoders import EncoderOutput, ImageEncoder, TextEncoder
 from vlfuse.encoders.tuning import freeze_mode, lora_state, merge_lora_state
@@ -344,17 +346,27 @@ class VLFuseModel(nn.Module):
         return self.task.class_names(self.config)
 
     # ------------------------------------------------------------------------------------- save / load
-    def save_pretrained(self, folder: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
-        """Writes the config, preprocessing settings, the text tower's config and tokenizer, and all weights
-        (safetensors) to ``folder``: everything needed to rebuild the model with no network.
+    def save_pretrained(
+        self,
+        folder: str | Path,
+        state_dict: dict[str, torch.Tensor] | None = None,
+        run: dict[str, Any] | None = None,
+    ) -> Path:
+        """Writes the config, preprocessing settings, the text tower's config and tokenizer, all weights
+        (safetensors) and the model card (``README.md``) to ``folder``: everything needed to rebuild the
+        model with no network, and to know how it was trained.
 
         Args:
             folder: created if missing.
             state_dict: weights to write instead of this module's own (a full state dict gathered from a
                 sharded FSDP/DeepSpeed model by ``accelerator.get_state_dict``).
+            run: what the card reports about training (``vlfuse.card.render``): the resolved config and
+                the run's summary, and a comparison table; without it the card describes the model only.
         """
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
+        parameters = run["summary"]["parameters"] if run else self.parameter_counts()
+        write_card(folder, to_dict(self.config), parameters, run)
         lora_towers = [attr for attr in TOWER_ATTRS.values() if getattr(self, attr).has_adapters]
         meta = {
             "model": to_dict(self.config),
@@ -396,6 +408,29 @@ class VLFuseModel(nn.Module):
             (folder / ADAPTERS_DIR / "adapter_config.json").write_text(json.dumps(configs, indent=2))
         return merged
 
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        token: str | None = None,
+        private: bool | None = None,
+        commit_message: str = "Upload vlfuse model",
+        revision: str | None = None,
+        run: dict[str, Any] | None = None,
+    ) -> str:
+        """Saves the model (``save_pretrained``, card included) and uploads it to the Hub model repository
+        ``repo_id``, created if missing. Returns the commit's URL.
+
+        Args:
+            token: a Hub token; default: ``HF_TOKEN`` or the one ``hf auth login`` stored.
+            private: create the repository private (only when it does not exist yet).
+            revision: a branch to push to (created from the default branch if missing).
+            run: passed to ``save_pretrained`` for the card.
+        """
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = self.save_pretrained(tmp, run=run)
+            return push_folder(folder, repo_id, token, private, commit_message, revision)
+
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str | Path, revision: str | None = None) -> VLFuseModel:
         """Loads a model written by ``save_pretrained`` from a folder or a Hub model repository."""
@@ -424,3 +459,32 @@ class VLFuseModel(nn.Module):
         except Exception as err:  # safetensors raises its own error types for damaged files
             raise RuntimeError(f"could not load weights from {weights}: {err}") from err
         return model
+
+
+def push_folder(
+    folder: str | Path,
+    repo_id: str,
+    token: str | None = None,
+    private: bool | None = None,
+    commit_message: str = "Upload vlfuse model",
+    revision: str | None = None,
+) -> str:
+    """Uploads a saved model folder (``final/``) to the Hub model repository ``repo_id`` the way
+    transformers' ``push_to_hub`` does: the repository is created if missing (``private`` applies then),
+    ``revision`` is a branch (created if missing), the token comes from the usual places. Returns the
+    commit's URL."""
+    folder = Path(folder)
+    if not (folder / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"{folder} is not a saved vlfuse model: {CONFIG_NAME} is missing")
+    api = HfApi(token=token)
+    repo = api.create_repo(repo_id, private=private, repo_type="model", exist_ok=True)
+    if revision:
+        api.create_branch(repo.repo_id, branch=revision, repo_type="model", exist_ok=True)
+    commit = api.upload_folder(
+        folder_path=str(folder),
+        repo_id=repo.repo_id,
+        repo_type="model",
+        commit_message=commit_message,
+        revision=revision,
+    )
+    return str(getattr(commit, "commit_url", commit))

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 TRAINABLE_ENCODERS = ("none", "image", "text", "all")
@@ -230,6 +230,12 @@ class TrainConfig:
     cpu_threads: int | None = None
     # Print/log training loss every N steps.
     log_every: int = _at_least(10, 1)
+    # Upload final/ (weights, config, model card) to the Hub at the end of the run (main process only).
+    push_to_hub: bool = False
+    # The Hub model repository to push to ("owner/name" or "name"); null = output_dir's folder name.
+    hub_model_id: str | None = None
+    # Create the repository private (when it does not exist yet); null = the Hub's default.
+    hub_private: bool | None = None
 
 
 @dataclass
@@ -262,9 +268,29 @@ def _describe_allowed(schema: Any, key: str) -> str:
     return ""
 
 
-def _merge(base: Any, other: Any, source: str) -> Any:
+def _replaced(base: Any, layer: Any, dict_literals: Sequence[str] = ()) -> Any:
+    """``base`` prepared for merging ``layer``: the mappings ``layer`` replaces are emptied first.
+
+    - ``model.image_encoder.kwargs`` are encoder-specific (e.g. a tiny CNN's ``output_stride``): when a
+      layer names another image encoder without giving its kwargs, the earlier kwargs are dropped rather
+      than handed to an encoder they were not written for.
+    - ``key={...}`` on the command line replaces that mapping (``key.sub=value`` changes one entry).
+    """
+    name = OmegaConf.select(layer, "model.image_encoder.name")
+    kwargs_given = OmegaConf.select(layer, "model.image_encoder.kwargs") is not None
+    if name is not None and name != OmegaConf.select(base, "model.image_encoder.name") and not kwargs_given:
+        base = base.copy()
+        OmegaConf.update(base, "model.image_encoder.kwargs", {}, merge=False)
+    for key in dict_literals:
+        if isinstance(OmegaConf.select(base, key), DictConfig):
+            base = base.copy()
+            OmegaConf.update(base, key, {}, merge=False)
+    return base
+
+
+def _merge(base: Any, other: Any, source: str, dict_literals: Sequence[str] = ()) -> Any:
     try:
-        return OmegaConf.merge(base, other)
+        return OmegaConf.merge(_replaced(base, other, dict_literals), other)
     except ConfigKeyError as err:
         key = err.full_key or str(err.key)
         allowed = _describe_allowed(Config(), key)
@@ -310,6 +336,10 @@ def validate(cfg: Any, prefix: str = "") -> None:
             cfg.eval_split = list(cfg.eval_split)
 
 
+def _is_mapping(node: Any, override: str) -> bool:
+    return isinstance(OmegaConf.select(node, override.split("=", 1)[0].strip()), DictConfig)
+
+
 def _parse_override(override: str) -> Any:
     """One ``key=value`` override as a config node (the value parsed as YAML)."""
     try:
@@ -347,8 +377,14 @@ def merge_config(
     if bad:
         raise ConfigError(f"overrides must look like key=value (e.g. train.lr=3e-4); got {bad}")
     if overrides:
-        dotlist = OmegaConf.merge(*(_parse_override(o) for o in overrides))
-        cfg = _merge(cfg, dotlist, "command line")
+        parsed = [_parse_override(o) for o in overrides]
+        dict_literals = [
+            o.split("=", 1)[0].strip()
+            for o, node in zip(overrides, parsed, strict=True)
+            if _is_mapping(node, o)
+        ]
+        dotlist = OmegaConf.merge(*parsed)
+        cfg = _merge(cfg, dotlist, "command line", dict_literals)
     obj = OmegaConf.to_object(cfg)
     validate(obj)
     return obj

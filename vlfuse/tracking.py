@@ -4,6 +4,7 @@ training-loss window that the progress bar and ``train_log.jsonl`` show."""
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -128,3 +129,53 @@ class LossWindow:
         totals = accelerator.reduce(self._sums, "sum").tolist()
         self._sums.zero_()
         return dict(zip(self.NAMES, totals, strict=True))
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rest = divmod(seconds, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
+
+
+class Progress:
+    """The training loop's progress: a tqdm bar on a terminal; where stderr is not one (``nohup``, a
+    scheduler, CI), plain lines instead, one per ``train.log_every`` steps, as the HF Trainer logs: a bar's
+    carriage-return frames would pile up into one line of megabytes.
+
+    Args:
+        total: optimizer steps of the run; ``initial``: the step it starts at (a resumed run).
+        enabled: whether this process shows progress (the local main process).
+        interactive: bar or lines; default: whether stderr is a terminal.
+    """
+
+    def __init__(self, total: int, initial: int, enabled: bool, interactive: bool | None = None) -> None:
+        self.total, self.initial, self.enabled = total, initial, enabled
+        self.interactive = _stderr_is_a_terminal() if interactive is None else interactive
+        self.bar = tqdm(total=total, initial=initial, desc="train") if enabled and self.interactive else None
+        self.start = time.perf_counter()
+
+    def update(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def report(self, step: int, loss: float, lr: float, rate: float) -> None:
+        """The loss, learning rate and samples/s at ``step`` (with elapsed time and ETA in plain lines)."""
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.0f}")
+        elif self.enabled:
+            elapsed = time.perf_counter() - self.start
+            done = max(step - self.initial, 1)
+            eta = elapsed / done * (self.total - step)
+            print(
+                f"train step {step}/{self.total} ({step / max(self.total, 1):.0%}): loss {loss:.4f}, "
+                f"lr {lr:.2e}, {rate:.1f} samples/s, elapsed {_clock(elapsed)}, ETA {_clock(eta)}",
+                flush=True,
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _stderr_is_a_terminal() -> bool:
+    return sys.stderr.isatty()

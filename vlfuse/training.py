@@ -30,7 +30,6 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration, set_seed
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from vlfuse.checkpointing import (
@@ -45,9 +44,10 @@ from vlfuse.checkpointing import (
 from vlfuse.config import Config, ConfigError, to_yaml
 from vlfuse.data.feature_cache import cached_dataset
 from vlfuse.data.loading import DataError
-from vlfuse.model import TRAINABLE_TOWERS, VLFuseModel
+from vlfuse.model import TRAINABLE_TOWERS, VLFuseModel, push_folder
+from vlfuse.schema import to_dict
 from vlfuse.tasks import Task, get_task
-from vlfuse.tracking import JsonlWriter, LossWindow, PeakMemory, Throughput
+from vlfuse.tracking import JsonlWriter, LossWindow, PeakMemory, Progress, Throughput
 
 # Bad-data fraction is judged only once this many examples were seen (a few bad rows early on are noise).
 MIN_EXAMPLES_FOR_BAD_FRACTION = 50
@@ -266,8 +266,6 @@ class Run:
     def __post_init__(self) -> None:
         self.metrics_log = JsonlWriter(self.output_dir / "metrics.jsonl", self.accelerator)
         self.train_log = JsonlWriter(self.output_dir / "train_log.jsonl", self.accelerator)
-        if self.cfg.train.log_with:
-            self.accelerator.init_trackers(self.output_dir.name, config={"lr": self.cfg.train.lr})
 
 
 @dataclass
@@ -337,9 +335,7 @@ def train(
     counts = announce(run, len(train_set), total_steps)
 
     meter, window = Throughput(), LossWindow(accelerator.device)
-    progress = tqdm(
-        total=total_steps, initial=state.step, disable=not accelerator.is_local_main_process, desc="train"
-    )
+    progress = Progress(total_steps, state.step, enabled=accelerator.is_local_main_process)
     model.train()
     state.epoch = state.step // steps_per_epoch
     while state.step < total_steps:
@@ -392,6 +388,27 @@ def resume(run: Run) -> TrainState:
     return state
 
 
+def tracker_config(cfg: Config, per_part: dict[str, dict[str, int]]) -> dict[str, Any]:
+    """The run's hyperparameters for the trackers: the whole resolved config flattened to dotted keys
+    (``model.image_encoder.name``, ...), and the trainable / frozen parameter count of each part
+    (``parameters.image_encoder.trainable``, ...). Values are scalars (lists, dicts and None as text), which
+    every tracker accepts."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict) and value:
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        elif isinstance(value, bool | int | float | str):
+            flat[prefix] = value
+        else:
+            flat[prefix] = json.dumps(value)
+
+    walk("", to_dict(cfg))
+    walk("parameters", per_part)
+    return flat
+
+
 def announce(run: Run, train_examples: int, total_steps: int) -> dict[str, Any]:
     """Prints what will train, per tower; returns the parameter counts (total and per part)."""
     per_part = run.accelerator.unwrap_model(run.model).parameter_counts()
@@ -404,6 +421,13 @@ def announce(run: Run, train_examples: int, total_steps: int) -> dict[str, Any]:
         f"{c['trainable']:,} trainable, {c['frozen']:,} frozen"
         for part, c in per_part.items()
     )
+    image, text = model_cfg.image_encoder, model_cfg.text_encoder
+    run.accelerator.print(
+        f"image encoder {image.name} (image_size {image.image_size}, kwargs {dict(image.kwargs)}); "
+        f"text encoder {text.name} (max_length {text.max_length}); fusion {model_cfg.fusion.name}"
+    )
+    if run.cfg.train.log_with:
+        run.accelerator.init_trackers(run.output_dir.name, config=tracker_config(run.cfg, per_part))
     run.accelerator.print(
         f"trainable_encoders={model_cfg.trainable_encoders}: {n_train:,} trainable, {n_frozen:,} frozen "
         f"parameters ({parts}); {train_examples:,} train examples, {total_steps} steps, "
@@ -462,7 +486,9 @@ def count_skipped_step(run: Run, state: TrainState, outcome: StepOutcome) -> Non
         )
 
 
-def log_training(run: Run, state: TrainState, totals: dict[str, float], rate: float, progress) -> None:
+def log_training(
+    run: Run, state: TrainState, totals: dict[str, float], rate: float, progress: Progress
+) -> None:
     """Counts the window's examples and bad rows (stopping on too much bad data) and logs loss, learning
     rate and samples/s."""
     counters = state.counters
@@ -479,7 +505,7 @@ def log_training(run: Run, state: TrainState, totals: dict[str, float], rate: fl
             )
     state.last_loss = totals["loss_sum"] / max(totals["finite_steps"], 1.0)
     lr = run.scheduler.get_last_lr()[0]
-    progress.set_postfix(loss=f"{state.last_loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.0f}")
+    progress.report(state.step, state.last_loss, lr, rate)
     run.train_log.write({"step": state.step, "loss": state.last_loss, "lr": lr, "samples_per_s": rate})
     if run.cfg.train.log_with:
         run.accelerator.log({"train/loss": state.last_loss, "train/lr": lr}, step=state.step)
@@ -524,13 +550,6 @@ def finish(
         evaluate_during_training(run, state, meter)
     if not cfg.train.checkpoint_every or state.step % cfg.train.checkpoint_every != 0:
         checkpoint(run, state)
-    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-    full_state = (
-        accelerator.get_state_dict(run.model) if sharded else None
-    )  # a collective: every rank calls it
-    if accelerator.is_main_process:
-        accelerator.unwrap_model(run.model).save_pretrained(run.output_dir / "final", state_dict=full_state)
-    accelerator.wait_for_everyone()
     summary = {
         "trainable_encoders": cfg.model.trainable_encoders,
         "steps": state.step,
@@ -553,6 +572,18 @@ def finish(
         **state.counters,
         "metrics": state.last_metrics,
     }
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    full_state = (
+        accelerator.get_state_dict(run.model) if sharded else None
+    )  # a collective: every rank calls it
+    if accelerator.is_main_process:
+        card = {"config": to_dict(cfg), "summary": summary}
+        final = accelerator.unwrap_model(run.model).save_pretrained(
+            run.output_dir / "final", state_dict=full_state, run=card
+        )
+        if cfg.train.push_to_hub:
+            push_final(cfg, final, accelerator.print)
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (run.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     accelerator.print(
@@ -562,6 +593,22 @@ def finish(
         f"{state.counters['bad_rows']} bad rows skipped, {state.counters['skipped_steps']} steps skipped; "
         f"model in {run.output_dir / 'final'}"
     )
+
+
+def hub_model_id(cfg: Config) -> str:
+    """``train.hub_model_id``, or the run folder's name."""
+    return cfg.train.hub_model_id or Path(cfg.train.output_dir).resolve().name
+
+
+def push_final(cfg: Config, final: Path, log: Callable[[str], None] = print, suffix: str = "") -> str:
+    """Uploads ``final/`` to ``train.hub_model_id`` (+ ``suffix``); returns the commit URL."""
+    repo_id = hub_model_id(cfg) + suffix
+    log(f"pushing {final} to the Hub model repository {repo_id} ...")
+    url = push_folder(
+        final, repo_id, private=cfg.train.hub_private, commit_message=f"vlfuse: {final.parent.name}"
+    )
+    log(f"pushed: {url}")
+    return url
 
 
 # -------------------------------------------------------------------------------------- a saved model

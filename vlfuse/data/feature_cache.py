@@ -142,7 +142,7 @@ def folder_size(folder: Path) -> int:
 
 
 def _batches(n: int, batch_size: int, desc: str):
-    progress = tqdm(total=n, desc=desc, unit="ex")
+    progress = tqdm(total=n, desc=desc, unit="ex", disable=None)  # silent where stderr is no terminal
     for start in range(0, n, batch_size):
         idx = list(range(start, min(n, start + batch_size)))
         yield idx
