@@ -71,3 +71,12 @@ def test_compare_computes_each_frozen_towers_cache_once(tmp_path, capsys):
     )
     assert len(list((tmp_path / "cache").iterdir())) == 4
     assert [r["mode"] for r in result["runs"]] == ["none", "text", "image", "all"]
+    # each mode's model card carries the comparison table
+    for run in result["runs"]:
+        card = (tmp_path / "cmp" / run["mode"] / "final" / "README.md").read_text()
+        assert "## Comparison (`recipes/compare.py`, split `validation`)" in card
+        for other in result["runs"]:
+            assert (
+                f"| {other['mode']} | {other['metrics']['acc@0.5']:.4f} | {other['trainable_parameters']:,} |"
+                in card
+            )

@@ -119,8 +119,10 @@ def test_final_model_predicts_like_the_trained_one(tmp_path):
     from safetensors.torch import load_file
 
     saved = load_file(str(list_checkpoints(tmp_path / "checkpoints")[-1] / "model.safetensors"))
-    for k, v in model.state_dict().items():
-        assert torch.equal(saved[k], v), k
+    frozen = {n for names in model.frozen_state_names().values() for n in names}
+    assert frozen and set(saved) == set(model.state_dict()) - frozen  # slim: what trains
+    for k, v in saved.items():
+        assert torch.equal(model.state_dict()[k], v), k
 
 
 @pytest.mark.slow
