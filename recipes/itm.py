@@ -10,6 +10,8 @@ and prints accuracy and ROC-AUC next to chance (0.5).
 import sys
 from pathlib import Path
 
+from accelerate import PartialState
+
 from vlfuse.config import load_cli_config
 from vlfuse.training import USER_ERRORS, format_metrics, train
 
@@ -19,7 +21,7 @@ DEFAULT_CONFIG = Path(__file__).parent / "configs" / "itm" / "shapes.yaml"
 def main(argv: list[str]) -> None:
     cfg = load_cli_config(argv, DEFAULT_CONFIG, task="matching")
     metrics = train(cfg)
-    print(format_metrics(metrics))
+    PartialState().print(format_metrics(metrics))  # once, not once per process
     for split, m in metrics.items():
         print(
             f"{split}: accuracy {m['accuracy']:.4f}, ROC-AUC {m['roc_auc']:.4f} over {m['pairs']:,} pairs "

@@ -10,6 +10,8 @@ and prints the accuracy next to the majority-answer baseline.
 import sys
 from pathlib import Path
 
+from accelerate import PartialState
+
 from vlfuse.config import load_cli_config
 from vlfuse.training import USER_ERRORS, format_metrics, train
 
@@ -19,7 +21,7 @@ DEFAULT_CONFIG = Path(__file__).parent / "configs" / "vqa" / "shapes.yaml"
 def main(argv: list[str], on_end=None) -> None:
     cfg = load_cli_config(argv, DEFAULT_CONFIG, task="classification")
     metrics = train(cfg, on_end=on_end)
-    print(format_metrics(metrics))
+    PartialState().print(format_metrics(metrics))  # once, not once per process
     for split, m in metrics.items():
         baseline = m["majority_baseline"]
         ratio = m["accuracy"] / baseline if baseline > 0 else float("inf")

@@ -43,7 +43,25 @@ def test_accelerate_configs_parse(path):
 
 def test_all_accelerate_configs_shipped():
     names = {p.stem for p in CONFIGS if "accelerate" in p.parts}
-    assert names == {"single_gpu", "multi_gpu", "fsdp", "deepspeed_zero2", "multi_node", "cpu_2proc"}
+    assert names == {
+        "single_gpu",
+        "multi_gpu",
+        "fsdp",
+        "deepspeed_zero2",
+        "multi_node",
+        "cpu_2proc",
+        "cpu_2proc_fsdp",
+    }
+
+
+def test_fsdp_configs_are_fsdp2_with_a_unit_per_tower():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    for name in ("fsdp", "cpu_2proc_fsdp"):
+        path = Path(__file__).resolve().parents[1] / "recipes/configs/accelerate" / f"{name}.yaml"
+        fsdp = load_config_from_file(str(path)).fsdp_config
+        assert fsdp["fsdp_version"] == 2 and fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+        assert set(fsdp["fsdp_transformer_layer_cls_to_wrap"].split(",")) == {"ImageEncoder", "TextEncoder"}
 
 
 def test_refcoco_configs_differ_only_where_they_should():
