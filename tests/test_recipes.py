@@ -19,11 +19,15 @@ ACCELERATE = str(Path(sys.executable).parent / "accelerate")
 SMALL_DATA = ["data.shapes_train_size=48", "data.shapes_eval_size=11", "train.batch_size=8"]
 
 
-def launch(script: str, *args: str, processes: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
+def launch(
+    script: str, *args: str, processes: int = 1, timeout: int = 300, config: str = "cpu_2proc.yaml"
+) -> subprocess.CompletedProcess:
+    """Runs a recipe through ``accelerate launch``; two processes are gloo ranks on the CPU, through the
+    shipped ``config`` (DDP: ``cpu_2proc.yaml``; FSDP2: ``cpu_2proc_fsdp.yaml``)."""
     env = dict(os.environ)
     if processes == 2:
-        # Two gloo ranks on a CPU machine, through the shipped config (MULTI_GPU + use_cpu + this variable).
-        cmd = [ACCELERATE, "launch", "--config_file", str(ROOT / "recipes/configs/accelerate/cpu_2proc.yaml")]
+        # Two gloo ranks on a CPU machine, through the shipped config (use_cpu + this variable).
+        cmd = [ACCELERATE, "launch", "--config_file", str(ROOT / "recipes/configs/accelerate" / config)]
         env["ACCELERATE_USE_CPU"] = "1"
     else:
         cmd = [ACCELERATE, "launch", "--num_processes", str(processes), "--num_machines", "1"]

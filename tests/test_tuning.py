@@ -303,3 +303,22 @@ def test_two_processes_with_lora_and_last_blocks(tmp_path):
     assert any(".lora_B." in k for k in moved) and any(
         k.startswith("image_encoder.model.layer4.") for k in moved
     )
+
+
+def test_lora_leaves_dilated_convolutions_alone_and_refuses_them_by_name():
+    # output_stride 8 dilates the last stages' convolutions; peft's conv adapter ignores dilation
+    dilated = ["model.image_encoder.kwargs={output_stride: 8}", "model.image_encoder.tuning=lora"]
+    model = _model(*dilated, "model.image_encoder.lora.r=2")
+    adapted = [
+        m for n, m in model.image_encoder.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A
+    ]
+    assert adapted and all(tuple(m.base_layer.dilation) == (1, 1) for m in adapted)
+    out = model.image_encoder(torch.zeros(2, 3, 64, 64))  # every adapted layer keeps its output shape
+    assert out.tokens.shape[1] == 64
+    dilated_name = next(
+        n
+        for n, m in model.image_encoder.model.named_modules()
+        if isinstance(m, torch.nn.Conv2d) and tuple(m.dilation) != (1, 1)
+    )
+    with pytest.raises(ConfigError, match="dilated convolutions"):
+        _model(*dilated, f"model.image_encoder.lora.target_modules=[{dilated_name.split('.base_layer')[0]}]")

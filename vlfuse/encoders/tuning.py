@@ -56,7 +56,8 @@ class TunableTower:
 
 def default_lora_targets(model: nn.Module) -> list[str]:
     """Full names of the modules LoRA adapts when ``lora.target_modules`` is empty: the attention q/k/v
-    projections (``nn.Linear``) where the model has them, else its ungrouped convolutions (a CNN)."""
+    projections (``nn.Linear``) where the model has them, else its ungrouped, undilated convolutions (a
+    CNN)."""
     linear = [
         name
         for name, m in model.named_modules()
@@ -64,7 +65,17 @@ def default_lora_targets(model: nn.Module) -> list[str]:
     ]
     if linear:
         return linear
-    return [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups == 1]
+    return [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Conv2d) and m.groups == 1 and not _dilated(m)
+    ]
+
+
+def _dilated(module: nn.Module) -> bool:
+    """A dilated convolution (e.g. timm's ``output_stride`` < 32): peft's convolution adapter ignores the
+    dilation, so its update would not have the layer's output shape."""
+    return isinstance(module, nn.Conv2d) and tuple(module.dilation) != (1, 1)
 
 
 def add_lora(model: nn.Module, settings: LoraSettings, key: str) -> int:
@@ -89,6 +100,16 @@ def add_lora(model: nn.Module, settings: LoraSettings, key: str) -> int:
         raise ConfigError(
             f"{key}.lora.target_modules: {unmatched} match no module of the tower (names are module names "
             f"or their last parts, e.g. {_examples(model)})"
+        )
+    dilated = [
+        n
+        for n, m in model.named_modules()
+        if _dilated(m) and any(n == t or n.endswith("." + t) for t in targets)
+    ]
+    if dilated:
+        raise ConfigError(
+            f"{key}.lora.target_modules: {dilated[:3]} are dilated convolutions, which peft's LoRA cannot "
+            "adapt (its update ignores the dilation); leave them out, or drop the encoder's output_stride"
         )
     config = LoraConfig(
         r=settings.r,

@@ -1,0 +1,98 @@
+"""FSDP2 on two CPU processes (gloo), through the shipped recipes/configs/accelerate/cpu_2proc_fsdp.yaml:
+frozen towers, end-to-end and LoRA; final/ loads strictly into one process and predicts as the sharded
+model did; a resumed run ends where an uninterrupted one does; metrics equal those of one process."""
+
+import pytest
+import torch
+from conftest import TINY_MODEL
+from safetensors.torch import load_file
+from test_recipes import SMALL_DATA, launch, read_metrics
+
+from vlfuse.model import VLFuseModel
+
+FSDP = "cpu_2proc_fsdp.yaml"
+PREDICT = "../tests/scripts/grounding_fsdp_predict.py"
+MODES = {
+    "none": ["model.trainable_encoders=none"],
+    "all": ["model.trainable_encoders=all"],
+    "lora": [
+        "model.trainable_encoders=all",
+        "model.text_encoder.tuning=lora",
+        "model.image_encoder.tuning=lora",
+    ],
+}
+
+
+def _args(out, mode, *extra):
+    return [
+        *TINY_MODEL,
+        *SMALL_DATA,
+        "model.fusion.name=dense",
+        *MODES[mode],
+        f"train.output_dir={out}",
+        "train.max_steps=4",
+        "train.eval_every=2",
+        "train.checkpoint_every=2",
+        "train.seed=5",
+        *extra,
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("mode", ["none", "all", "lora"])
+def test_fsdp2_trains_and_final_loads_strictly_and_predicts_alike(tmp_path, mode):
+    from PIL import Image
+
+    out = tmp_path / "fsdp"
+    launch(PREDICT, *_args(out, mode), processes=2, config=FSDP)
+    gathered = load_file(str(out / "fsdp_state.safetensors"))
+    model = VLFuseModel.from_pretrained(out / "final")  # strict: every weight present, none extra
+    state = model.state_dict()
+    if mode != "lora":  # lora: final/ holds the merged weights, the sharded model the adapters
+        assert set(gathered) == set(state)
+        for k, v in gathered.items():
+            assert torch.equal(state[k], v), k
+    boxes = model.predict(
+        [Image.new("RGB", (90, 40), (200, 20, 20)), Image.new("RGB", (30, 70), (20, 200, 20))],
+        ["the red circle", "the lowest shape"],
+    )
+    torch.testing.assert_close(
+        boxes, load_file(str(out / "fsdp_boxes.safetensors"))["boxes"], atol=1e-4, rtol=1e-4
+    )
+    # the run's last metrics equal one process evaluating its final/ on the same data
+    fsdp_metrics = [r for r in read_metrics(out / "metrics.jsonl") if r["step"] == 4][0]
+    launch(
+        "evaluate.py",
+        *TINY_MODEL,
+        *SMALL_DATA,
+        f"model.init_from={out / 'final'}",
+        f"train.output_dir={tmp_path / 'one'}",
+        processes=1,
+    )
+    one = read_metrics(tmp_path / "one" / "metrics.jsonl")[0]
+    assert one["count"] == fsdp_metrics["count"]
+    for key in ("acc@0.5", "acc@0.75", "miou"):
+        assert one[key] == pytest.approx(fsdp_metrics[key], abs=1e-4), key
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("mode", ["none", "all"])
+def test_fsdp2_resume_from_a_mid_run_checkpoint_ends_where_an_uninterrupted_run_does(tmp_path, mode):
+    straight = tmp_path / "straight"
+    launch("grounding.py", *_args(straight, mode), processes=2, config=FSDP)
+    resumed = tmp_path / "resumed"
+    launch(
+        "grounding.py",
+        *_args(resumed, mode, f"train.resume_from={straight / 'checkpoints' / 'step_2'}"),
+        processes=2,
+        config=FSDP,
+    )
+    a = load_file(str(straight / "final" / "model.safetensors"))
+    b = load_file(str(resumed / "final" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5, msg=k)
+    steps = [r["step"] for r in read_metrics(resumed / "metrics.jsonl")]
+    assert steps == [4]  # it started at step 2
