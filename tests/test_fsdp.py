@@ -93,6 +93,6 @@ def test_fsdp2_resume_from_a_mid_run_checkpoint_ends_where_an_uninterrupted_run_
     b = load_file(str(resumed / "final" / "model.safetensors"))
     assert a.keys() == b.keys()
     for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5, msg=k)
+        assert torch.equal(a[k], b[k]), k  # bitwise, as the one-process resume tests
     steps = [r["step"] for r in read_metrics(resumed / "metrics.jsonl")]
     assert steps == [4]  # it started at step 2
