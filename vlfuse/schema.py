@@ -268,29 +268,30 @@ def _describe_allowed(schema: Any, key: str) -> str:
     return ""
 
 
-def _replaced(base: Any, layer: Any, dict_literals: Sequence[str] = ()) -> Any:
+def _replaced(base: Any, layer: Any, emptied: Sequence[str] = ()) -> Any:
     """``base`` prepared for merging ``layer``: the mappings ``layer`` replaces are emptied first.
 
     - ``model.image_encoder.kwargs`` are encoder-specific (e.g. a tiny CNN's ``output_stride``): when a
       layer names another image encoder without giving its kwargs, the earlier kwargs are dropped rather
       than handed to an encoder they were not written for.
-    - ``key={...}`` on the command line replaces that mapping (``key.sub=value`` changes one entry).
+    - ``key={}`` on the command line empties that mapping (a non-empty ``key={...}`` merges entry by
+      entry, as a config file does).
     """
     name = OmegaConf.select(layer, "model.image_encoder.name")
     kwargs_given = OmegaConf.select(layer, "model.image_encoder.kwargs") is not None
     if name is not None and name != OmegaConf.select(base, "model.image_encoder.name") and not kwargs_given:
         base = base.copy()
         OmegaConf.update(base, "model.image_encoder.kwargs", {}, merge=False)
-    for key in dict_literals:
+    for key in emptied:
         if isinstance(OmegaConf.select(base, key), DictConfig):
             base = base.copy()
             OmegaConf.update(base, key, {}, merge=False)
     return base
 
 
-def _merge(base: Any, other: Any, source: str, dict_literals: Sequence[str] = ()) -> Any:
+def _merge(base: Any, other: Any, source: str, emptied: Sequence[str] = ()) -> Any:
     try:
-        return OmegaConf.merge(_replaced(base, other, dict_literals), other)
+        return OmegaConf.merge(_replaced(base, other, emptied), other)
     except ConfigKeyError as err:
         key = err.full_key or str(err.key)
         allowed = _describe_allowed(Config(), key)
@@ -336,8 +337,9 @@ def validate(cfg: Any, prefix: str = "") -> None:
             cfg.eval_split = list(cfg.eval_split)
 
 
-def _is_mapping(node: Any, override: str) -> bool:
-    return isinstance(OmegaConf.select(node, override.split("=", 1)[0].strip()), DictConfig)
+def _is_empty_mapping(node: Any, override: str) -> bool:
+    value = OmegaConf.select(node, override.split("=", 1)[0].strip())
+    return isinstance(value, DictConfig) and len(value) == 0
 
 
 def _parse_override(override: str) -> Any:
@@ -378,13 +380,13 @@ def merge_config(
         raise ConfigError(f"overrides must look like key=value (e.g. train.lr=3e-4); got {bad}")
     if overrides:
         parsed = [_parse_override(o) for o in overrides]
-        dict_literals = [
+        emptied = [
             o.split("=", 1)[0].strip()
             for o, node in zip(overrides, parsed, strict=True)
-            if _is_mapping(node, o)
+            if _is_empty_mapping(node, o)
         ]
         dotlist = OmegaConf.merge(*parsed)
-        cfg = _merge(cfg, dotlist, "command line", dict_literals)
+        cfg = _merge(cfg, dotlist, "command line", emptied)
     obj = OmegaConf.to_object(cfg)
     validate(obj)
     return obj
