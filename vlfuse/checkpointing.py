@@ -125,12 +125,12 @@ class FrozenWeights:
     """
 
     def __init__(self, model: torch.nn.Module) -> None:
-        state = model.state_dict()
-        self.names = {n for names in model.frozen_state_names().values() for n in names}
+        state, per_part = model.state_dict(), model.frozen_state_names()
+        self.names = {n for names in per_part.values() for n in names}
         self.saved_names = set(state) - self.names
         self.record = {
             part: {"tensors": len(names), "sha256": state_fingerprint({n: state[n] for n in names})}
-            for part, names in model.frozen_state_names().items()
+            for part, names in per_part.items()
         }
 
     def attach(self, accelerator: Accelerator) -> bool:
