@@ -17,8 +17,9 @@ import yaml
 CARD_NAME = "README.md"
 # Names that are not Hub ids: embedded datasets, bundled encoders.
 _NOT_ON_THE_HUB = re.compile(r"^(shapes|vlfuse:.*)$")
-# Fields of an evaluation record that are bookkeeping, not metrics.
-_NOT_METRICS = ("step", "epoch", "split", "time_s", "count", "bad_rows", "train_bad_rows", "skipped_steps")
+# Fields of an evaluation record that say where it was taken; with the counts, they are no metrics.
+_RECORD_FIELDS = ("step", "epoch", "split", "time_s")
+_NOT_METRICS = (*_RECORD_FIELDS, "count", "bad_rows", "train_bad_rows", "skipped_steps")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -235,7 +236,7 @@ def _run_sections(run: dict[str, Any]) -> list[str]:
     ]
     metrics = summary.get("metrics") or {}
     if metrics:
-        names = [k for k in next(iter(metrics.values())) if k not in _NOT_METRICS[:4]]
+        names = [k for k in next(iter(metrics.values())) if k not in _RECORD_FIELDS]
         lines += [
             "",
             "## Results",
