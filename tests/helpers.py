@@ -136,3 +136,32 @@ def write_vqav2_layout(root: Path, rows: int = 24, seed: int = 3) -> Path:
         str(dataset_dir / "data" / "validation-00000-of-00001.parquet")
     )
     return dataset_dir
+
+
+def write_sharded_grounding(root: Path, rows: int = 40, shards: int = 4, seed: int = 2) -> Path:
+    """Grounding rows as Hub parquet shards (``data/train-0000k-of-0000n.parquet``) and one validation
+    shard: an embedded ``image``, a unique ``text`` list per row (one or two expressions, ``row<i>-<k>``)
+    and an absolute xyxy ``box``. Rows are numbered across shards in order."""
+    rng = random.Random(seed)
+    folder = root / "sharded"
+    (folder / "data").mkdir(parents=True)
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "text": datasets.Sequence(datasets.Value("string")),
+            "box": datasets.Sequence(datasets.Value("float32"), length=4),
+        }
+    )
+    per_shard = -(-rows // shards)
+    for split, n_shards in (("train", shards), ("validation", 1)):
+        total = rows if split == "train" else 8
+        for s in range(n_shards):
+            part = {k: [] for k in features}
+            for i in range(s * per_shard, min(total, (s + 1) * per_shard) if split == "train" else total):
+                image, box = _image(rng, rng.randint(50, 90), rng.randint(50, 90))
+                part["image"].append(image)
+                part["text"].append([f"{split} row{i}-{k}" for k in range(rng.randint(1, 2))])
+                part["box"].append(box)
+            name = f"{split}-{s:05d}-of-{n_shards:05d}.parquet"
+            datasets.Dataset.from_dict(part, features=features).to_parquet(str(folder / "data" / name))
+    return folder

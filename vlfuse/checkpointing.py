@@ -176,13 +176,19 @@ class FrozenWeights:
 
 
 def save_checkpoint(
-    accelerator: Accelerator, output_dir: Path, state: dict[str, Any], keep_last: int
+    accelerator: Accelerator,
+    output_dir: Path,
+    state: dict[str, Any],
+    keep_last: int,
+    per_process: Callable[[Path], None] | None = None,
 ) -> Path:
     """Saves into a temporary folder, records each file's checksum, publishes the folder by rename, and
     only then prunes old checkpoints: a crash at any point leaves the previous checkpoint intact.
 
     Args:
         state: the loop's own state (``step`` at least), written to ``trainer_state.json``.
+        per_process: called by every process with the folder, to write its own files (a stream's
+            position) before the checksums are taken.
     """
     checkpoint_dir = output_dir / "checkpoints"
     final = checkpoint_dir / f"{CHECKPOINT_PREFIX}{state['step']}"
@@ -192,6 +198,8 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    if per_process is not None:
+        per_process(tmp)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
@@ -235,4 +243,4 @@ def restore_checkpoint(
             f"{saved.get('batch_size')}"
         )
     accelerator.print(f"resumed from {resume} at step {saved['step']}")
-    return saved
+    return {**saved, "path": str(resume)}

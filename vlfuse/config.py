@@ -60,6 +60,15 @@ def check_combinations(cfg: Config) -> None:
             f"(data.hflip_prob={cfg.data.hflip_prob}): cached features are computed once from unaugmented "
             "inputs; set data.hflip_prob=0 or turn the cache off"
         )
+    if cfg.data.streaming and not cfg.train.max_steps:
+        raise ConfigError(
+            "data.streaming=true needs train.max_steps: a stream has no length to count epochs in"
+        )
+    if cfg.data.streaming and cfg.train.cache_features:
+        raise ConfigError(
+            "data.streaming=true cannot be combined with train.cache_features=true (the cache stores every "
+            "example's features, which a stream too big for the disk cannot); turn one off"
+        )
     task.check_config(cfg)
 
 

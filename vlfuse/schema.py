@@ -174,6 +174,13 @@ class DataConfig:
     max_bad_fraction: float = _at_least(0.01, 0.0)
     # DataLoader worker processes.
     num_workers: int = _at_least(0, 0)
+    # Read the train split as a stream (Hub id, local data files, save_to_disk folder) instead of loading
+    # it whole; needs train.max_steps. Evaluation splits are still loaded whole.
+    streaming: bool = False
+    # Streaming: examples per shuffled block (1 = the stream's order).
+    shuffle_buffer: int = _at_least(1000, 1)
+    # Streaming classification: the answer vocabulary is built from this many first rows of the stream.
+    stream_vocabulary_rows: int = _at_least(100000, 1)
     # classification: the answer vocabulary keeps this many most frequent train answers; the rest map to
     # "unknown" (counted, never predicted).
     num_answers: int = _at_least(1000, 1)

@@ -27,7 +27,13 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration, set_seed
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    DistributedType,
+    ProjectConfiguration,
+    send_to_device,
+    set_seed,
+)
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from transformers import get_cosine_schedule_with_warmup
@@ -42,8 +48,10 @@ from vlfuse.checkpointing import (
     verify_checkpoint,
 )
 from vlfuse.config import Config, ConfigError, to_yaml
+from vlfuse.data.examples import ImageTextDataset
 from vlfuse.data.feature_cache import cached_dataset
-from vlfuse.data.loading import DataError
+from vlfuse.data.loading import DataError, stream_split
+from vlfuse.data.streaming import StreamedExamples, split_stream, stream_loader
 from vlfuse.model import TRAINABLE_TOWERS, VLFuseModel, push_folder
 from vlfuse.schema import to_dict
 from vlfuse.tasks import Task, get_task
@@ -153,16 +161,157 @@ def build_split(accelerator: Accelerator, cfg: Config, task: Task, model, split:
     return dataset
 
 
-def build_train_loader(accelerator: Accelerator, cfg: Config, task: Task, model) -> tuple[Any, DataLoader]:
-    """The train split's dataset and its shuffling loader."""
-    train_set = build_split(accelerator, cfg, task, model, cfg.data.train_split, train=True)
+def build_train_data(accelerator: Accelerator, cfg: Config, task: Task, model) -> MapData | StreamData:
+    """The train split and its loader: map-style (shuffled by a seeded sampler), or with
+    ``data.streaming`` read as a stream, this process's part of it."""
+    split = cfg.data.train_split
+    collate = task.collator(model, train=True)
+    if cfg.data.streaming:
+        with accelerator.main_process_first():
+            dataset = build_stream(cfg, task, model, accelerator.process_index, accelerator.num_processes)
+        accelerator.print(f"train split {split}: {dataset.describe()}")
+        loader = stream_loader(dataset, cfg.train.batch_size, collate, cfg.data.num_workers)
+        return StreamData(dataset, loader, accelerator)
+    train_set = build_split(accelerator, cfg, task, model, split, train=True)
     if len(train_set) < cfg.train.batch_size:
         raise ValueError(
             f"the train split has {len(train_set)} examples, "
             f"fewer than train.batch_size={cfg.train.batch_size}"
         )
-    collate = task.collator(model, train=True)
-    return train_set, make_loader(train_set, cfg, collate, cfg.train.batch_size, shuffle=True)
+    loader = make_loader(train_set, cfg, collate, cfg.train.batch_size, shuffle=True)
+    return MapData(train_set, loader, accelerator, cfg.train.gradient_accumulation_steps)
+
+
+def build_stream(cfg: Config, task: Task, model, rank: int, world_size: int) -> StreamedExamples:
+    """Process ``rank``'s part of the streamed train split (``data.streaming``), its examples made by the
+    task's dataset over the stream's first rows."""
+    split = cfg.data.train_split
+    template = task.build_dataset(cfg, model, split, train=True)
+    if not isinstance(template, ImageTextDataset):
+        raise ConfigError(f"data.streaming=true: model.task={task.name} cannot stream its train split")
+    stream = stream_split(cfg.data, split)
+    if cfg.data.max_train_samples is not None:
+        stream = stream.take(cfg.data.max_train_samples)
+    stream = split_stream(stream, rank, world_size)
+    return StreamedExamples(stream, template, cfg.data.shuffle_buffer, rank, cfg.train.seed)
+
+
+@dataclass
+class MapData:
+    """A map-style train split: epochs of a known length; a resumed epoch skips the batches it saw."""
+
+    dataset: Any
+    loader: DataLoader
+    accelerator: Accelerator
+    accum: int
+
+    def describe(self) -> str:
+        return f"{len(self.dataset):,} train examples"
+
+    def total_steps(self, cfg: Config) -> int:
+        return cfg.train.max_steps or self.steps_per_epoch() * cfg.train.epochs
+
+    def steps_per_epoch(self) -> int:
+        return max(1, len(self.loader) // self.accum)
+
+    def start(self, state: TrainState) -> None:
+        state.epoch = state.step // self.steps_per_epoch()
+
+    def epoch_batches(self, state: TrainState):
+        """The batches of epoch ``state.epoch`` still to see."""
+        self.loader.set_epoch(state.epoch)
+        self.dataset.set_epoch(state.epoch)
+        skip = (state.step - state.epoch * self.steps_per_epoch()) * self.accum
+        return self.accelerator.skip_first_batches(self.loader, skip) if skip > 0 else self.loader
+
+    def end_epoch(self, state: TrainState) -> None:
+        state.epoch += 1
+
+    def save(self, folder: Path) -> None:
+        """Nothing: the position is a function of the step (seeded order)."""
+
+    def load(self, folder: Path) -> None:
+        """Nothing: see ``save``."""
+
+
+STREAM_STATE = "stream_position_{rank}.pt"
+
+
+@dataclass
+class StreamData:
+    """A streamed train split: passes of unknown length, per process (processes may start a new pass at
+    different steps); the position of every process is saved in checkpoints and restored on resume."""
+
+    dataset: StreamedExamples
+    loader: Any  # torchdata StatefulDataLoader
+    accelerator: Accelerator
+    epoch: int = 0
+    pass_ended: bool = False
+    resumed: bool = False  # the next pass continues a checkpoint's
+
+    def describe(self) -> str:
+        return "a streamed train split"
+
+    def total_steps(self, cfg: Config) -> int:
+        return cfg.train.max_steps  # required with data.streaming (config check)
+
+    def start(self, state: TrainState) -> None:
+        state.epoch = self.epoch
+
+    def epoch_batches(self, state: TrainState):
+        """The rest of this pass over the stream, moved to the device."""
+        self.dataset.set_epoch(self.epoch)
+        resumed, self.resumed = self.resumed, False
+        self.pass_ended, seen = False, 0
+        for batch in self.loader:
+            seen += 1
+            yield send_to_device(batch, self.accelerator.device)
+        self.pass_ended = True
+        if seen == 0 and not resumed:  # (a pass resumed at its very end has nothing left: fine)
+            raise DataError(
+                f"a pass over the streamed train split gave process {self.accelerator.process_index} no "
+                "full batch: its part of the stream is smaller than train.batch_size"
+            )
+
+    def end_epoch(self, state: TrainState) -> None:
+        """The next pass, if this one ended (not when the loop stopped inside it)."""
+        if self.pass_ended:
+            self.epoch += 1
+        state.epoch = self.epoch
+
+    def save(self, folder: Path) -> None:
+        """Writes this process's stream position into the checkpoint ``folder``."""
+        rank = self.accelerator.process_index
+        state = {
+            "epoch": self.epoch,
+            "num_workers": self.loader.num_workers,
+            "loader": self.loader.state_dict(),
+        }
+        torch.save(state, folder / STREAM_STATE.format(rank=rank))
+
+    def load(self, folder: Path) -> None:
+        """Continues from the position saved in the checkpoint ``folder``.
+
+        Raises:
+            CheckpointError: no position for this process, or one saved with other DataLoader workers.
+        """
+        path = folder / STREAM_STATE.format(rank=self.accelerator.process_index)
+        if not path.is_file():
+            raise CheckpointError(
+                f"{path} is missing: the checkpoint has no stream position for process "
+                f"{self.accelerator.process_index} (was it saved without data.streaming, or with fewer "
+                "processes?)"
+            )
+        state = torch.load(path, weights_only=True)
+        if state["num_workers"] != self.loader.num_workers:
+            raise CheckpointError(
+                f"{path} was saved with data.num_workers={state['num_workers']}; resume a stream with the "
+                f"same number of workers (now {self.loader.num_workers})"
+            )
+        self.epoch = int(state["epoch"])
+        self.dataset.set_epoch(self.epoch)
+        self.loader.load_state_dict(state["loader"])
+        self.resumed = True
 
 
 def build_eval_loaders(accelerator: Accelerator, cfg: Config, task: Task, model) -> dict[str, DataLoader]:
@@ -198,8 +347,11 @@ def accelerator_weights_mib(model: torch.nn.Module, device: torch.device) -> flo
 
 def prepare_model(accelerator: Accelerator, cfg: Config, model: VLFuseModel, optimizer, train_loader):
     """``accelerator.prepare`` for the model, optimizer and train loader, leaving the towers the cache
-    serves on the CPU (DDP is told to ignore their weights, which it would otherwise broadcast)."""
+    serves on the CPU (DDP is told to ignore their weights, which it would otherwise broadcast). A stream's
+    loader is not prepared: each process already reads its own part (``split_dataset_by_node``)."""
     on_cpu = towers_served_by_cache(cfg, accelerator)
+    if cfg.data.streaming:
+        return (*accelerator.prepare(model, optimizer), train_loader)
     if not on_cpu:
         return accelerator.prepare(model, optimizer, train_loader)
     model.place(accelerator.device, keep_on_cpu=on_cpu)
@@ -260,6 +412,7 @@ class Run:
     output_dir: Path
     wall_start: float
     frozen: FrozenWeights
+    data: MapData | StreamData
     metrics_log: JsonlWriter = field(init=False)
     train_log: JsonlWriter = field(init=False)
 
@@ -315,35 +468,39 @@ def train(
         model.set_gradient_checkpointing(True)
     frozen = FrozenWeights(model)  # slim checkpoints: the frozen weights are fingerprinted, not saved
     frozen.attach(accelerator)
-    train_set, train_loader = build_train_loader(accelerator, cfg, task, model)
+    data = build_train_data(accelerator, cfg, task, model)
     eval_loaders = build_eval_loaders(accelerator, cfg, task, model)
     optimizer = torch.optim.AdamW(
         model.param_groups(cfg.train.lr, cfg.train.encoder_lr, cfg.train.weight_decay)
     )
-    model, optimizer, train_loader = prepare_model(accelerator, cfg, model, optimizer, train_loader)
+    model, optimizer, data.loader = prepare_model(accelerator, cfg, model, optimizer, data.loader)
     eval_loaders = {split: accelerator.prepare(loader) for split, loader in eval_loaders.items()}
-    accum = cfg.train.gradient_accumulation_steps
-    steps_per_epoch = max(1, len(train_loader) // accum)
-    total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
+    total_steps = data.total_steps(cfg)
     # Stepped by hand once per optimizer step, so its length is in optimizer steps on any process count;
     # its state travels as JSON in trainer_state.json (no pickle to load back).
     scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.train.warmup_steps, total_steps)
     run = Run(
-        cfg, accelerator, task, model, optimizer, scheduler, eval_loaders, output_dir, wall_start, frozen
+        cfg,
+        accelerator,
+        task,
+        model,
+        optimizer,
+        scheduler,
+        eval_loaders,
+        output_dir,
+        wall_start,
+        frozen=frozen,
+        data=data,
     )
     state = resume(run)
-    counts = announce(run, len(train_set), total_steps)
+    counts = announce(run, data.describe(), total_steps)
 
     meter, window = Throughput(), LossWindow(accelerator.device)
     progress = Progress(total_steps, state.step, enabled=accelerator.is_local_main_process)
     model.train()
-    state.epoch = state.step // steps_per_epoch
+    data.start(state)
     while state.step < total_steps:
-        train_loader.set_epoch(state.epoch)
-        train_set.set_epoch(state.epoch)
-        skip = (state.step - state.epoch * steps_per_epoch) * accum  # batches a resumed epoch already saw
-        loader = accelerator.skip_first_batches(train_loader, skip) if skip > 0 else train_loader
-        for batch in meter.batches(loader):
+        for batch in meter.batches(data.epoch_batches(state)):
             outcome = train_step(run, batch, meter)
             window.add(outcome.loss, outcome.loss_ok, outcome.examples, outcome.bad_rows)
             meter.add_samples(outcome.examples * accelerator.num_processes)
@@ -364,9 +521,10 @@ def train(
                 checkpoint(run, state)
             if state.step >= total_steps:
                 break
-        if not cfg.train.eval_every:
+        # A stream evaluates by steps only (and at the end): processes end their passes at different steps.
+        if not cfg.train.eval_every and not cfg.data.streaming:
             evaluate_during_training(run, state, meter)
-        state.epoch += 1
+        data.end_epoch(state)
     progress.close()
     # Throughput covers the training loop only: not the final evaluation, checkpoint and model save below.
     rate = meter.steady_rate(time.perf_counter(), meter.eval)
@@ -382,6 +540,7 @@ def resume(run: Run) -> TrainState:
     state = TrainState()
     saved = restore_checkpoint(run.accelerator, run.cfg.train, run.output_dir, run.frozen)
     if saved is not None:
+        run.data.load(Path(saved["path"]))
         run.scheduler.load_state_dict(saved["scheduler"])
         state.step = int(saved["step"])
         state.counters.update(saved.get("counters", {}))
@@ -409,7 +568,7 @@ def tracker_config(cfg: Config, per_part: dict[str, dict[str, int]]) -> dict[str
     return flat
 
 
-def announce(run: Run, train_examples: int, total_steps: int) -> dict[str, Any]:
+def announce(run: Run, train_data: str, total_steps: int) -> dict[str, Any]:
     """Prints what will train, per tower; returns the parameter counts (total and per part)."""
     per_part = run.accelerator.unwrap_model(run.model).parameter_counts()
     n_train = sum(c["trainable"] for c in per_part.values())
@@ -430,7 +589,7 @@ def announce(run: Run, train_examples: int, total_steps: int) -> dict[str, Any]:
         run.accelerator.init_trackers(run.output_dir.name, config=tracker_config(run.cfg, per_part))
     run.accelerator.print(
         f"trainable_encoders={model_cfg.trainable_encoders}: {n_train:,} trainable, {n_frozen:,} frozen "
-        f"parameters ({parts}); {train_examples:,} train examples, {total_steps} steps, "
+        f"parameters ({parts}); {train_data}, {total_steps} steps, "
         f"{run.accelerator.num_processes} process(es)"
     )
     return {"trainable": n_train, "frozen": n_frozen, "per_part": per_part}
@@ -537,7 +696,9 @@ def checkpoint(run: Run, state: TrainState) -> None:
         "counters": state.counters,
         "frozen_weights": run.frozen.record,
     }
-    save_checkpoint(run.accelerator, run.output_dir, trainer_state, run.cfg.train.keep_last)
+    save_checkpoint(
+        run.accelerator, run.output_dir, trainer_state, run.cfg.train.keep_last, per_process=run.data.save
+    )
 
 
 def finish(
@@ -546,7 +707,8 @@ def finish(
     """The last evaluation and checkpoint (unless the loop just wrote them), ``final/`` and
     ``summary.json``."""
     cfg, accelerator = run.cfg, run.accelerator
-    if cfg.train.eval_every and state.step % cfg.train.eval_every != 0:
+    # Unless the loop just evaluated (every eval_every steps, or at the end of each epoch).
+    if state.step % cfg.train.eval_every != 0 if cfg.train.eval_every else cfg.data.streaming:
         evaluate_during_training(run, state, meter)
     if not cfg.train.checkpoint_every or state.step % cfg.train.checkpoint_every != 0:
         checkpoint(run, state)

@@ -36,6 +36,27 @@ def texts_of(value: Any) -> list[str]:
 
 
 @dataclass
+class Source:
+    """What one example is made from: its row (the mapped columns), its text and where it came from.
+
+    Attributes:
+        row: the row's cells by column name (images not yet decoded, or decoded by ``datasets``).
+        text: the example's text, stripped.
+        where: the row in messages, e.g. ``row 17``.
+        image_id: which image of the split it shows (examples of one image share it).
+        flip: whether it is horizontally flipped (training augmentation).
+        index: its index in a map-style dataset; None for a streamed example.
+    """
+
+    row: dict[str, Any]
+    text: str
+    where: str
+    image_id: int
+    flip: bool = False
+    index: int | None = None
+
+
+@dataclass
 class BadExample:
     """A row that could not be used; the collator drops (training) or masks (evaluation) it and counts it.
 
@@ -54,7 +75,9 @@ class ImageTextDataset(Dataset):
     """One example per (row, text) of a split; images stay undecoded until an example is asked for.
 
     Subclasses set ``FIELDS`` (the task fields ``data.columns`` must map), ``TEXT_FIELD`` and ``TEXT_NOUN``
-    (for messages), and implement ``__getitem__`` with ``read_image`` / ``pixels`` and ``placeholder``.
+    (for messages), and implement ``example`` (one example from a ``Source``: a row and one of its texts)
+    with ``read_image`` / ``pixels``, and ``placeholder``. The same ``example`` serves the map-style
+    dataset (``__getitem__``) and a streamed split (``vlfuse.data.streaming``).
     ``LABEL_SETTINGS`` names the ``data`` keys that change a subclass's labels (the feature cache keys on
     them).
 
@@ -144,6 +167,11 @@ class ImageTextDataset(Dataset):
         """A blank example of the right shapes (stands in for a bad one in evaluation batches)."""
         raise NotImplementedError
 
+    def example(self, source: Source) -> Any:
+        """The example of ``source`` (a row and one of its texts), or a ``BadExample`` naming what is wrong
+        with the row."""
+        raise NotImplementedError
+
     # ------------------------------------------------------------------------------------------- shared
     def bad(self, reason: str, detail: str) -> BadExample:
         return BadExample(reason, detail, self.placeholder())
@@ -177,30 +205,35 @@ class ImageTextDataset(Dataset):
     def __len__(self) -> int:
         return len(self.index)
 
-    def read_image(self, i: int) -> tuple[dict[str, Any], Image.Image] | BadExample:
-        """The row of example ``i`` and its RGB image, or a ``BadExample`` for an undecodable image.
-
-        Raises:
-            DataError: a relative image path with no ``data.image_root`` (a config problem, not a bad row).
-        """
-        row_idx, _ = self.index[i]
+    def __getitem__(self, i: int) -> Any:
+        row_idx = self.index[i][0]
         try:
             row = self.ds[row_idx]
         except Exception as err:  # an undecodable embedded image fails inside datasets' decoding
             return self.bad("bad_image", f"row {row_idx}: {err}")
+        flip = self.flips(i)
+        return self.example(Source(row, self.texts[i], f"row {row_idx}", self.image_ids[i], flip, i))
+
+    def read_image(self, source: Source) -> Image.Image | BadExample:
+        """The RGB image of ``source``'s row, or a ``BadExample`` for an undecodable or missing image.
+
+        Raises:
+            DataError: a relative image path with no ``data.image_root`` (a config problem, not a bad row).
+        """
         try:
-            image = load_image(row[self.columns["image"]], self.cfg.image_root)
+            return load_image(source.row[self.columns["image"]], self.cfg.image_root)
         except DataError as err:
             if "not found" in str(err) and self.cfg.image_root is None:
                 raise  # a configuration problem, not a bad row: stop with the hint
-            return self.bad("bad_image", f"row {row_idx}: {err}")
-        return row, image
+            return self.bad("bad_image", f"{source.where}: {err}")
 
-    def flips(self, i: int) -> bool:
-        """Whether example ``i`` is flipped this epoch (training only; keyed by seed, epoch and index)."""
+    def flips(self, key: int | str, epoch: int | None = None) -> bool:
+        """Whether the example ``key`` (an index, or a streamed example's position) is flipped in
+        ``epoch`` (default: this dataset's): training only, keyed by seed, epoch and ``key``."""
         if not self.train or self.cfg.hflip_prob <= 0:
             return False
-        return random.Random(f"{self.seed}-{self.epoch}-{i}").random() < self.cfg.hflip_prob
+        epoch = self.epoch if epoch is None else epoch
+        return random.Random(f"{self.seed}-{epoch}-{key}").random() < self.cfg.hflip_prob
 
     def pixels(
         self, image: Image.Image, box: torch.Tensor | None = None

@@ -122,6 +122,66 @@ def _load_whole_split(cfg: DataConfig, split: str) -> datasets.Dataset:
     return datasets.load_dataset(source, cfg.subset, split=split, revision=cfg.revision)
 
 
+# Shards of a stream made from a map-style dataset (embedded or save_to_disk): enough for 2 processes x 4
+# DataLoader workers each to read whole shards.
+STREAM_SHARDS = 8
+
+
+def stream_split(cfg: DataConfig, split: str) -> datasets.IterableDataset:
+    """One split of ``data.dataset`` as a ``datasets.IterableDataset`` that reads rows as it goes: a Hub id
+    or local data files (parquet, JSON, CSV, ...) through ``load_dataset(..., streaming=True)``; a
+    ``save_to_disk`` folder or the embedded dataset through ``to_iterable_dataset``. ``name[start:stop]``
+    skips and takes rows. Image columns stay undecoded (``{bytes, path}``): examples decode them, so that
+    a damaged image is a counted bad row, not an exception inside ``datasets``.
+
+    Raises:
+        DataError: a split that does not exist, or a slice counted from the end (a stream has no length).
+    """
+    name, rows = parse_split(split)
+    if rows is not None and ((rows.start or 0) < 0 or (rows.stop is not None and rows.stop < 0)):
+        raise DataError(f"split {split!r}: a streamed split can only be sliced from its start (no negatives)")
+    path = Path(cfg.dataset).expanduser()
+    if cfg.dataset == shapes.NAME or (path.is_dir() and _is_saved_to_disk(path)):
+        stream = _load_whole_split(cfg, name).to_iterable_dataset(num_shards=STREAM_SHARDS)
+    else:
+        splits = available_splits(cfg)
+        if name not in splits:
+            raise DataError(f"dataset {cfg.dataset!r} has no split {name!r}; its splits: {splits}")
+        source = str(path) if path.is_dir() else cfg.dataset
+        stream = datasets.load_dataset(source, cfg.subset, split=name, revision=cfg.revision, streaming=True)
+    if rows is not None:
+        start = rows.start or 0
+        stream = stream.skip(start) if start else stream
+        stream = stream.take(rows.stop - start) if rows.stop is not None else stream
+    image_column = cfg.columns.get("image")
+    feature = (stream.features or {}).get(image_column)
+    if isinstance(feature, datasets.Image) and feature.decode:
+        stream = stream.cast_column(image_column, datasets.Image(decode=False))
+    return stream
+
+
+def stream_head(cfg: DataConfig, split: str, rows: int, columns: list[str] | None = None) -> datasets.Dataset:
+    """The first ``rows`` rows of a streamed split (only ``columns``, if given) as a ``datasets.Dataset``.
+
+    Raises:
+        DataError: if the split has no rows.
+    """
+    stream = stream_split(cfg, split)
+    if columns is not None:
+        missing = [c for c in columns if stream.column_names is not None and c not in stream.column_names]
+        if missing:
+            raise DataError(
+                f"column(s) {missing} not in dataset {cfg.dataset!r}[{split}]; "
+                f"its columns: {stream.column_names}"
+            )
+        stream = stream.select_columns(columns)
+    head = list(stream.take(rows))
+    if not head:
+        raise DataError(f"the streamed split {cfg.dataset!r}[{split}] has no rows")
+    features = stream.features
+    return datasets.Dataset.from_list(head, features=features)
+
+
 def check_columns(
     ds: datasets.Dataset, columns: dict[str, str], required: tuple[str, ...], dataset: str
 ) -> None:

@@ -19,7 +19,7 @@ from PIL import Image
 from torch import nn
 
 from vlfuse.data.examples import ImageTextDataset
-from vlfuse.data.loading import load_split
+from vlfuse.data.loading import load_split, stream_head
 from vlfuse.encoders import ImageEncoder, TextEncoder
 from vlfuse.fusion import FusionOutput
 from vlfuse.schema import Config, ModelConfig
@@ -139,8 +139,16 @@ class Task:
 
 
 # ------------------------------------------------------------------------------------------ shared parts
+# A streamed train split's task dataset is built over its first rows: the template that makes the examples
+# of every streamed row (``vlfuse.data.streaming``).
+STREAM_TEMPLATE_ROWS = 64
+
+
 def load_task_split(cfg: Config, split: str, train: bool):
-    """The rows of ``split`` a task reads: capped at ``data.max_train_samples`` / ``max_eval_samples``."""
+    """The rows of ``split`` a task reads: capped at ``data.max_train_samples`` / ``max_eval_samples``;
+    with ``data.streaming``, the train split's first ``STREAM_TEMPLATE_ROWS`` rows only."""
+    if train and cfg.data.streaming:
+        return stream_head(cfg.data, split, STREAM_TEMPLATE_ROWS)
     ds = load_split(cfg.data, split)
     limit = cfg.data.max_train_samples if train else cfg.data.max_eval_samples
     if limit is not None and limit < len(ds):

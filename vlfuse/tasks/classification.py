@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from vlfuse.data.answers import UNKNOWN, answer_scores, answers_of, build_vocabulary, normalize_answer
-from vlfuse.data.examples import BadExample, ExampleCollator, ImageTextDataset
-from vlfuse.data.loading import DataError, check_columns
+from vlfuse.data.examples import BadExample, ExampleCollator, ImageTextDataset, Source
+from vlfuse.data.loading import DataError, check_columns, stream_head
 from vlfuse.schema import ConfigError
 from vlfuse.tasks.base import ClassifierHead, Task, build_image_text_dataset, load_task_split, pair_inputs
 
@@ -80,16 +80,16 @@ class ClassificationDataset(ImageTextDataset):
         target[k] = 1.0
         return ClassificationExample(torch.zeros(3, s, s), "", torch.zeros(k + 1), target)
 
-    def __getitem__(self, i: int) -> ClassificationExample | BadExample:
-        answers = self.answers[i]
+    def example(self, source: Source) -> ClassificationExample | BadExample:
+        answers = answers_of(source.row[self.columns["answer"]])
         if not answers:
-            return self.bad("bad_answer", f"row {self.index[i][0]}: no answer")
-        read = self.read_image(i)
-        if isinstance(read, BadExample):
-            return read
-        pixels, _, _ = self.pixels(read[1])
+            return self.bad("bad_answer", f"{source.where}: no answer")
+        image = self.read_image(source)
+        if isinstance(image, BadExample):
+            return image
+        pixels, _, _ = self.pixels(image)
         scores, target = answer_scores(answers, self.index_of)
-        return ClassificationExample(pixels, self.texts[i], scores, target)
+        return ClassificationExample(pixels, source.text, scores, target)
 
 
 class ClassificationCollator(ExampleCollator):
@@ -139,9 +139,15 @@ class ClassificationTask(Task):
         """Builds ``model.answers`` from the train split when it is empty and no saved model is loaded."""
         if cfg.model.answers or cfg.model.init_from:
             return
+        split = cfg.data.train_split
         with accelerator.main_process_first():
-            ds = load_task_split(cfg, cfg.data.train_split, train=True)
-        check_columns(ds, cfg.data.columns, FIELDS, f"{cfg.data.dataset}[{cfg.data.train_split}]")
+            if cfg.data.streaming:  # the stream's first rows: a stream is not read whole before training
+                rows = cfg.data.stream_vocabulary_rows
+                ds = stream_head(cfg.data, split, rows, columns=[cfg.data.columns.get("answer", "answer")])
+                accelerator.print(f"answer vocabulary from the first {len(ds):,} rows of the stream")
+            else:
+                ds = load_task_split(cfg, split, train=True)
+        check_columns(ds, cfg.data.columns, ("answer",), f"{cfg.data.dataset}[{split}]")
         vocab, stats = build_vocabulary(ds[cfg.data.columns["answer"]], cfg.data.num_answers)
         if not vocab:
             raise DataError(

@@ -21,7 +21,7 @@ from torch import nn
 from torchvision.ops import generalized_box_iou_loss
 
 from vlfuse.data.boxes import clip_box, convert_boxes, paired_iou, to_absolute_xyxy
-from vlfuse.data.examples import BadExample, ExampleCollator, ImageTextDataset
+from vlfuse.data.examples import BadExample, ExampleCollator, ImageTextDataset, Source
 from vlfuse.data.loading import DataError
 from vlfuse.data.transforms import hflip
 from vlfuse.fusion import FusionOutput
@@ -63,26 +63,24 @@ class GroundingDataset(ImageTextDataset):
             meta=torch.tensor([1.0, 1.0, 0.0, 0.0, s, s, s]),
         )
 
-    def __getitem__(self, i: int) -> GroundingExample | BadExample:
-        read = self.read_image(i)
-        if isinstance(read, BadExample):
-            return read
-        row, image = read
-        row_idx = self.index[i][0]
-        text = self.texts[i]
+    def example(self, source: Source) -> GroundingExample | BadExample:
+        image = self.read_image(source)
+        if isinstance(image, BadExample):
+            return image
+        text = source.text
         w, h = image.size
         try:
             box = to_absolute_xyxy(
-                row[self.columns["box"]], self.cfg.box_format, self.cfg.box_normalized, w, h
+                source.row[self.columns["box"]], self.cfg.box_format, self.cfg.box_normalized, w, h
             )
         except (DataError, TypeError, ValueError) as err:
-            return self.bad("bad_box", f"row {row_idx}: {err}")
+            return self.bad("bad_box", f"{source.where}: {err}")
         clipped = clip_box(box, w, h)
         if clipped is None:
             return self.bad(
-                "bad_box", f"row {row_idx}: box {box.tolist()} is not a valid box in the {w}x{h} image"
+                "bad_box", f"{source.where}: box {box.tolist()} is not a valid box in the {w}x{h} image"
             )
-        if self.flips(i):
+        if source.flip:
             image, clipped, text = hflip(image, clipped, text)
         pixels, target, meta = self.pixels(image, clipped)
         return GroundingExample(pixels, text, target, clipped, meta)

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from vlfuse.data.examples import BadExample, ExampleCollator
+from vlfuse.data.examples import BadExample, ExampleCollator, Source
 from vlfuse.data.loading import DataError
 from vlfuse.tasks.base import ClassifierHead, Task, build_image_text_dataset, pair_inputs
 from vlfuse.tasks.retrieval import RetrievalDataset
@@ -75,11 +75,11 @@ class MatchingDataset(RetrievalDataset):
         s = self.image_size
         return MatchingExample(torch.zeros(3, s, s), "", torch.tensor(-1))
 
-    def __getitem__(self, i: int) -> MatchingExample | BadExample:
-        pair = super().__getitem__(i)
+    def example(self, source: Source) -> MatchingExample | BadExample:
+        pair = super().example(source)
         if isinstance(pair, BadExample):
             return pair
-        negative = "" if self.train else self.negatives[i]
+        negative = "" if self.train or source.index is None else self.negatives[source.index]
         return MatchingExample(pair.pixel_values, pair.text, pair.image_id, negative)
 
 

@@ -32,7 +32,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import Dataset
 
-from vlfuse.data.examples import BadExample, ExampleCollator, ImageTextDataset
+from vlfuse.data.examples import BadExample, ExampleCollator, ImageTextDataset, Source
 from vlfuse.data.transforms import hflip
 from vlfuse.fusion import FusionOutput
 from vlfuse.tasks.base import Task, build_image_text_dataset
@@ -78,16 +78,15 @@ class RetrievalDataset(ImageTextDataset):
         s = self.image_size
         return RetrievalExample(torch.zeros(3, s, s), "", torch.tensor(-1))
 
-    def __getitem__(self, i: int) -> RetrievalExample | BadExample:
-        read = self.read_image(i)
-        if isinstance(read, BadExample):
-            return read
-        _, image = read
-        text = self.texts[i]
-        if self.flips(i):  # left/right words in the caption are swapped with the image
+    def example(self, source: Source) -> RetrievalExample | BadExample:
+        image = self.read_image(source)
+        if isinstance(image, BadExample):
+            return image
+        text = source.text
+        if source.flip:  # left/right words in the caption are swapped with the image
             image, _, text = hflip(image, None, text)
         pixels, _, _ = self.pixels(image)
-        return RetrievalExample(pixels, text, torch.tensor(self.image_ids[i]))
+        return RetrievalExample(pixels, text, torch.tensor(source.image_id))
 
     def by_image(self) -> RetrievalImages:
         """The same split as one example per image with all of its captions (for evaluation)."""
