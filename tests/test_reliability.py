@@ -70,8 +70,8 @@ def test_resume_mid_epoch_is_exact(tmp_path, monkeypatch, learning):
 
     real_save = training.save_checkpoint
 
-    def save_then_crash(accelerator, output_dir, state, keep_last):
-        path = real_save(accelerator, output_dir, state, keep_last)
+    def save_then_crash(accelerator, output_dir, state, keep_last, **kwargs):
+        path = real_save(accelerator, output_dir, state, keep_last, **kwargs)
         if state["step"] == 3:
             raise _Crash
         return path

@@ -170,6 +170,38 @@ def test_bad_streamed_rows_are_counted_not_raised(with_bad_rows, model, tmp_path
     assert summary["bad_rows"] >= 2 and summary["steps"] == 8
 
 
+@pytest.mark.parametrize(
+    "task, overrides",
+    [
+        ("retrieval", ["data.columns={image: image, text: captions}", "model.fusion.name=projection"]),
+        ("classification", ["data.columns={image: image, question: question, answer: answer}"]),
+        ("matching", ["data.columns={image: image, text: captions}"]),
+    ],
+)
+def test_every_task_trains_on_a_stream(task, overrides, tmp_path, capsys):
+    """The embedded dataset streamed (to_iterable_dataset, 8 shards) for the other tasks; classification
+    builds its answer vocabulary from the stream's first rows."""
+    cfg = tiny_config(
+        f"model.task={task}",
+        *overrides,
+        "data.streaming=true",
+        "data.shapes_train_size=48",
+        "data.shapes_eval_size=8",
+        "data.hflip_prob=0.0",
+        "train.batch_size=8",
+        "train.max_steps=3",
+        f"train.output_dir={tmp_path}",
+    )
+    metrics = train(cfg)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["samples"] == 24 and metrics["validation"]["bad_rows"] == 0
+    assert (tmp_path / "checkpoints" / "step_3" / "stream_position_0.pt").is_file()
+    out = capsys.readouterr().out
+    assert "train split train: streamed (8 shard(s)" in out
+    if task == "classification":
+        assert "answer vocabulary from the first 48 rows of the stream" in out
+
+
 def weights(folder):
     return load_file(str(folder / "final" / "model.safetensors"))
 
@@ -237,3 +269,5 @@ def test_two_processes_stream_disjoint_parts_and_resume_where_they_stopped(shard
         assert seen(resumed, rank) == seen(straight, rank)[2:]
     a, b = weights(straight), weights(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    peaks = json.loads((straight / "summary.json").read_text())["peak_memory_mb_per_process"]
+    assert len(peaks) == 2 and all(p > 100 for p in peaks)  # each process's own peak RSS, in MiB

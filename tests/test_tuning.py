@@ -193,8 +193,8 @@ def test_lora_run_resumes_exactly(tmp_path, monkeypatch):
     class Crash(Exception):
         pass
 
-    def save_then_crash(accelerator, output_dir, state, keep_last):
-        path = real_save(accelerator, output_dir, state, keep_last)
+    def save_then_crash(accelerator, output_dir, state, keep_last, **kwargs):
+        path = real_save(accelerator, output_dir, state, keep_last, **kwargs)
         if state["step"] == 2:
             raise Crash
         return path

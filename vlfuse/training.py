@@ -712,6 +712,9 @@ def finish(
         evaluate_during_training(run, state, meter)
     if not cfg.train.checkpoint_every or state.step % cfg.train.checkpoint_every != 0:
         checkpoint(run, state)
+    peak_mb = memory.stop_mb()
+    # Every process's own peak (a collective): sharding (FSDP) shows as a lower peak per process.
+    peaks = accelerator.gather(torch.tensor([peak_mb], device=accelerator.device)).tolist()
     summary = {
         "trainable_encoders": cfg.model.trainable_encoders,
         "steps": state.step,
@@ -719,7 +722,8 @@ def finish(
         "num_processes": accelerator.num_processes,
         "wall_time_s": time.perf_counter() - run.wall_start,
         "train_samples_per_s": rate,
-        "peak_memory_mb": memory.stop_mb(),
+        "peak_memory_mb": peak_mb,
+        "peak_memory_mb_per_process": [round(p, 1) for p in peaks],
         "peak_memory_kind": memory.kind,
         "trainable_parameters": counts["trainable"],
         "frozen_parameters": counts["frozen"],
