@@ -11,8 +11,8 @@ the split read as a stream, each process its own shards). On a GPU machine, pass
 --fsdp-config to use GPU configs. Samples/s are the loop's steady state (summary.json's
 train_samples_per_s: after the first logging window, evaluation excluded), over both processes; memory is
 each process's peak RSS (CPU) or max_memory_allocated (GPU), from summary.json's
-peak_memory_mb_per_process. FSDP2's saving is in the per-process peak: weights, gradients and AdamW
-state of what trains are split between the processes.
+peak_memory_mb_per_process; and the weights and optimizer state each process holds at the end
+(weights_and_optimizer_mib_per_process: FSDP2 holds a shard of each).
 """
 
 from __future__ import annotations
@@ -65,7 +65,8 @@ def run(args, strategy: str, mode: str, work: Path, text_encoder: str) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
     parser.add_argument("--image-encoder", default="resnet50")
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--preset", default="realistic", choices=["realistic", "default"])
@@ -87,9 +88,11 @@ def main() -> None:
                 summary = run(args, strategy, mode, work, text_encoder)
                 rows.append((mode, strategy, summary))
                 peaks = ", ".join(f"{p:,.0f}" for p in summary["peak_memory_mb_per_process"])
+                held = ", ".join(f"{h:,.0f}" for h in summary["weights_and_optimizer_mib_per_process"])
                 print(
                     f"{mode:>5} {strategy:>10}: {summary['train_samples_per_s']:7.1f} samples/s, "
                     f"peak {peaks} MiB per process ({summary['peak_memory_kind']}), "
+                    f"weights + optimizer state {held} MiB per process, "
                     f"{summary['trainable_parameters']:,} trainable parameters",
                     flush=True,
                 )
@@ -103,7 +106,12 @@ def main() -> None:
                 continue
             rate = s["train_samples_per_s"] / base["train_samples_per_s"]
             peak = max(s["peak_memory_mb_per_process"]) / max(base["peak_memory_mb_per_process"])
-            print(f"{mode:>5} {strategy:>10}: samples/s x{rate:.2f}, peak memory per process x{peak:.2f}")
+            key = "weights_and_optimizer_mib_per_process"
+            held = max(s[key]) / max(base[key])
+            print(
+                f"{mode:>5} {strategy:>10}: samples/s x{rate:.2f}, peak memory per process x{peak:.2f}, "
+                f"weights + optimizer state per process x{held:.2f}"
+            )
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 frozen towers, end-to-end and LoRA; final/ loads strictly into one process and predicts as the sharded
 model did; a resumed run ends where an uninterrupted one does; metrics equal those of one process."""
 
+import json
+
 import pytest
 import torch
 from conftest import TINY_MODEL
@@ -46,6 +48,11 @@ def test_fsdp2_trains_and_final_loads_strictly_and_predicts_alike(tmp_path, mode
 
     out = tmp_path / "fsdp"
     launch(PREDICT, *_args(out, mode), processes=2, config=FSDP)
+    # Really sharded (not DDP in disguise): each rank holds about half of every parameter's elements.
+    for rank in (0, 1):
+        held = json.loads((out / f"sharding_rank{rank}.json").read_text())
+        assert held["distributed_type"] == "DistributedType.FSDP"
+        assert 0.4 * held["global"] < held["local"] < 0.6 * held["global"]
     gathered = load_file(str(out / "fsdp_state.safetensors"))
     model = VLFuseModel.from_pretrained(out / "final")  # strict: every weight present, none extra
     state = model.state_dict()
@@ -96,3 +103,9 @@ def test_fsdp2_resume_from_a_mid_run_checkpoint_ends_where_an_uninterrupted_run_
         assert torch.equal(a[k], b[k]), k  # bitwise, as the one-process resume tests
     steps = [r["step"] for r in read_metrics(resumed / "metrics.jsonl")]
     assert steps == [4]  # it started at step 2
+    if mode == "all":  # sharded training computes what DDP computes (float summation order aside)
+        ddp = tmp_path / "ddp"
+        launch("grounding.py", *_args(ddp, mode), processes=2, config="cpu_2proc.yaml")
+        c = load_file(str(ddp / "final" / "model.safetensors"))
+        for k in a:
+            torch.testing.assert_close(a[k], c[k], atol=1e-5, rtol=1e-4, msg=k)

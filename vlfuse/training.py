@@ -26,10 +26,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import (
     DataLoaderConfiguration,
     DistributedType,
+    FullyShardedDataParallelPlugin,
     ProjectConfiguration,
     send_to_device,
     set_seed,
@@ -85,6 +86,35 @@ def build_accelerator(cfg: Config) -> Accelerator:
     )
 
 
+def use_fsdp_on_cpu_processes(accelerator: Accelerator) -> None:
+    """Makes an FSDP launch config shard when the processes run on the CPU.
+
+    Accelerate 1.15 turns a launch with ``distributed_type: FSDP`` into FSDP only for GPU-like devices; on
+    CPU processes (``use_cpu: true`` / ``ACCELERATE_USE_CPU=1``) its state stays ``MULTI_CPU`` and
+    ``prepare`` wraps the model in DDP: every process would hold the whole model, gradients and optimizer
+    state. PyTorch's FSDP2 (``fully_shard``) runs on gloo CPU processes, so here the state is switched to
+    FSDP with the plugin the launcher described (its ``FSDP_*`` variables), as Accelerate does on GPUs.
+
+    Raises:
+        ConfigError: an FSDP1 config on CPU processes (use ``fsdp_version: 2``).
+    """
+    asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if not asked or accelerator.distributed_type != DistributedType.MULTI_CPU:
+        return
+    plugin = FullyShardedDataParallelPlugin()  # from the launcher's environment
+    if plugin.fsdp_version != 2:
+        raise ConfigError(
+            "FSDP on CPU processes needs fsdp_version: 2 in the accelerate config "
+            "(recipes/configs/accelerate/cpu_2proc_fsdp.yaml)"
+        )
+    if accelerator.mixed_precision != "no":
+        plugin.set_mixed_precision(accelerator.mixed_precision)
+    accelerator.state.fsdp_plugin = plugin
+    accelerator.state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    accelerator.print("FSDP2 on CPU processes: parameters, gradients and optimizer state are sharded (gloo)")
+
+
 def set_cpu_threads(accelerator: Accelerator, threads: int | None) -> None:
     """Uses the machine's cores on a CPU run: ``threads``, or cores / processes on this machine."""
     if accelerator.device.type != "cpu":
@@ -98,6 +128,7 @@ def start_run(cfg: Config, task: Task) -> tuple[Accelerator, Path]:
     (after the task's ``prepare``, which may fill in settings from the data, such as the answer
     vocabulary)."""
     accelerator = build_accelerator(cfg)
+    use_fsdp_on_cpu_processes(accelerator)
     set_cpu_threads(accelerator, cfg.train.cpu_threads)
     task.prepare(cfg, accelerator)
     output_dir = Path(cfg.train.output_dir)
@@ -364,6 +395,17 @@ def prepare_model(accelerator: Accelerator, cfg: Config, model: VLFuseModel, opt
     return accelerator.prepare(model, optimizer, train_loader, device_placement=[False, True, True])
 
 
+def held_state_mib(model: torch.nn.Module, optimizer) -> float:
+    """MiB of parameters and optimizer state this process holds (under FSDP its shards only)."""
+
+    def local(t: torch.Tensor) -> torch.Tensor:
+        return t.to_local() if hasattr(t, "to_local") else t  # a DTensor's shard
+
+    states = [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+    tensors = [local(t) for t in [*model.parameters(), *states]]
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+
+
 def format_metrics(results: dict[str, dict[str, Any]]) -> str:
     """One line per split: ``validation: acc@0.5=0.9746, ...``."""
     return "\n".join(
@@ -595,11 +637,31 @@ def announce(run: Run, train_data: str, total_steps: int) -> dict[str, Any]:
     return {"trainable": n_train, "frozen": n_frozen, "per_part": per_part}
 
 
+@torch.no_grad()
+def broadcast_training_buffers(model: torch.nn.Module) -> None:
+    """Copies process 0's buffers of the modules in training mode (BatchNorm statistics) to every process,
+    as DDP does before each forward; under FSDP the loop calls it before each forward and before each
+    checkpoint. FSDP shards parameters, not buffers, and would let each process keep statistics of its
+    own batches, of which a checkpoint saves one copy (from any process) and ``final/`` process 0's: a
+    resumed run would then differ from an uninterrupted one."""
+    buffers = [b for m in model.modules() if m.training for b in m.buffers(recurse=False)]
+    for dtype in sorted({b.dtype for b in buffers}, key=str):  # the same order on every process
+        group = [b for b in buffers if b.dtype == dtype]
+        flat = torch.cat([b.reshape(-1) for b in group])
+        torch.distributed.broadcast(flat, src=0)
+        offset = 0
+        for b in group:
+            b.copy_(flat[offset : offset + b.numel()].view_as(b))
+            offset += b.numel()
+
+
 def train_step(run: Run, batch: dict[str, torch.Tensor], meter: Throughput) -> StepOutcome:
     """Forward, backward and (on the last micro-step of an accumulation) gradient clipping and the
     optimizer step, unless the gradient is not finite."""
     start = time.perf_counter()
     accelerator, model = run.accelerator, run.model
+    if accelerator.distributed_type == DistributedType.FSDP:
+        broadcast_training_buffers(model)
     n_bad = batch.pop("bad_rows")
     n_good = batch["valid"].shape[0]
     with accelerator.accumulate(model):
@@ -687,6 +749,8 @@ def evaluate_during_training(run: Run, state: TrainState, meter: Throughput) -> 
 
 
 def checkpoint(run: Run, state: TrainState) -> None:
+    if run.accelerator.distributed_type == DistributedType.FSDP:
+        broadcast_training_buffers(run.model)  # one copy is saved: make it every process's
     trainer_state = {
         "step": state.step,
         "epoch": state.epoch,
@@ -713,8 +777,9 @@ def finish(
     if not cfg.train.checkpoint_every or state.step % cfg.train.checkpoint_every != 0:
         checkpoint(run, state)
     peak_mb = memory.stop_mb()
-    # Every process's own peak (a collective): sharding (FSDP) shows as a lower peak per process.
-    peaks = accelerator.gather(torch.tensor([peak_mb], device=accelerator.device)).tolist()
+    # Every process's own figures (a collective): what sharding (FSDP) saves shows per process.
+    mine = torch.tensor([peak_mb, held_state_mib(run.model, run.optimizer)], device=accelerator.device)
+    peaks, held = accelerator.gather(mine[None]).T.tolist()
     summary = {
         "trainable_encoders": cfg.model.trainable_encoders,
         "steps": state.step,
@@ -724,6 +789,7 @@ def finish(
         "train_samples_per_s": rate,
         "peak_memory_mb": peak_mb,
         "peak_memory_mb_per_process": [round(p, 1) for p in peaks],
+        "weights_and_optimizer_mib_per_process": [round(h, 1) for h in held],
         "peak_memory_kind": memory.kind,
         "trainable_parameters": counts["trainable"],
         "frozen_parameters": counts["frozen"],

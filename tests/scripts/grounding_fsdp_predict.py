@@ -1,7 +1,9 @@
 """Runs recipes/grounding.py's main; at the end every rank takes part in gathering the full weights and in
 predicting boxes for fixed inputs with the sharded model, and rank 0 writes both to train.output_dir
-(fsdp_state.safetensors, fsdp_boxes.safetensors) so a test can compare them with final/ on one process."""
+(fsdp_state.safetensors, fsdp_boxes.safetensors) so a test can compare them with final/ on one process.
+Every rank also writes how many of the parameters' elements it holds (sharding_rank<N>.json)."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -20,6 +22,13 @@ TEXTS = ["the red circle", "the lowest shape"]
 def gather_and_predict(accelerator, model):
     _, overrides = parse_cli(sys.argv[1:])
     out = Path(load_config(None, overrides).train.output_dir)
+    params = list(model.parameters())
+    held = {
+        "distributed_type": str(accelerator.distributed_type),
+        "local": sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in params),
+        "global": sum(p.numel() for p in params),
+    }
+    (out / f"sharding_rank{accelerator.process_index}.json").write_text(json.dumps(held))
     state = accelerator.get_state_dict(model)  # a collective: every rank calls it
     boxes = accelerator.unwrap_model(model).predict(IMAGES, TEXTS)  # sharded forward: every rank
     if accelerator.is_main_process:
