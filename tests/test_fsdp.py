@@ -106,3 +106,23 @@ def test_fsdp2_shards_trains_resumes_and_final_loads_strictly_and_predicts_alike
         c = load_file(str(ddp / "final" / "model.safetensors"))
         for k in a:
             torch.testing.assert_close(a[k], c[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+def test_an_fsdp1_config_on_cpu_processes_is_refused_and_other_launches_are_left_alone(monkeypatch):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from vlfuse.config import ConfigError
+    from vlfuse.training import use_fsdp_on_cpu_processes
+
+    cpu_ddp = SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, state=SimpleNamespace())
+    use_fsdp_on_cpu_processes(cpu_ddp)  # no FSDP asked for: DDP stays
+    assert cpu_ddp.distributed_type == DistributedType.MULTI_CPU and not vars(cpu_ddp.state)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    with pytest.raises(ConfigError, match="fsdp_version: 2"):
+        use_fsdp_on_cpu_processes(cpu_ddp)
+    on_gpus = SimpleNamespace(distributed_type=DistributedType.FSDP, state=SimpleNamespace())
+    use_fsdp_on_cpu_processes(on_gpus)  # Accelerate already chose FSDP: nothing to do
+    assert not vars(on_gpus.state)
