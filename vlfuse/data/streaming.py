@@ -94,7 +94,7 @@ class StreamedExamples(IterableDataset):
         self.epoch = state["epoch"]
 
     def describe(self) -> str:
-        shards = self.stream.num_shards
+        shards = getattr(self.stream, "num_shards", None) or self.stream.n_shards  # n_shards: datasets < 4
         order = f"shuffled in blocks of {self.buffer_size:,}" if self.buffer_size > 1 else "in order"
         first = self.template.describe()
         return f"streamed ({shards} shard(s) for this process, {order}); its first rows: {first}"
