@@ -339,8 +339,7 @@ class StreamData:
                 f"{path} was saved with data.num_workers={state['num_workers']}; resume a stream with the "
                 f"same number of workers (now {self.loader.num_workers})"
             )
-        self.epoch = int(state["epoch"])
-        self.dataset.set_epoch(self.epoch)
+        self.epoch = int(state["epoch"])  # epoch_batches hands it to the dataset
         self.loader.load_state_dict(state["loader"])
         self.resumed = True
 

@@ -108,17 +108,27 @@ def load_split(cfg: DataConfig, split: str) -> datasets.Dataset:
     return ds.select(selected)
 
 
-def _load_whole_split(cfg: DataConfig, split: str) -> datasets.Dataset:
-    if cfg.dataset == shapes.NAME:
-        return _shapes_split(cfg, split)
+def _source(cfg: DataConfig, split: str) -> str:
+    """What ``load_dataset`` reads for ``data.dataset`` (a local folder's path, or the Hub id), once
+    ``split`` is known to exist.
+
+    Raises:
+        DataError: the split does not exist (the message lists the splits there are).
+    """
     splits = available_splits(cfg)
     if split not in splits:
         raise DataError(f"dataset {cfg.dataset!r} has no split {split!r}; its splits: {splits}")
     path = Path(cfg.dataset).expanduser()
-    if path.is_dir() and _is_saved_to_disk(path):
-        loaded = datasets.load_from_disk(str(path))
+    return str(path) if path.is_dir() else cfg.dataset
+
+
+def _load_whole_split(cfg: DataConfig, split: str) -> datasets.Dataset:
+    if cfg.dataset == shapes.NAME:
+        return _shapes_split(cfg, split)
+    source = _source(cfg, split)
+    if _is_saved_to_disk(Path(source)):
+        loaded = datasets.load_from_disk(source)
         return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
-    source = str(path) if path.is_dir() else cfg.dataset
     return datasets.load_dataset(source, cfg.subset, split=split, revision=cfg.revision)
 
 
@@ -144,10 +154,7 @@ def stream_split(cfg: DataConfig, split: str) -> datasets.IterableDataset:
     if cfg.dataset == shapes.NAME or (path.is_dir() and _is_saved_to_disk(path)):
         stream = _load_whole_split(cfg, name).to_iterable_dataset(num_shards=STREAM_SHARDS)
     else:
-        splits = available_splits(cfg)
-        if name not in splits:
-            raise DataError(f"dataset {cfg.dataset!r} has no split {name!r}; its splits: {splits}")
-        source = str(path) if path.is_dir() else cfg.dataset
+        source = _source(cfg, name)
         stream = datasets.load_dataset(source, cfg.subset, split=name, revision=cfg.revision, streaming=True)
     if rows is not None:
         start = rows.start or 0

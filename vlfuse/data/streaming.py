@@ -108,13 +108,12 @@ class StreamedExamples(IterableDataset):
         # A copy: loading a position into a datasets.IterableDataset sticks to it for the whole epoch.
         stream = copy.deepcopy(self.stream)
         stream.set_epoch(epoch)
-        block_no, skip = 0, 0
+        block_no, skip, block_start = 0, 0, None
         if start is not None and start["epoch"] == epoch:
-            block_no, skip = start["block"], start["taken"]
-            if start["block_start"] is not None:
-                stream.load_state_dict(start["block_start"])
+            block_no, skip, block_start = start["block"], start["taken"], start["block_start"]
+            if block_start is not None:
+                stream.load_state_dict(block_start)
         rows = iter(stream)
-        block_start = start["block_start"] if start is not None and start["epoch"] == epoch else None
         while True:
             block, exhausted = self._read_block(rows, epoch, worker_id, block_no)
             if self.buffer_size > 1:
