@@ -152,3 +152,12 @@ def test_model_with_a_dual_tower_text_encoder_saves_and_reloads(tmp_path, family
         assert torch.equal(
             model(pixel_values=pixels, **tokens)["boxes"], loaded(pixel_values=pixels, **tokens)["boxes"]
         )
+
+
+def test_transformers_private_auto_model_mapping_is_there():
+    # vlfuse.encoders.text._text_model_class reads AutoModel._model_mapping (private): this fails when
+    # transformers renames or removes it.
+    from transformers import AutoModel, BertConfig, BertModel, SiglipTextConfig
+
+    assert AutoModel._model_mapping[BertConfig] is BertModel
+    assert SiglipTextConfig not in AutoModel._model_mapping  # the case the lookup exists for

@@ -160,11 +160,13 @@ def test_lora_merged_on_save_predicts_identically_without_adapters(tmp_path):
     model.save_pretrained(tmp_path / "saved")
     meta = json.loads((tmp_path / "saved" / "vlfuse_config.json").read_text())
     assert meta["lora_merged"] == ["image_encoder", "text_encoder"]
-    adapters = json.loads((tmp_path / "saved" / "adapters" / "adapter_config.json").read_text())
-    assert adapters["image_encoder"]["r"] == 8 and all(
-        t.endswith("qkv") for t in adapters["image_encoder"]["target_modules"]
+    # each tower's adapter in peft's own format (adapters/<tower>/)
+    adapter = json.loads(
+        (tmp_path / "saved" / "adapters" / "image_encoder" / "adapter_config.json").read_text()
     )
-    assert (tmp_path / "saved" / "adapters" / "text_encoder.safetensors").is_file()
+    assert adapter["peft_type"] == "LORA" and adapter["r"] == 8
+    assert adapter["target_modules"] and all(t.endswith("qkv") for t in adapter["target_modules"])
+    assert (tmp_path / "saved" / "adapters" / "text_encoder" / "adapter_model.safetensors").is_file()
     loaded = VLFuseModel.from_pretrained(tmp_path / "saved")
     assert not loaded.image_encoder.has_adapters and not loaded.text_encoder.has_adapters  # plain layers
     torch.testing.assert_close(loaded.predict(images, texts), expected, atol=1e-5, rtol=1e-5)

@@ -12,7 +12,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-import yaml
+import timm
+from huggingface_hub import EvalResult, ModelCardData
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 CARD_NAME = "README.md"
 # Names that are not Hub ids: embedded datasets, bundled encoders.
@@ -20,14 +22,45 @@ _NOT_ON_THE_HUB = re.compile(r"^(shapes|vlfuse:.*)$")
 # Fields of an evaluation record that say where it was taken; with the counts, they are no metrics.
 _RECORD_FIELDS = ("step", "epoch", "split", "time_s")
 _NOT_METRICS = (*_RECORD_FIELDS, "count", "bad_rows", "train_bad_rows", "skipped_steps")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# The Hub's pipeline tag per task, where one fits (matching has none).
+PIPELINE_TAGS = {
+    "grounding": "zero-shot-object-detection",
+    "retrieval": "zero-shot-image-classification",
+    "classification": "visual-question-answering",
+}
 
 
 def _hub_id(name: str | None) -> str | None:
-    """``name`` if it reads as a Hub repository id (``owner/name``), else None (local paths, embedded)."""
+    """``name`` if it reads as a Hub repository id (huggingface_hub's own validator: ``owner/name`` or a
+    legacy ``bert-base-uncased``), else None (local paths, embedded datasets, bundled encoders)."""
     if not name or _NOT_ON_THE_HUB.match(name) or Path(name).expanduser().exists():
         return None
-    return name if _HUB_ID.match(name) else None
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
+    return name
+
+
+def image_base_model(encoder: dict[str, Any]) -> str | None:
+    """The Hub repository an image tower's pretrained weights come from: timm's pretrained config knows
+    it (``resnet50.a1_in1k`` -> ``timm/resnet50.a1_in1k``); an ``hf-hub:`` name is one. None for random
+    or local weights."""
+    if not encoder.get("pretrained", True) or encoder.get("checkpoint"):
+        return None
+    name = encoder["name"]
+    for prefix in ("hf-hub:", "hf_hub:"):
+        if name.startswith(prefix):
+            return _hub_id(name[len(prefix) :].split("@")[0])
+    if name.startswith("local-dir:"):
+        return None
+    pretrained_cfg = timm.models.get_pretrained_cfg(name)
+    return getattr(pretrained_cfg, "hf_hub_id", None) or None
+
+
+def text_base_model(encoder: dict[str, Any]) -> str | None:
+    """A text tower's Hub id when its pretrained weights come from the Hub (not a local folder)."""
+    return _hub_id(encoder["name"]) if encoder.get("pretrained", True) else None
 
 
 def weights_source(encoder: dict[str, Any], library: str) -> str:
@@ -52,9 +85,12 @@ def _number(value: Any) -> str:
     return str(value)
 
 
-def metadata(model: dict[str, Any], run: dict[str, Any] | None) -> dict[str, Any]:
-    """The card's YAML header (the Hub reads library, tags, base models, datasets and metrics from it)."""
-    meta: dict[str, Any] = {
+def card_data(model: dict[str, Any], run: dict[str, Any] | None) -> ModelCardData:
+    """The card's metadata, as the Hub reads it (``huggingface_hub.ModelCardData``): library, tags, the
+    pipeline tag where one fits, both towers' base models, the dataset and, for a trained model, its
+    final metrics per evaluation split as ``model-index`` evaluation results."""
+    bases = [image_base_model(model["image_encoder"]), text_base_model(model["text_encoder"])]
+    data: dict[str, Any] = {
         "library_name": "vlfuse",
         "tags": [
             "vlfuse",
@@ -64,22 +100,46 @@ def metadata(model: dict[str, Any], run: dict[str, Any] | None) -> dict[str, Any
             "timm",
             "transformers",
         ],
+        "pipeline_tag": PIPELINE_TAGS.get(model["task"]),
+        "base_model": [b for b in bases if b] or None,
     }
-    bases = [
-        _hub_id(model[tower]["name"])
-        for tower in ("image_encoder", "text_encoder")
-        if model[tower]["pretrained"]
-    ]
-    if any(bases):
-        meta["base_model"] = [b for b in bases if b]
     if run is not None:
-        dataset = _hub_id(run["config"]["data"]["dataset"])
-        if dataset:
-            meta["datasets"] = [dataset]
-        names = sorted({k for metrics in run["summary"].get("metrics", {}).values() for k in metrics})
-        if names:
-            meta["metrics"] = [n for n in names if n not in _NOT_METRICS]
-    return meta
+        cfg, metrics = run["config"], run["summary"].get("metrics") or {}
+        dataset = _hub_id(cfg["data"]["dataset"])
+        data["datasets"] = [dataset] if dataset else None
+        names = sorted({k for values in metrics.values() for k in values if k not in _NOT_METRICS})
+        data["metrics"] = names or None
+        results = eval_results(model["task"], cfg["data"], metrics)
+        if results:
+            data["eval_results"] = results
+            data["model_name"] = cfg["train"].get("hub_model_id") or Path(cfg["train"]["output_dir"]).name
+    return ModelCardData(**data)
+
+
+def eval_results(task: str, data: dict[str, Any], metrics: dict[str, dict[str, Any]]) -> list[EvalResult]:
+    """One ``EvalResult`` per (split, metric) of the run's final evaluation."""
+    dataset = str(data["dataset"])
+    return [
+        EvalResult(
+            task_type=PIPELINE_TAGS.get(task, task),
+            task_name=task,
+            dataset_type=dataset,
+            dataset_name=dataset,
+            dataset_config=data.get("subset"),
+            dataset_split=split,
+            dataset_revision=data.get("revision"),
+            metric_type=name,
+            metric_value=value,
+        )
+        for split, values in metrics.items()
+        for name, value in values.items()
+        if name not in _NOT_METRICS and isinstance(value, int | float) and not isinstance(value, bool)
+    ]
+
+
+def metadata(model: dict[str, Any], run: dict[str, Any] | None) -> dict[str, Any]:
+    """The card's YAML header as a dict (``card_data``)."""
+    return card_data(model, run).to_dict()
 
 
 def render(model: dict[str, Any], parameters: dict[str, dict[str, int]], run: dict[str, Any] | None) -> str:
@@ -91,7 +151,7 @@ def render(model: dict[str, Any], parameters: dict[str, dict[str, int]], run: di
         run: for a trained model, ``{"config": the resolved config, "summary": summary.json's content}``
             and optionally ``"comparison"`` (``comparison.json``'s content).
     """
-    header = yaml.safe_dump(metadata(model, run), sort_keys=False).strip()
+    header = card_data(model, run).to_yaml().strip()
     image, text, fusion = model["image_encoder"], model["text_encoder"], model["fusion"]
     lines = [
         "---",

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from vlfuse.schema import TrainConfig
 
 CHECKPOINT_PREFIX = "step_"
 TRAINER_STATE = "trainer_state.json"
+ABANDONED_DIR = "abandoned"  # checkpoints of a run that a later one replaced (never pruned)
 MODEL_FILE = "model.safetensors"  # Accelerate's name for the first model's weights
 # Prefixes that wrappers add to state-dict names (DDP, torch.compile).
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -207,22 +209,56 @@ def save_checkpoint(
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        for old in list_checkpoints(checkpoint_dir)[:-keep_last]:
+        # The checkpoint just written is never pruned, whatever the others' steps.
+        others = [p for p in list_checkpoints(checkpoint_dir) if p != final]
+        for old in others[: max(0, len(others) - (keep_last - 1))]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def set_aside_abandoned(
+    checkpoint_dir: Path, start_step: int, warn: Callable[[str], None] = print
+) -> Path | None:
+    """Moves the checkpoints newer than ``start_step`` (the step this run starts from: 0 when fresh) into
+    ``checkpoints/abandoned/<time>_from_step_<N>/``: they belong to a run this one replaces, and must
+    neither be taken for ``latest`` nor crowd out this run's own checkpoints when pruning.
+
+    Returns:
+        The folder they were moved to, or None when there were none.
+    """
+    newer = [
+        p for p in list_checkpoints(checkpoint_dir) if int(p.name[len(CHECKPOINT_PREFIX) :]) > start_step
+    ]
+    if not newer:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    target = checkpoint_dir / ABANDONED_DIR / f"{stamp}_from_step_{start_step}"
+    target.mkdir(parents=True, exist_ok=True)
+    for path in newer:
+        os.replace(path, target / path.name)
+    warn(
+        f"moved {len(newer)} checkpoint(s) of an abandoned run ({', '.join(p.name for p in newer)}: newer "
+        f"than this run's start at step {start_step}) to {target}"
+    )
+    return target
 
 
 def restore_checkpoint(
     accelerator: Accelerator, cfg: TrainConfig, output_dir: Path, frozen: FrozenWeights
 ) -> dict[str, Any] | None:
     """Loads ``train.resume_from`` into the prepared objects (model, optimizer, RNG, data position);
-    a slim checkpoint's frozen-weight fingerprints are checked first (``FrozenWeights.check``).
+    a slim checkpoint's frozen-weight fingerprints are checked first (``FrozenWeights.check``). Checkpoints
+    of ``output_dir`` newer than the start are set aside (``set_aside_abandoned``).
 
     Returns:
         The checkpoint's trainer state (step, scheduler, counters), or None when starting fresh.
     """
     resume = resolve_resume(cfg.resume_from, output_dir, accelerator.print)
+    if accelerator.is_main_process:
+        start = int(json.loads((resume / TRAINER_STATE).read_text())["step"]) if resume else 0
+        set_aside_abandoned(output_dir / "checkpoints", start, accelerator.print)
+    accelerator.wait_for_everyone()
     if resume is None:
         if cfg.resume_from == "latest":
             accelerator.print(

@@ -18,7 +18,7 @@ from accelerate.state import PartialState
 
 from vlfuse.card import write_card
 from vlfuse.config import TUNING, Config
-from vlfuse.model import CONFIG_NAME
+from vlfuse.hub import CONFIG_NAME
 from vlfuse.tasks import get_task
 from vlfuse.training import eval_splits, push_final, train
 
@@ -130,14 +130,13 @@ def comparison_markdown(result: dict[str, Any]) -> str:
 
 def plot_comparison(result: dict[str, Any], path: Path) -> None:
     """The eval metric against wall time, one line per mode."""
-    # matplotlib is imported here, not at the top: it is slow to import and only the plot needs it.
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # matplotlib is imported here, not at the top: it is slow to import and only the plot needs it. A
+    # Figure of its own (no pyplot): the caller's backend (a notebook's) is left as it is.
+    from matplotlib.figure import Figure
 
     metric = result["metric"]
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    fig = Figure(figsize=(6, 4), dpi=120)
+    ax = fig.subplots()
     for r in result["runs"]:
         curve = r["curve"]
         ax.plot([p["time_s"] for p in curve], [p[metric] for p in curve], marker="o", label=r["mode"])
@@ -148,4 +147,3 @@ def plot_comparison(result: dict[str, Any], path: Path) -> None:
     ax.legend(title="trainable_encoders")
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)

@@ -7,8 +7,13 @@ The config sections are re-exported here, so ``from vlfuse.config import ModelCo
 
 from __future__ import annotations
 
+import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from vlfuse.schema import (
     BOX_FORMATS,
@@ -27,6 +32,7 @@ from vlfuse.schema import (
     TextEncoderConfig,
     TrainConfig,
     merge_config,
+    reference,
     section_from_dict,
     to_dict,
     to_yaml,
@@ -94,6 +100,10 @@ def load_config(
     return cfg
 
 
+HELP_FLAGS = ("-h", "--help")
+PRINT_CONFIG_FLAG = "--print-config"
+
+
 def parse_cli(argv: Sequence[str]) -> tuple[str | None, list[str]]:
     """Splits ``[--config FILE] [key=value ...]`` into the file and the overrides."""
     config_path = None
@@ -134,7 +144,12 @@ def load_cli_config(
         ConfigError: as ``load_config``, or for a config of another task (naming both tasks and the recipe
             that trains the config's task).
     """
-    config_path, overrides = parse_cli(argv)
+    args = list(argv)
+    if any(a in HELP_FLAGS for a in args):
+        print(cli_help(load_config(default_config, default_overrides), default_config))
+        raise SystemExit(0)
+    print_only = PRINT_CONFIG_FLAG in args
+    config_path, overrides = parse_cli([a for a in args if a != PRINT_CONFIG_FLAG])
     if config_path is None:
         cfg = load_config(default_config, [*default_overrides, *overrides])
     else:
@@ -145,7 +160,38 @@ def load_cli_config(
             f"{get_task(task).recipe} trains model.task={task}, but the config ({source} and the command "
             f"line) has model.task={cfg.model.task}: run {get_task(cfg.model.task).recipe} for it"
         )
+    if print_only:  # the resolved config, and nothing written or trained
+        print(to_yaml(cfg), end="")
+        raise SystemExit(0)
     return cfg
+
+
+def _inline(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True, width=1000).strip().removesuffix("...").strip()
+
+
+def cli_help(defaults: Config, default_config: str | Path) -> str:
+    """A recipe's ``--help``: its options, then every config key with this recipe's default and the
+    schema's documentation of it."""
+    prog = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "recipe"
+    lines = [
+        f"usage: {prog} [--config FILE] [key=value ...] [--print-config] [-h]",
+        "",
+        f"  --config FILE    a YAML file of settings (default: {default_config})",
+        "  key=value        a dotted override, parsed as YAML (model.trainable_encoders=all train.lr=3e-4)",
+        "  --print-config   print the resolved config (after --config and overrides) and exit (no training)",
+        "  -h, --help       show this help and exit",
+        "",
+        "config keys (key = this recipe's default):",
+    ]
+    section = None
+    for key, value, doc in reference(defaults):
+        if key.split(".")[0] != section:
+            section = key.split(".")[0]
+            lines += ["", f"{section}:"]
+        lines.append(f"  {key} = {_inline(value)}")
+        lines += [f"      {part}" for part in textwrap.wrap(doc, 96)]
+    return "\n".join(lines)
 
 
 __all__ = [

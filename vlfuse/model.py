@@ -6,30 +6,21 @@ task builds the head and decodes ``predict``.
 
 from __future__ import annotations
 
-import json
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from huggingface_hub import HfApi, snapshot_download
 from PIL import Image
-from safetensors.torch import load_model, save_file, save_model
 from torch import nn
 
-from vlfuse.card import write_card
+from vlfuse import hub
 from vlfuse.data.transforms import letterbox, to_tensor
 from vlfuse.encoders import EncoderOutput, ImageEncoder, TextEncoder
-from vlfuse.encoders.tuning import freeze_mode, lora_state, merge_lora_state
+from vlfuse.encoders.tuning import freeze_mode
 from vlfuse.fusion import TowerShape, build_fusion
-from vlfuse.schema import TRAINABLE_ENCODERS, ModelConfig, section_from_dict, to_dict
+from vlfuse.schema import TRAINABLE_ENCODERS, ModelConfig
 from vlfuse.tasks import check_task_fusion, get_task
-
-CONFIG_NAME = "vlfuse_config.json"
-WEIGHTS_NAME = "model.safetensors"
-TEXT_ENCODER_DIR = "text_encoder"
-ADAPTERS_DIR = "adapters"
 
 # Which towers learn under each value of model.trainable_encoders.
 TRAINABLE_TOWERS: dict[str, frozenset[str]] = {
@@ -346,6 +337,7 @@ class VLFuseModel(nn.Module):
         return self.task.class_names(self.config)
 
     # ------------------------------------------------------------------------------------- save / load
+    # The I/O lives in vlfuse.hub; these are its public entry points.
     def save_pretrained(
         self,
         folder: str | Path,
@@ -353,8 +345,9 @@ class VLFuseModel(nn.Module):
         run: dict[str, Any] | None = None,
     ) -> Path:
         """Writes the config, preprocessing settings, the text tower's config and tokenizer, all weights
-        (safetensors) and the model card (``README.md``) to ``folder``: everything needed to rebuild the
-        model with no network, and to know how it was trained.
+        (safetensors; LoRA adapters merged by peft, and each LoRA tower's adapter in peft's format under
+        ``adapters/<tower>/``) and the model card (``README.md``) to ``folder``: everything needed to
+        rebuild the model with no network, and to know how it was trained.
 
         Args:
             folder: created if missing.
@@ -363,50 +356,7 @@ class VLFuseModel(nn.Module):
             run: what the card reports about training (``vlfuse.card.render``): the resolved config and
                 the run's summary, and a comparison table; without it the card describes the model only.
         """
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        parameters = run["summary"]["parameters"] if run else self.parameter_counts()
-        write_card(folder, to_dict(self.config), parameters, run)
-        lora_towers = [attr for attr in TOWER_ATTRS.values() if getattr(self, attr).has_adapters]
-        meta = {
-            "model": to_dict(self.config),
-            "image_data_config": self.image_encoder.data_config,
-            "format_version": 1,
-            # LoRA adapters are merged into these towers' weights: they load as plain layers.
-            "lora_merged": lora_towers,
-        }
-        (folder / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
-        self.text_encoder.save_source(folder / TEXT_ENCODER_DIR)
-        if state_dict is None and not lora_towers:
-            save_model(self, str(folder / WEIGHTS_NAME))
-            return folder
-        state = self._merge_adapters(state_dict if state_dict is not None else self.state_dict(), folder)
-        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(folder / WEIGHTS_NAME))
-        return folder
-
-    def _merge_adapters(self, state: dict[str, torch.Tensor], folder: Path) -> dict[str, torch.Tensor]:
-        """``state`` with each LoRA tower's adapters merged into its weights; the adapters alone are
-        written to ``folder/adapters/`` (``<tower>.safetensors`` and ``adapter_config.json``)."""
-        merged, configs = dict(state), {}
-        for attr in TOWER_ATTRS.values():
-            encoder = getattr(self, attr)
-            if not encoder.has_adapters:
-                continue
-            prefix, lora = f"{attr}.", encoder.cfg.lora
-            part = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-            for key in part:
-                merged.pop(prefix + key)
-            merged.update(
-                {prefix + k: v for k, v in merge_lora_state(part, lora.lora_alpha / lora.r).items()}
-            )
-            (folder / ADAPTERS_DIR).mkdir(exist_ok=True)
-            adapters = {k: v.detach().contiguous().cpu() for k, v in lora_state(part).items()}
-            save_file(adapters, str(folder / ADAPTERS_DIR / f"{attr}.safetensors"))
-            targets = sorted({k.split(".lora_A.")[0] for k in adapters if ".lora_A." in k})
-            configs[attr] = {**to_dict(lora), "target_modules": targets}
-        if configs:
-            (folder / ADAPTERS_DIR / "adapter_config.json").write_text(json.dumps(configs, indent=2))
-        return merged
+        return hub.save_model(self, folder, state_dict=state_dict, run=run)
 
     def push_to_hub(
         self,
@@ -427,64 +377,48 @@ class VLFuseModel(nn.Module):
             revision: a branch to push to (created from the default branch if missing).
             run: passed to ``save_pretrained`` for the card.
         """
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = self.save_pretrained(tmp, run=run)
-            return push_folder(folder, repo_id, token, private, commit_message, revision)
+        return hub.push_model(
+            self,
+            repo_id,
+            run=run,
+            token=token,
+            private=private,
+            commit_message=commit_message,
+            revision=revision,
+        )
 
     @classmethod
-    def from_pretrained(cls, path_or_hub_id: str | Path, revision: str | None = None) -> VLFuseModel:
-        """Loads a model written by ``save_pretrained`` from a folder or a Hub model repository."""
-        folder = Path(path_or_hub_id).expanduser()
-        if not folder.is_dir():
-            if str(path_or_hub_id).startswith((".", "/", "~")) or folder.suffix:
-                raise FileNotFoundError(f"no saved vlfuse model at {folder}")
-            folder = Path(snapshot_download(str(path_or_hub_id), revision=revision))
-        config_file = folder / CONFIG_NAME
-        if not config_file.is_file():
-            raise FileNotFoundError(f"{folder} is not a saved vlfuse model: {CONFIG_NAME} is missing")
-        meta = json.loads(config_file.read_text())
-        cfg = section_from_dict(ModelConfig, meta["model"])
-        model = cls(
-            cfg,
-            pretrained=False,
-            image_data_config=meta.get("image_data_config"),
-            text_source=str(folder / TEXT_ENCODER_DIR),
-            adapters=not meta.get("lora_merged"),
+    def from_pretrained(
+        cls,
+        path_or_hub_id: str | Path,
+        *,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | Path | None = None,
+        local_files_only: bool = False,
+        force_download: bool = False,
+        trust_remote_code: bool = False,
+    ) -> VLFuseModel:
+        """Loads a model written by ``save_pretrained``, in eval mode, weights loaded strictly.
+
+        Args:
+            path_or_hub_id: a folder if one exists at that path; otherwise a Hub model repository id
+                (``owner/name``, dots allowed), fetched with ``huggingface_hub.snapshot_download``.
+            revision: the Hub revision (branch, tag or commit).
+            token: a Hub token; default: ``HF_TOKEN`` or the one ``hf auth login`` stored.
+            cache_dir: the Hub cache folder; default: huggingface_hub's.
+            local_files_only: use the Hub cache only, never the network.
+            force_download: download again even if cached.
+            trust_remote_code: allow custom code that the text tower's files ask for. Only the caller
+                decides: the value saved in the folder is never used (a differing one is reported).
+        """
+        return hub.load_pretrained(
+            cls,
+            path_or_hub_id,
+            revision=revision,
+            token=token,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            force_download=force_download,
+            trust_remote_code=trust_remote_code,
         )
-        weights = folder / WEIGHTS_NAME
-        try:
-            load_model(model, str(weights), strict=True)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{weights} is missing") from None
-        except Exception as err:  # safetensors raises its own error types for damaged files
-            raise RuntimeError(f"could not load weights from {weights}: {err}") from err
-        return model
-
-
-def push_folder(
-    folder: str | Path,
-    repo_id: str,
-    token: str | None = None,
-    private: bool | None = None,
-    commit_message: str = "Upload vlfuse model",
-    revision: str | None = None,
-) -> str:
-    """Uploads a saved model folder (``final/``) to the Hub model repository ``repo_id`` the way
-    transformers' ``push_to_hub`` does: the repository is created if missing (``private`` applies then),
-    ``revision`` is a branch (created if missing), the token comes from the usual places. Returns the
-    commit's URL."""
-    folder = Path(folder)
-    if not (folder / CONFIG_NAME).is_file():
-        raise FileNotFoundError(f"{folder} is not a saved vlfuse model: {CONFIG_NAME} is missing")
-    api = HfApi(token=token)
-    repo = api.create_repo(repo_id, private=private, repo_type="model", exist_ok=True)
-    if revision:
-        api.create_branch(repo.repo_id, branch=revision, repo_type="model", exist_ok=True)
-    commit = api.upload_folder(
-        folder_path=str(folder),
-        repo_id=repo.repo_id,
-        repo_type="model",
-        commit_message=commit_message,
-        revision=revision,
-    )
-    return str(getattr(commit, "commit_url", commit))

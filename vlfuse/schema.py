@@ -118,6 +118,7 @@ class FusionConfig:
     num_queries: int = _at_least(1, 1)
     # Feed-forward width as a multiple of ``dim``.
     mlp_ratio: float = _at_least(4.0, 0.5)
+    # Dropout inside the fusion head.
     dropout: float = _at_least(0.1, 0.0)
 
 
@@ -161,6 +162,7 @@ class DataConfig:
     columns: dict[str, str] = field(default_factory=lambda: {"image": "image", "text": "text", "box": "box"})
     # Folder that relative image paths are resolved against.
     image_root: str | None = None
+    # How the dataset's boxes are written: xyxy (corners), xywh (corner + size), cxcywh (centre + size).
     box_format: str = _choices("xyxy", BOX_FORMATS)
     # Boxes are in [0, 1] relative to the image rather than in pixels.
     box_normalized: bool = False
@@ -168,6 +170,7 @@ class DataConfig:
     hflip_prob: float = _at_least(0.0, 0.0)
     # Cap the number of rows read per split (quick experiments); null = all.
     max_train_samples: int | None = None
+    # The same cap for each evaluation split; null = all.
     max_eval_samples: int | None = None
     # Stop if more than this fraction of the examples seen so far are unusable (undecodable image, invalid
     # box); below it, bad examples are skipped and counted.
@@ -184,16 +187,21 @@ class DataConfig:
     # classification: the answer vocabulary keeps this many most frequent train answers; the rest map to
     # "unknown" (counted, never predicted).
     num_answers: int = _at_least(1000, 1)
-    # Embedded dataset only: images in the train / validation split, image size and seed.
+    # Embedded dataset only: images in the train split.
     shapes_train_size: int = _at_least(20000, 1)
+    # Embedded dataset only: images in the validation split.
     shapes_eval_size: int = _at_least(1000, 1)
+    # Embedded dataset only: image size in pixels.
     shapes_image_size: int = _at_least(64, 16)
+    # Embedded dataset only: the generator's seed.
     shapes_seed: int = 0
 
 
 @dataclass
 class TrainConfig:
+    # Where the run writes config.yaml, metrics.jsonl, checkpoints/ and final/.
     output_dir: str = "runs/grounding"
+    # Passes over the train split (unless max_steps is set).
     epochs: int = _at_least(10, 1)
     # When set, wins over epochs.
     max_steps: int | None = None
@@ -205,12 +213,17 @@ class TrainConfig:
     lr: float = _at_least(1.0e-4, 0.0)
     # Learning rate of trainable encoders.
     encoder_lr: float = _at_least(1.0e-5, 0.0)
+    # AdamW weight decay (not on biases and norm weights).
     weight_decay: float = _at_least(0.01, 0.0)
     # Linear warm-up steps, then cosine decay to zero.
     warmup_steps: int = _at_least(0, 0)
+    # Clip the gradient norm to this; null = no clipping.
     max_grad_norm: float | None = 1.0
+    # Micro-batches per optimizer step.
     gradient_accumulation_steps: int = _at_least(1, 1)
+    # Accelerate's mixed precision: no, fp16 or bf16.
     mixed_precision: str = _choices("no", MIXED_PRECISION)
+    # Seed of every random number generator of the run.
     seed: int = 0
     # Evaluate every N optimizer steps; null = once per epoch.
     eval_every: int | None = None
@@ -414,3 +427,38 @@ def section_from_dict(cls: type, values: dict[str, Any]) -> Any:
     obj = OmegaConf.to_object(merged)
     validate(obj)
     return obj
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's documentation: the comment lines right above it in the class's source (the schema
+    documents itself there, one source of truth for ``--help`` and the docs)."""
+    import inspect
+
+    docs: dict[str, str] = {}
+    comment: list[str] = []
+    for line in inspect.getsource(cls).splitlines()[1:]:
+        text = line.strip()
+        if text.startswith("#"):
+            comment.append(text.lstrip("#").strip())
+        elif ":" in text and not text.startswith(('"', "'", "@")):
+            name = text.split(":", 1)[0].strip()
+            if name.isidentifier():
+                docs[name] = " ".join(comment)
+            comment = []
+        else:
+            comment = []
+    return docs
+
+
+def reference(cfg: Any, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """Every leaf key of ``cfg`` (a config tree) as ``(dotted key, value, documentation)``, in schema
+    order."""
+    rows: list[tuple[str, Any, str]] = []
+    docs = field_docs(type(cfg))
+    for f in dataclasses.fields(cfg):
+        key, value = f"{prefix}{f.name}", getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            rows += reference(value, key + ".")
+        else:
+            rows.append((key, value, docs.get(f.name, "")))
+    return rows

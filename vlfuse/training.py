@@ -53,7 +53,8 @@ from vlfuse.data.examples import ImageTextDataset
 from vlfuse.data.feature_cache import cached_dataset
 from vlfuse.data.loading import DataError, stream_split
 from vlfuse.data.streaming import StreamedExamples, split_stream, stream_loader
-from vlfuse.model import TRAINABLE_TOWERS, VLFuseModel, push_folder
+from vlfuse.hub import push_folder
+from vlfuse.model import TRAINABLE_TOWERS, VLFuseModel
 from vlfuse.schema import to_dict
 from vlfuse.tasks import Task, get_task
 from vlfuse.tracking import JsonlWriter, LossWindow, PeakMemory, Progress, Throughput

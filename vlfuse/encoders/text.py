@@ -34,10 +34,15 @@ def text_tower_config(config: PretrainedConfig) -> PretrainedConfig:
     return text_config if isinstance(text_config, PretrainedConfig) else config
 
 
-def _text_model_class(config: PretrainedConfig, name: str) -> type[PreTrainedModel] | None:
+def _text_model_class(config: PretrainedConfig, name: str, remote: bool) -> type[PreTrainedModel] | None:
     """The model class of a text tower's config that ``AutoModel`` does not map (SigLIP's
-    ``SiglipTextConfig`` -> ``SiglipTextModel``); None when ``AutoModel`` knows it."""
+    ``SiglipTextConfig`` -> ``SiglipTextModel``); None when ``AutoModel`` knows it, or when custom code
+    the caller allowed (``remote``) names the model class (``auto_map``)."""
+    # _model_mapping: transformers' private name for AutoModel's config -> class table (tested in
+    # tests/test_encoders.py, which fails if it disappears).
     if type(config) in AutoModel._model_mapping:
+        return None
+    if remote and "AutoModel" in (getattr(config, "auto_map", None) or {}):
         return None
     cls = getattr(transformers, type(config).__name__.removesuffix("Config") + "Model", None)
     if cls is None:
@@ -51,7 +56,7 @@ def _text_model_class(config: PretrainedConfig, name: str) -> type[PreTrainedMod
 def _load_text_model(path: str, name: str, pretrained: bool, remote: bool) -> PreTrainedModel:
     """The text model at ``path``; of a dual-tower checkpoint, its text tower only (with its weights)."""
     config = text_tower_config(AutoConfig.from_pretrained(path, trust_remote_code=remote))
-    cls = _text_model_class(config, name)
+    cls = _text_model_class(config, name, remote)
     if pretrained:
         if cls is not None:
             return cls.from_pretrained(path, config=config)

@@ -10,12 +10,15 @@ own parameters are all frozen in eval mode (BatchNorm statistics of a frozen ste
 
 from __future__ import annotations
 
+import copy
 import re
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from vlfuse.schema import ConfigError, LoraSettings
@@ -118,10 +121,37 @@ def add_lora(model: nn.Module, settings: LoraSettings, key: str) -> int:
         target_modules=targets,
     )
     try:
-        inject_adapter_in_model(config, model)
+        with warnings.catch_warnings():  # peft warns of an unmergeable layer; check_mergeable says which
+            warnings.simplefilter("ignore", UserWarning)
+            inject_adapter_in_model(config, model)
     except ValueError as err:  # peft refuses a module type it cannot adapt
         raise ConfigError(f"{key}.lora.target_modules: {err}") from None
-    return sum(1 for n, _ in model.named_modules() if n.endswith(".lora_A"))
+    check_mergeable(model, key)
+    return sum(1 for _, m in model.named_modules() if isinstance(m, LoraLayer))
+
+
+def check_mergeable(model: nn.Module, key: str) -> None:
+    """Refuses, at start-up, an adapted layer that peft cannot merge into its weights (a saved model holds
+    merged weights): each LoRA layer's copy is merged once with a non-zero update.
+
+    Raises:
+        ConfigError: naming the module and peft's reason (e.g. a grouped convolution).
+    """
+    for name, layer in model.named_modules():
+        if not isinstance(layer, LoraLayer):
+            continue
+        trial = copy.deepcopy(layer)
+        with torch.no_grad():
+            for p in trial.parameters():
+                if p.is_floating_point():
+                    p.normal_(0, 0.01)  # an update as after training
+        try:
+            trial.merge(safe_merge=True)
+        except (NotImplementedError, ValueError, RuntimeError, TypeError) as err:
+            raise ConfigError(
+                f"{key}.lora.target_modules: module {name!r} ({type(layer.get_base_layer()).__name__}) "
+                f"cannot be merged into the saved weights by peft ({err}); leave it out of the targets"
+            ) from None
 
 
 def _examples(model: nn.Module) -> list[str]:
@@ -176,36 +206,3 @@ def freeze_mode(module: nn.Module) -> None:
         own = list(m.parameters(recurse=False))
         if own and not any(p.requires_grad for p in own):
             m.training = False
-
-
-def lora_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The adapter weights of a state dict."""
-    return {k: v for k, v in state.items() if LORA_MARK in k}
-
-
-def merge_lora_state(state: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
-    """A state dict with every LoRA adapter merged into its base weight, keyed as the plain model's
-    (``x.base_layer.weight`` + ``scaling * B @ A`` -> ``x.weight``; convolutions likewise).
-
-    Args:
-        scaling: ``lora_alpha / r``.
-    """
-    merged: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        if LORA_MARK in key:
-            continue
-        if ".base_layer." not in key:
-            merged[key] = value
-            continue
-        module, param = key.split(".base_layer.")
-        plain = f"{module}.{param}"
-        a, b = state.get(f"{module}.lora_A.default.weight"), state.get(f"{module}.lora_B.default.weight")
-        if param != "weight" or a is None or b is None:
-            merged[plain] = value
-            continue
-        if value.ndim == 2:
-            delta = b.float() @ a.float()
-        else:  # conv: B is [out, r, 1, 1], A is [r, in/groups, kh, kw]
-            delta = (b.float().flatten(1) @ a.float().flatten(1)).reshape(value.shape)
-        merged[plain] = (value.float() + scaling * delta).to(value.dtype)
-    return merged
