@@ -80,3 +80,20 @@ def test_compare_computes_each_frozen_towers_cache_once(tmp_path, capsys):
                 f"| {other['mode']} | {other['metrics']['acc@0.5']:.4f} | {other['trainable_parameters']:,} |"
                 in card
             )
+
+
+def test_plotting_leaves_the_callers_matplotlib_backend_alone(tmp_path):
+    import matplotlib
+
+    from vlfuse.compare import plot_comparison
+
+    matplotlib.use("svg")  # a backend of the caller's (a notebook's would be inline)
+    result = {
+        "metric": "acc@0.5",
+        "split": "validation",
+        "task": "grounding",
+        "runs": [{"mode": "none", "curve": [{"time_s": 1.0, "acc@0.5": 0.2}, {"time_s": 2.0, "acc@0.5": 0.4}]}],
+    }
+    plot_comparison(result, tmp_path / "plot.png")
+    assert matplotlib.get_backend() == "svg"
+    assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -138,3 +138,41 @@ def test_an_empty_mapping_on_the_command_line_empties_it():
     assert columns.data.columns == {"image": "img", "text": "caption", "box": "box"}
     one = load_cli_config(["data.columns.image=img"], SHAPES, task="grounding")
     assert one.data.columns == {"image": "img", "text": "text", "box": "box"}
+
+
+def test_recipe_help_lists_every_key_with_its_default_and_doc():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, str(root / "recipes" / "grounding.py"), "--help"], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert out.startswith("usage: grounding.py [--config FILE] [key=value ...] [--print-config] [-h]")
+    # the recipe's own default and the schema's comment for the key
+    assert "  model.trainable_encoders = all\n      none: fusion + head only over frozen encoders" in out
+    from vlfuse.schema import Config, reference
+
+    for key, _, _ in reference(Config()):
+        assert f"  {key} = " in out, key
+
+
+def test_print_config_prints_the_resolved_config_and_writes_nothing(tmp_path, capsys):
+    import yaml
+
+    out_dir = tmp_path / "run"
+    config = tmp_path / "c.yaml"
+    config.write_text("model:\n  fusion:\n    dim: 48\n")
+    with pytest.raises(SystemExit) as exit_info:
+        load_cli_config(
+            ["--config", str(config), "--print-config", f"train.output_dir={out_dir}", "train.lr=3e-4"],
+            config,
+        )
+    assert exit_info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["train"]["lr"] == 3e-4 and printed["model"]["fusion"]["dim"] == 48
+    assert printed["train"]["output_dir"] == str(out_dir)
+    assert not out_dir.exists()

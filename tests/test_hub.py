@@ -86,13 +86,41 @@ def test_the_card_names_hub_sources():
     from vlfuse.card import metadata
 
     meta = metadata(model, run)
-    assert meta["base_model"] == ["google-bert/bert-base-uncased"]  # a timm name is no Hub id
+    # timm's pretrained config names the image tower's Hub repository
+    assert meta["base_model"] == ["timm/test_resnet.r160_in1k", "google-bert/bert-base-uncased"]
     assert meta["datasets"] == ["jxu124/refcoco"]
+    assert meta["pipeline_tag"] == "zero-shot-object-detection"
+    model["text_encoder"]["name"] = "bert-base-uncased"  # a legacy id without an owner
+    model["image_encoder"]["checkpoint"] = "weights.safetensors"  # local weights: no Hub base
+    assert metadata(model, run)["base_model"] == ["bert-base-uncased"]
     parts = {p: {"trainable": 1, "frozen": 0} for p in ("image_encoder", "text_encoder", "fusion_and_head")}
+    model["image_encoder"]["checkpoint"] = None
+    model["text_encoder"]["name"] = "google-bert/bert-base-uncased"
     text = render(model, parts, None)
     assert "timm pretrained weights for `test_resnet`" in text
     assert "transformers pretrained weights for `google-bert/bert-base-uncased`" in text
     assert "## Training" not in text  # no run: the card describes the model only
+
+
+def test_the_card_metadata_parses_with_eval_results_equal_to_the_last_metrics(tiny_run):
+    from huggingface_hub import ModelCard
+
+    out, _ = tiny_run
+    data = ModelCard.load(out / "final" / "README.md").data
+    assert data.library_name == "vlfuse" and data.pipeline_tag == "zero-shot-object-detection"
+    last = {}
+    for record in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()):
+        last[record["split"]] = record
+    found = {(r.dataset_split, r.metric_type): r.metric_value for r in data.eval_results}
+    expected = {
+        (split, name): value
+        for split, record in last.items()
+        for name, value in record.items()
+        if name in ("acc@0.5", "acc@0.75", "miou")
+    }
+    assert found == expected and len(found) == 3
+    assert {r.dataset_name for r in data.eval_results} == {"shapes"}
+    assert data.model_name == out.name
 
 
 class _HubCalls:

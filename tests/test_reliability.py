@@ -101,6 +101,56 @@ def test_resume_mid_epoch_is_exact(tmp_path, monkeypatch, learning):
     assert a == b  # the same loss at every step, bitwise
 
 
+def test_resuming_an_older_checkpoint_sets_the_abandoned_ones_aside(tmp_path, monkeypatch, capsys):
+    import vlfuse.training as training
+
+    common = [*SMALL_DATA, "model.fusion.name=concat", "model.trainable_encoders=text", "train.max_steps=6"]
+    out = tmp_path / "run"
+    train(tiny_config(*common, f"train.output_dir={tmp_path / 'straight'}"))
+    AcceleratorState._reset_state(True)
+    # A first run leaves step_2, step_4, step_6.
+    train(tiny_config(*common, "train.checkpoint_every=2", "train.keep_last=3", f"train.output_dir={out}"))
+    checkpoints = out / "checkpoints"
+    abandoned_step_4 = (checkpoints / "step_4" / "trainer_state.json").read_text()
+    AcceleratorState._reset_state(True)
+    # A second run resumes from step_2 with keep_last=1 and dies right after its own step-4 checkpoint.
+    real_save = training.save_checkpoint
+
+    def save_then_crash(accelerator, output_dir, state, keep_last, **kwargs):
+        path = real_save(accelerator, output_dir, state, keep_last, **kwargs)
+        if state["step"] == 4:
+            raise _Crash
+        return path
+
+    monkeypatch.setattr(training, "save_checkpoint", save_then_crash)
+    with pytest.raises(_Crash):
+        train(
+            tiny_config(
+                *common,
+                "train.checkpoint_every=2",
+                "train.keep_last=1",
+                f"train.output_dir={out}",
+                f"train.resume_from={checkpoints / 'step_2'}",
+            )
+        )
+    monkeypatch.setattr(training, "save_checkpoint", real_save)
+    assert "moved 2 checkpoint(s) of an abandoned run (step_4, step_6" in capsys.readouterr().out
+    # the checkpoint just written survived keep_last=1; the abandoned run's are aside, not deleted
+    assert list_checkpoints(checkpoints) == [checkpoints / "step_4"]
+    (aside,) = (checkpoints / "abandoned").iterdir()
+    assert sorted(p.name for p in aside.iterdir()) == ["step_4", "step_6"]
+    assert (aside / "step_4" / "trainer_state.json").read_text() == abandoned_step_4
+    AcceleratorState._reset_state(True)
+    # latest is this run's step_4; the run completes as an uninterrupted one would, bitwise
+    train(tiny_config(*common, f"train.output_dir={out}", "train.resume_from=latest"))
+    assert f"resumed from {checkpoints / 'step_4'} at step 4" in capsys.readouterr().out
+    straight = load_file(str(tmp_path / "straight" / "final" / "model.safetensors"))
+    resumed = load_file(str(out / "final" / "model.safetensors"))
+    assert straight.keys() == resumed.keys()
+    for k in straight:
+        assert torch.equal(straight[k], resumed[k]), f"{k} differs after resume"
+
+
 @pytest.mark.slow
 def test_sigkill_during_checkpoint_write_keeps_previous(tmp_path):
     args = [
