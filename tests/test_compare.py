@@ -92,7 +92,7 @@ def test_plotting_leaves_the_callers_matplotlib_backend_alone(tmp_path):
         "metric": "acc@0.5",
         "split": "validation",
         "task": "grounding",
-        "runs": [{"mode": "none", "curve": [{"time_s": 1.0, "acc@0.5": 0.2}, {"time_s": 2.0, "acc@0.5": 0.4}]}],
+        "runs": [{"mode": "none", "curve": [{"time_s": t, "acc@0.5": 0.2 * t} for t in (1.0, 2.0)]}],
     }
     plot_comparison(result, tmp_path / "plot.png")
     assert matplotlib.get_backend() == "svg"
