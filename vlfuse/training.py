@@ -143,7 +143,10 @@ def build_model(cfg: Config, check_task: bool = True) -> VLFuseModel:
     """The model of ``cfg.model``: built from the encoders, or loaded from ``model.init_from`` (whose
     task must be ``model.task`` when ``check_task``)."""
     if cfg.model.init_from:
-        model = VLFuseModel.from_pretrained(cfg.model.init_from)
+        # The user's own config decides about custom code, never the folder being loaded.
+        model = VLFuseModel.from_pretrained(
+            cfg.model.init_from, trust_remote_code=cfg.model.text_encoder.trust_remote_code
+        )
         if check_task and model.config.task != cfg.model.task:
             raise ConfigError(
                 f"model.init_from={cfg.model.init_from} is a {model.config.task!r} model, but "
