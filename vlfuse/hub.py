@@ -122,8 +122,8 @@ def _report_trust(folder: Path, saved: bool, trust_remote_code: bool, log: Calla
     code = _custom_code(folder / TEXT_ENCODER_DIR)
     if code and not trust_remote_code:
         log(
-            f"{folder / TEXT_ENCODER_DIR}: asks for custom code ({', '.join(code)}); not run: pass "
-            "trust_remote_code=True to from_pretrained (or model.text_encoder.trust_remote_code=true) "
+            f"{folder / TEXT_ENCODER_DIR}: asks for custom code ({', '.join(code)}); not run: allow it with "
+            "from_pretrained's trust_remote_code argument (or model.text_encoder.trust_remote_code=true) "
             "if you trust its author"
         )
 
