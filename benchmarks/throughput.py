@@ -111,7 +111,8 @@ def _peak_mb() -> float:
 
 
 def run_vlfuse(args, task: str, mode: str, cache: bool, work: Path) -> dict:
-    from vlfuse.training import list_checkpoints, train
+    from vlfuse.checkpointing import list_checkpoints
+    from vlfuse.training import train
 
     cfg = _config(args, task, mode, cache, work)
     caching_s = 0.0

@@ -9,9 +9,10 @@ from conftest import tiny_config
 from safetensors.torch import load_file
 from test_recipes import SMALL_DATA
 
-import vlfuse.training as training
+import vlfuse.training.setup as training
+from vlfuse.checkpointing import CheckpointError, list_checkpoints
 from vlfuse.model import VLFuseModel
-from vlfuse.training import CheckpointError, list_checkpoints, train
+from vlfuse.training import train
 
 
 @pytest.fixture(autouse=True)

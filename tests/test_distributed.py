@@ -10,8 +10,9 @@ from conftest import TINY_MODEL, tiny_config
 from safetensors.torch import load_file, load_model
 from test_recipes import SMALL_DATA, launch, read_metrics
 
+from vlfuse.checkpointing import list_checkpoints
 from vlfuse.model import VLFuseModel
-from vlfuse.training import list_checkpoints, train
+from vlfuse.training import train
 
 
 @pytest.fixture(autouse=True)
@@ -274,3 +275,16 @@ def test_reported_metrics_are_the_metrics_of_predict(tmp_path, box_format, norma
     for key in ("acc@0.5", "acc@0.75", "miou"):
         assert reported[key] == pytest.approx(by_predict[key], abs=1e-5), key
     assert by_predict["miou"] > 0  # real overlaps, not an all-zero agreement
+
+
+def test_the_private_names_vlfuse_distributed_leans_on_are_there():
+    # vlfuse.distributed uses these private names (said beside each use): this fails when Accelerate or
+    # torch renames or removes them, before a launch silently changes behaviour.
+    from accelerate import PartialState
+    from torch.nn.parallel import DistributedDataParallel
+
+    assert isinstance(PartialState._shared_state, dict)
+    assert callable(DistributedDataParallel._set_params_and_buffers_to_ignore_for_model)
+    model = torch.nn.Linear(2, 2)
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ["weight"])
+    assert model._ddp_params_and_buffers_to_ignore == ["weight"]

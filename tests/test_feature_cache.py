@@ -316,7 +316,8 @@ def test_retrieval_run_with_and_without_cache_reach_the_same_metrics(tmp_path, m
 
 
 def test_towers_served_by_the_cache_stay_off_the_accelerator():
-    from vlfuse.training import accelerator_weights_mib, towers_served_by_cache
+    from vlfuse.training.report import accelerator_weights_mib
+    from vlfuse.training.setup import towers_served_by_cache
 
     accelerator = Accelerator(cpu=True)
     decide = {
@@ -347,7 +348,7 @@ def test_towers_served_by_the_cache_stay_off_the_accelerator():
 
 
 def test_a_cached_tower_never_runs_and_the_saved_model_is_whole(tmp_path, monkeypatch, capsys):
-    import vlfuse.training as training
+    import vlfuse.training.setup as training
 
     common = [
         *SMALL_DATA,

@@ -67,7 +67,19 @@ def test_functions_stay_short():
     assert long == []
 
 
-@pytest.mark.parametrize("module", ["model.py", "training.py", "config.py", "schema.py", "compare.py"])
+SHARED_MODULES = [
+    "model.py",
+    "config.py",
+    "schema.py",
+    "compare.py",
+    "hub.py",
+    "distributed.py",
+    "predict.py",
+    *(f"training/{p.name}" for p in sorted((ROOT / "vlfuse" / "training").glob("*.py"))),
+]
+
+
+@pytest.mark.parametrize("module", SHARED_MODULES)
 def test_shared_modules_name_no_task(module):
     source = (ROOT / "vlfuse" / module).read_text()
     tree = ast.parse(source)

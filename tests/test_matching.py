@@ -14,6 +14,7 @@ from conftest import TINY_MODEL, tiny_config
 from PIL import Image
 from test_recipes import SMALL_DATA, launch, read_metrics
 
+from vlfuse.checkpointing import list_checkpoints
 from vlfuse.data.loading import load_split
 from vlfuse.model import VLFuseModel
 from vlfuse.tasks.matching import (
@@ -23,7 +24,7 @@ from vlfuse.tasks.matching import (
     matching_metrics,
     roc_auc,
 )
-from vlfuse.training import evaluate, list_checkpoints, train
+from vlfuse.training import evaluate, train
 
 ITM = ["model.task=matching", "model.fusion.name=concat", "data.columns={image: image, text: captions}"]
 

@@ -11,8 +11,9 @@ import pytest
 import torch
 from conftest import TINY_MODEL, tiny_config
 
+from vlfuse.checkpointing import list_checkpoints
 from vlfuse.model import VLFuseModel
-from vlfuse.training import list_checkpoints, train
+from vlfuse.training import train
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")

@@ -16,10 +16,11 @@ from PIL import Image
 from safetensors.torch import load_file, load_model
 from test_recipes import SMALL_DATA
 
+from vlfuse.checkpointing import CheckpointError, list_checkpoints, resolve_resume
 from vlfuse.data.loading import DataError, load_split
 from vlfuse.model import VLFuseModel
 from vlfuse.tasks.grounding import GroundingDataset, GroundingTask, grounding_loss
-from vlfuse.training import CheckpointError, TrainingError, list_checkpoints, resolve_resume, train
+from vlfuse.training import TrainingError, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,7 +67,7 @@ def test_resume_mid_epoch_is_exact(tmp_path, monkeypatch, learning):
     train(tiny_config(*common, "train.max_steps=6", f"train.output_dir={tmp_path / 'straight'}"))
     AcceleratorState._reset_state(True)
     # The second run dies right after its step-3 checkpoint (same schedule: max_steps=6), then resumes.
-    import vlfuse.training as training
+    import vlfuse.training.loop as training
 
     real_save = training.save_checkpoint
 
@@ -102,7 +103,7 @@ def test_resume_mid_epoch_is_exact(tmp_path, monkeypatch, learning):
 
 
 def test_resuming_an_older_checkpoint_sets_the_abandoned_ones_aside(tmp_path, monkeypatch, capsys):
-    import vlfuse.training as training
+    import vlfuse.training.loop as training
 
     common = [*SMALL_DATA, "model.fusion.name=concat", "model.trainable_encoders=text", "train.max_steps=6"]
     out = tmp_path / "run"
@@ -352,7 +353,7 @@ class _NaNAt:
 
 
 def _patch_nan(monkeypatch, calls):
-    import vlfuse.training as training
+    import vlfuse.training.setup as training
 
     holder = {}
     build = training.build_model

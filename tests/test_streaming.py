@@ -17,7 +17,8 @@ from vlfuse.data.loading import DataError, stream_split
 from vlfuse.data.streaming import stream_loader
 from vlfuse.model import VLFuseModel
 from vlfuse.tasks import get_task
-from vlfuse.training import build_stream, train
+from vlfuse.training import train
+from vlfuse.training.data import build_stream
 
 SEEN = "../tests/scripts/grounding_stream_seen.py"  # relative to recipes/
 

@@ -177,7 +177,7 @@ def test_lora_merged_on_save_predicts_identically_without_adapters(tmp_path):
 
 
 def test_lora_run_resumes_exactly(tmp_path, monkeypatch):
-    import vlfuse.training as training
+    import vlfuse.training.loop as training
 
     common = [
         *SMALL_DATA,

@@ -20,7 +20,8 @@ from vlfuse.card import write_card
 from vlfuse.config import TUNING, Config
 from vlfuse.hub import CONFIG_NAME
 from vlfuse.tasks import get_task
-from vlfuse.training import eval_splits, push_final, train
+from vlfuse.training import push_final, train
+from vlfuse.training.data import eval_splits
 
 
 def run_comparison(cfg: Config) -> dict[str, Any]:

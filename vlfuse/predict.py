@@ -29,7 +29,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
 from vlfuse.model import VLFuseModel
-from vlfuse.tasks.base import pair_inputs
+from vlfuse.tasks import pair_inputs
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 # Box colours, one per expression (the first is the one a single expression gets).
@@ -146,6 +146,7 @@ def strip(images: Sequence[Image.Image], captions: Sequence[str], height: int = 
 
 # --------------------------------------------------------------------------------------- per task
 def show_grounding(model: VLFuseModel, inputs: Inputs) -> Shown:
+    check_pairing(inputs.images, inputs.texts)
     boxes = model.predict(inputs.images, inputs.texts)
     shown = Shown()
     per_image: dict[int, list[int]] = {}
@@ -167,6 +168,7 @@ def _ranked(names: Sequence[str], scores: torch.Tensor, k: int) -> list[tuple[st
 
 
 def show_classification(model: VLFuseModel, inputs: Inputs) -> Shown:
+    check_pairing(inputs.images, inputs.texts)
     outputs, _ = model.infer(*pair_inputs(inputs.images, inputs.texts))
     names = model.answer_vocabulary[:-1]  # the never-predicted "unknown" class is last
     probabilities = outputs["logits"].float().softmax(dim=1)[:, :-1].cpu()
@@ -183,6 +185,7 @@ def show_classification(model: VLFuseModel, inputs: Inputs) -> Shown:
 
 
 def show_matching(model: VLFuseModel, inputs: Inputs) -> Shown:
+    check_pairing(inputs.images, inputs.texts)
     probability = model.predict(inputs.images, inputs.texts)
     shown = Shown()
     per_image: dict[int, list[int]] = {}
@@ -245,8 +248,6 @@ def predict(args: argparse.Namespace) -> Shown:
         raise PredictError(f"{args.model} is a {task!r} model, not a {args.task!r} one (--task)")
     if task not in SHOW:
         raise PredictError(f"{args.model}: the predict command shows {', '.join(SHOW)}, not {task!r}")
-    if task != "retrieval":  # retrieval ranks any number of images for each text
-        check_pairing(images, texts)
     shown = SHOW[task](model, Inputs(images, [p.name for p in paths], texts, args.top_k))
     for picture, path in zip(shown.pictures, output_paths(Path(args.output), len(shown.pictures))):
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
@@ -34,6 +33,7 @@ from torch.utils.data import Dataset
 
 from vlfuse.data.examples import BadExample, ExampleCollator, ImageTextDataset, Source
 from vlfuse.data.transforms import hflip
+from vlfuse.distributed import gather_ids, gather_with_grad, world_and_rank
 from vlfuse.fusion import FusionOutput
 from vlfuse.tasks.base import Task, build_image_text_dataset
 
@@ -187,66 +187,6 @@ class RetrievalHead(nn.Module):
         return out
 
 
-# -------------------------------------------------------------------------------- gather with gradients
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
-
-
-class _AllGather(torch.autograd.Function):
-    """Concatenates every rank's rows (sizes may differ). Backward: each rank's rows receive the sum
-    over ranks of the gradient with respect to them (an all-reduce, which every backend has)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, sizes: list[int], rank: int) -> torch.Tensor:
-        ctx.sizes, ctx.rank = sizes, rank
-        padded = x.new_zeros((max(sizes), *x.shape[1:]))
-        padded[: x.shape[0]] = x
-        parts = [torch.empty_like(padded) for _ in sizes]
-        dist.all_gather(parts, padded.contiguous())
-        return torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)])
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        start = sum(ctx.sizes[: ctx.rank])
-        return grad[start : start + ctx.sizes[ctx.rank]], None, None
-
-
-def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-    """Every rank's rows of ``x`` concatenated in rank order, differentiable.
-
-    Returns:
-        (the gathered rows, this rank's first row in them, the total number of rows)
-    """
-    world, rank = _world()
-    if world == 1:
-        return x, 0, x.shape[0]
-    n = torch.tensor([x.shape[0]], device=x.device)
-    sizes = [torch.zeros_like(n) for _ in range(world)]
-    dist.all_gather(sizes, n)
-    sizes = [int(s) for s in sizes]
-    return _AllGather.apply(x, sizes, rank), sum(sizes[:rank]), sum(sizes)
-
-
-def gather_ids(ids: torch.Tensor) -> torch.Tensor:
-    """Every rank's ``[n]`` ids concatenated in rank order (sizes may differ; no gradient)."""
-    world, _ = _world()
-    if world == 1:
-        return ids
-    n = torch.tensor([ids.shape[0]], device=ids.device)
-    sizes = [torch.zeros_like(n) for _ in range(world)]
-    dist.all_gather(sizes, n)
-    sizes = [int(x) for x in sizes]
-    padded = ids.new_full((max(sizes),), -1)
-    padded[: ids.shape[0]] = ids
-    parts = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(parts, padded)
-    return torch.cat([part[:size] for part, size in zip(parts, sizes, strict=True)])
-
-
 def _multi_positive_nce(logits: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
     """Sum over rows of ``-log sum_{positives} softmax(row)`` (one positive per row: cross-entropy)."""
     logits = logits.float()
@@ -286,7 +226,7 @@ def contrastive_loss(
     i2t = _multi_positive_nce(logit_scale * image_embeds @ all_texts.T, positive)
     # text i's positives are the images of its own image: the same rows of the same matrix
     t2i = _multi_positive_nce(logit_scale * text_embeds @ all_images.T, positive)
-    world, _ = _world()
+    world, _ = world_and_rank()
     scale = world / total
     loss = (i2t + t2i) / 2 * scale
     return loss, {"i2t": (i2t * scale).detach(), "t2i": (t2i * scale).detach()}

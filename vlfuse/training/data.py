@@ -1,0 +1,226 @@
+"""The training data of a run: the train split, map-style (``MapData``) or streamed (``StreamData``), its
+loader and its position in checkpoints; and the evaluation splits' loaders."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import send_to_device
+from torch.utils.data import DataLoader
+
+from vlfuse.checkpointing import CheckpointError
+from vlfuse.config import Config, ConfigError
+from vlfuse.data.examples import ImageTextDataset
+from vlfuse.data.feature_cache import cached_dataset
+from vlfuse.data.loading import DataError, stream_split
+from vlfuse.data.streaming import StreamedExamples, split_stream, stream_loader
+from vlfuse.tasks import Task
+
+if TYPE_CHECKING:  # the loop's state, for annotations only
+    from vlfuse.training.setup import TrainState
+
+
+def eval_splits(cfg: Config) -> list[str]:
+    """``data.eval_split`` as a list."""
+    split = cfg.data.eval_split
+    return list(split) if isinstance(split, list | tuple) else [split]
+
+
+def make_loader(dataset, cfg: Config, collate, batch_size: int, shuffle: bool) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        collate_fn=collate,
+        num_workers=cfg.data.num_workers,
+        drop_last=shuffle,
+        # Not persistent: workers get a fresh copy of the dataset, with its epoch, every epoch.
+        persistent_workers=False,
+        # Its own generator: starting an iterator must not draw from the global RNG, or a resumed run
+        # (which starts one more iterator) would see different dropout masks than a straight one.
+        generator=torch.Generator().manual_seed(cfg.train.seed),
+    )
+
+
+def build_split(accelerator: Accelerator, cfg: Config, task: Task, model, split: str, train: bool):
+    """The task's dataset of one split; with ``train.cache_features``, reading its frozen towers'
+    features from the cache (computed first if needed)."""
+    with accelerator.main_process_first():
+        dataset = task.build_dataset(cfg, model, split, train=train)
+    if cfg.train.cache_features:
+        batch_size = cfg.train.eval_batch_size or cfg.train.batch_size
+        dataset = task.with_cache(
+            dataset,
+            lambda base: cached_dataset(
+                model, base, split, cfg.train.cache_dir, cfg.train.cache_dtype, batch_size, accelerator
+            ),
+        )
+    accelerator.print(f"{'train' if train else 'eval'} split {split}: {dataset.describe()}")
+    return dataset
+
+
+def build_train_data(accelerator: Accelerator, cfg: Config, task: Task, model) -> MapData | StreamData:
+    """The train split and its loader: map-style (shuffled by a seeded sampler), or with
+    ``data.streaming`` read as a stream, this process's part of it."""
+    split = cfg.data.train_split
+    collate = task.collator(model, train=True)
+    if cfg.data.streaming:
+        with accelerator.main_process_first():
+            dataset = build_stream(cfg, task, model, accelerator.process_index, accelerator.num_processes)
+        accelerator.print(f"train split {split}: {dataset.describe()}")
+        loader = stream_loader(dataset, cfg.train.batch_size, collate, cfg.data.num_workers)
+        return StreamData(dataset, loader, accelerator)
+    train_set = build_split(accelerator, cfg, task, model, split, train=True)
+    if len(train_set) < cfg.train.batch_size:
+        raise ValueError(
+            f"the train split has {len(train_set)} examples, "
+            f"fewer than train.batch_size={cfg.train.batch_size}"
+        )
+    loader = make_loader(train_set, cfg, collate, cfg.train.batch_size, shuffle=True)
+    return MapData(train_set, loader, accelerator, cfg.train.gradient_accumulation_steps)
+
+
+def build_stream(cfg: Config, task: Task, model, rank: int, world_size: int) -> StreamedExamples:
+    """Process ``rank``'s part of the streamed train split (``data.streaming``), its examples made by the
+    task's dataset over the stream's first rows."""
+    split = cfg.data.train_split
+    template = task.build_dataset(cfg, model, split, train=True)
+    if not isinstance(template, ImageTextDataset):
+        raise ConfigError(f"data.streaming=true: model.task={task.name} cannot stream its train split")
+    stream = stream_split(cfg.data, split)
+    if cfg.data.max_train_samples is not None:
+        stream = stream.take(cfg.data.max_train_samples)
+    stream = split_stream(stream, rank, world_size)
+    return StreamedExamples(stream, template, cfg.data.shuffle_buffer, rank, cfg.train.seed)
+
+
+@dataclass
+class MapData:
+    """A map-style train split: epochs of a known length; a resumed epoch skips the batches it saw."""
+
+    dataset: Any
+    loader: DataLoader
+    accelerator: Accelerator
+    accum: int
+
+    def describe(self) -> str:
+        return f"{len(self.dataset):,} train examples"
+
+    def total_steps(self, cfg: Config) -> int:
+        return cfg.train.max_steps or self.steps_per_epoch() * cfg.train.epochs
+
+    def steps_per_epoch(self) -> int:
+        return max(1, len(self.loader) // self.accum)
+
+    def start(self, state: TrainState) -> None:
+        state.epoch = state.step // self.steps_per_epoch()
+
+    def epoch_batches(self, state: TrainState):
+        """The batches of epoch ``state.epoch`` still to see."""
+        self.loader.set_epoch(state.epoch)
+        self.dataset.set_epoch(state.epoch)
+        skip = (state.step - state.epoch * self.steps_per_epoch()) * self.accum
+        return self.accelerator.skip_first_batches(self.loader, skip) if skip > 0 else self.loader
+
+    def end_epoch(self, state: TrainState) -> None:
+        state.epoch += 1
+
+    def save(self, folder: Path) -> None:
+        """Nothing: the position is a function of the step (seeded order)."""
+
+    def load(self, folder: Path) -> None:
+        """Nothing: see ``save``."""
+
+
+STREAM_STATE = "stream_position_{rank}.pt"
+
+
+@dataclass
+class StreamData:
+    """A streamed train split: passes of unknown length, per process (processes may start a new pass at
+    different steps); the position of every process is saved in checkpoints and restored on resume."""
+
+    dataset: StreamedExamples
+    loader: Any  # torchdata StatefulDataLoader
+    accelerator: Accelerator
+    epoch: int = 0
+    pass_ended: bool = False
+    resumed: bool = False  # the next pass continues a checkpoint's
+
+    def describe(self) -> str:
+        return "a streamed train split"
+
+    def total_steps(self, cfg: Config) -> int:
+        return cfg.train.max_steps  # required with data.streaming (config check)
+
+    def start(self, state: TrainState) -> None:
+        state.epoch = self.epoch
+
+    def epoch_batches(self, state: TrainState):
+        """The rest of this pass over the stream, moved to the device."""
+        self.dataset.set_epoch(self.epoch)
+        resumed, self.resumed = self.resumed, False
+        self.pass_ended, seen = False, 0
+        for batch in self.loader:
+            seen += 1
+            yield send_to_device(batch, self.accelerator.device)
+        self.pass_ended = True
+        if seen == 0 and not resumed:  # (a pass resumed at its very end has nothing left: fine)
+            raise DataError(
+                f"a pass over the streamed train split gave process {self.accelerator.process_index} no "
+                "full batch: its part of the stream is smaller than train.batch_size"
+            )
+
+    def end_epoch(self, state: TrainState) -> None:
+        """The next pass, if this one ended (not when the loop stopped inside it)."""
+        if self.pass_ended:
+            self.epoch += 1
+        state.epoch = self.epoch
+
+    def save(self, folder: Path) -> None:
+        """Writes this process's stream position into the checkpoint ``folder``."""
+        rank = self.accelerator.process_index
+        state = {
+            "epoch": self.epoch,
+            "num_workers": self.loader.num_workers,
+            "loader": self.loader.state_dict(),
+        }
+        torch.save(state, folder / STREAM_STATE.format(rank=rank))
+
+    def load(self, folder: Path) -> None:
+        """Continues from the position saved in the checkpoint ``folder``.
+
+        Raises:
+            CheckpointError: no position for this process, or one saved with other DataLoader workers.
+        """
+        path = folder / STREAM_STATE.format(rank=self.accelerator.process_index)
+        if not path.is_file():
+            raise CheckpointError(
+                f"{path} is missing: the checkpoint has no stream position for process "
+                f"{self.accelerator.process_index} (was it saved without data.streaming, or with fewer "
+                "processes?)"
+            )
+        state = torch.load(path, weights_only=True)
+        if state["num_workers"] != self.loader.num_workers:
+            raise CheckpointError(
+                f"{path} was saved with data.num_workers={state['num_workers']}; resume a stream with the "
+                f"same number of workers (now {self.loader.num_workers})"
+            )
+        self.epoch = int(state["epoch"])  # epoch_batches hands it to the dataset
+        self.loader.load_state_dict(state["loader"])
+        self.resumed = True
+
+
+def build_eval_loaders(accelerator: Accelerator, cfg: Config, task: Task, model) -> dict[str, DataLoader]:
+    batch_size = cfg.train.eval_batch_size or cfg.train.batch_size
+    collate = task.collator(model, train=False)
+    return {
+        split: make_loader(
+            build_split(accelerator, cfg, task, model, split, False), cfg, collate, batch_size, False
+        )
+        for split in eval_splits(cfg)
+    }
