@@ -166,6 +166,30 @@ def load_cli_config(
     return cfg
 
 
+REFERENCE_HEADER = """# Config reference
+
+Every key of the config, its default and its documentation, generated from the schema
+(`vlfuse/schema.py`, the comment above each field) by `vlfuse.config.reference_markdown()`;
+`tests/test_docs.py` fails when this page and the schema disagree. The defaults are the schema's; each
+recipe's default config sets some of them (`python recipes/<recipe>.py --help` shows that recipe's own).
+Values are YAML on the command line: `key=value`, `key=[a,b]`, `key={a: 1}`, `key=null`.
+"""
+
+
+def reference_markdown(defaults: Config | None = None) -> str:
+    """The config reference page: one table per section with each key, its default and its
+    documentation (``docs/config-reference.md``)."""
+    lines = [REFERENCE_HEADER]
+    section = None
+    for key, value, doc in reference(defaults or Config()):
+        if key.split(".")[0] != section:
+            section = key.split(".")[0]
+            lines += ["", f"## {section}", "", "| key | default | meaning |", "|---|---|---|"]
+        escaped = doc.replace("|", "\\|")
+        lines.append(f"| `{key}` | `{_inline(value)}` | {escaped} |")
+    return "\n".join(lines) + "\n"
+
+
 def _inline(value: Any) -> str:
     return yaml.safe_dump(value, default_flow_style=True, width=1000).strip().removesuffix("...").strip()
 
@@ -214,8 +238,10 @@ __all__ = [
     "load_cli_config",
     "load_config",
     "parse_cli",
+    "reference_markdown",
     "section_from_dict",
     "to_dict",
     "to_yaml",
     "validate",
 ]
+
