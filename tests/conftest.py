@@ -16,7 +16,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from vlfuse.config import Config, ModelConfig, load_config  # noqa: E402
+from vlfuse.config import load_config  # noqa: E402
+from vlfuse.schema import Config, ModelConfig  # noqa: E402
 
 TINY_MODEL = [
     "model.image_encoder.name=test_resnet",

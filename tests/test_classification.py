@@ -158,7 +158,7 @@ def test_predict_answers_after_save_and_load(tmp_path):
 
 
 def test_init_from_a_model_of_another_task_is_refused(tmp_path):
-    from vlfuse.config import ConfigError
+    from vlfuse.schema import ConfigError
     from vlfuse.training import build_model
 
     cfg = tiny_config(*VQA)

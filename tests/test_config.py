@@ -1,6 +1,7 @@
 import pytest
 
-from vlfuse.config import ConfigError, load_cli_config, load_config, parse_cli, to_yaml
+from vlfuse.config import load_cli_config, load_config, parse_cli
+from vlfuse.schema import ConfigError, to_yaml
 
 
 def test_defaults_match_design():

@@ -3,8 +3,8 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from vlfuse.config import ImageEncoderConfig, TextEncoderConfig
 from vlfuse.encoders import ImageEncoder, TextEncoder
+from vlfuse.schema import ImageEncoderConfig, TextEncoderConfig
 
 
 def test_cnn_tokens_are_flattened_feature_map():

@@ -9,9 +9,9 @@ from accelerate.state import AcceleratorState
 from conftest import tiny_config
 from test_recipes import SMALL_DATA, launch
 
-from vlfuse.config import ConfigError
 from vlfuse.data.feature_cache import cached_dataset
 from vlfuse.model import VLFuseModel
+from vlfuse.schema import ConfigError
 from vlfuse.tasks import get_task
 from vlfuse.tasks.grounding import GroundingTask
 from vlfuse.training import train

@@ -113,8 +113,8 @@ def test_an_fsdp1_config_on_cpu_processes_is_refused_and_other_launches_are_left
 
     from accelerate.utils import DistributedType
 
-    from vlfuse.config import ConfigError
     from vlfuse.distributed import use_fsdp_on_cpu_processes
+    from vlfuse.schema import ConfigError
 
     cpu_ddp = SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, state=SimpleNamespace())
     use_fsdp_on_cpu_processes(cpu_ddp)  # no FSDP asked for: DDP stays

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from vlfuse.config import FusionConfig
 from vlfuse.encoders import EncoderOutput
 from vlfuse.fusion import FUSION_HEADS, TowerShape, build_fusion
+from vlfuse.schema import FusionConfig
 
 
 def _inputs(b=3, grid=(4, 5), c_img=24, c_txt=16, n_txt=7):

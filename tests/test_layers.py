@@ -12,8 +12,9 @@ import torch
 from conftest import tiny_config
 from PIL import Image
 
-from vlfuse.config import ConfigError, load_cli_config, load_config
+from vlfuse.config import load_cli_config, load_config
 from vlfuse.model import VLFuseModel
+from vlfuse.schema import ConfigError
 from vlfuse.tasks import TASKS, get_task
 from vlfuse.tasks.base import ClassifierHead, Task, pair_inputs
 

@@ -10,8 +10,8 @@ from conftest import tiny_config, tiny_model_config
 from PIL import Image
 
 import vlfuse.hub as hub
-from vlfuse.config import ConfigError
 from vlfuse.model import VLFuseModel
+from vlfuse.schema import ConfigError
 from vlfuse.training import build_model
 
 IMAGES = [Image.new("RGB", (50, 40), (200, 30, 30)), Image.new("RGB", (30, 60), (20, 20, 200))]

@@ -436,6 +436,6 @@ def test_loading_code_is_safe():
             assert "weights_only=True" in call, f"{path}: {call}"
         assert "trust_remote_code=True" not in text, path
         assert "pickle.load" not in text, path
-    from vlfuse.config import TextEncoderConfig
+    from vlfuse.schema import TextEncoderConfig
 
     assert TextEncoderConfig().trust_remote_code is False

@@ -2,9 +2,9 @@ import random
 import re
 from collections import Counter
 
-from vlfuse.config import TextEncoderConfig
 from vlfuse.data import shapes
 from vlfuse.encoders.text import TextEncoder, resolve_text_encoder_name
+from vlfuse.schema import TextEncoderConfig
 
 
 def _rows(n, seed=0):

@@ -11,11 +11,11 @@ from helpers import write_sharded_grounding
 from safetensors.torch import load_file
 from test_recipes import launch
 
-from vlfuse.config import ConfigError
 from vlfuse.data.examples import BadExample
 from vlfuse.data.loading import DataError, stream_split
 from vlfuse.data.streaming import stream_loader
 from vlfuse.model import VLFuseModel
+from vlfuse.schema import ConfigError
 from vlfuse.tasks import get_task
 from vlfuse.training import train
 from vlfuse.training.data import build_stream

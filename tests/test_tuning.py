@@ -9,8 +9,9 @@ from accelerate.state import AcceleratorState
 from conftest import tiny_config, tiny_model_config
 from test_recipes import SMALL_DATA
 
-from vlfuse.config import ConfigError, load_config
+from vlfuse.config import load_config
 from vlfuse.model import VLFuseModel
+from vlfuse.schema import ConfigError
 from vlfuse.training import train
 
 VIT = "model.image_encoder.name=test_vit"

@@ -17,8 +17,8 @@ import yaml
 from accelerate.state import PartialState
 
 from vlfuse.card import write_card
-from vlfuse.config import TUNING, Config
 from vlfuse.hub import CONFIG_NAME
+from vlfuse.schema import TUNING, Config
 from vlfuse.tasks import get_task
 from vlfuse.training import push_final, train
 from vlfuse.training.data import eval_splits

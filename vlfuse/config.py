@@ -2,11 +2,14 @@
 then the checks that need the task registry: ``model.task`` names a known task, the task accepts the
 fusion head and the settings, and a recipe gets a config of its own task.
 
-The config sections are re-exported here, so ``from vlfuse.config import ModelConfig`` keeps working.
+The schema itself (the config sections, their documentation and validation) is ``vlfuse.schema``; this
+module loads configs into it: ``load_config``, ``load_cli_config`` (with ``--help`` and
+``--print-config``), ``section_from_dict``, and the generated config reference.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import textwrap
 from collections.abc import Sequence
@@ -14,31 +17,120 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from vlfuse.schema import (
-    BOX_FORMATS,
-    FUSION_NAMES,
-    MIXED_PRECISION,
-    TRAINABLE_ENCODERS,
-    TUNING,
-    CompareConfig,
-    Config,
-    ConfigError,
-    DataConfig,
-    FusionConfig,
-    ImageEncoderConfig,
-    LoraSettings,
-    ModelConfig,
-    TextEncoderConfig,
-    TrainConfig,
-    merge_config,
-    reference,
-    section_from_dict,
-    to_dict,
-    to_yaml,
-    validate,
-)
+from vlfuse.schema import Config, ConfigError, reference, to_yaml, validate
 from vlfuse.tasks import TASKS, check_task_fusion, get_task
+
+
+def _describe_allowed(schema: Any, key: str) -> str:
+    """The keys allowed next to ``key`` (a dotted path), for an unknown-key message."""
+    node = schema
+    for part in key.split(".")[:-1]:
+        if not dataclasses.is_dataclass(node):
+            return ""
+        node = getattr(node, part, None)
+    if dataclasses.is_dataclass(node):
+        return "allowed keys here: " + ", ".join(f.name for f in dataclasses.fields(node))
+    return ""
+
+
+def _replaced(base: Any, layer: Any, emptied: Sequence[str] = ()) -> Any:
+    """``base`` prepared for merging ``layer``: the mappings ``layer`` replaces are emptied first.
+
+    - ``model.image_encoder.kwargs`` are encoder-specific (e.g. a tiny CNN's ``output_stride``): when a
+      layer names another image encoder without giving its kwargs, the earlier kwargs are dropped rather
+      than handed to an encoder they were not written for.
+    - ``key={}`` on the command line empties that mapping (a non-empty ``key={...}`` merges entry by
+      entry, as a config file does).
+    """
+    name = OmegaConf.select(layer, "model.image_encoder.name")
+    kwargs_given = OmegaConf.select(layer, "model.image_encoder.kwargs") is not None
+    if name is not None and name != OmegaConf.select(base, "model.image_encoder.name") and not kwargs_given:
+        base = base.copy()
+        OmegaConf.update(base, "model.image_encoder.kwargs", {}, merge=False)
+    for key in emptied:
+        if isinstance(OmegaConf.select(base, key), DictConfig):
+            base = base.copy()
+            OmegaConf.update(base, key, {}, merge=False)
+    return base
+
+
+def _merge(base: Any, other: Any, source: str, emptied: Sequence[str] = ()) -> Any:
+    try:
+        return OmegaConf.merge(_replaced(base, other, emptied), other)
+    except ConfigKeyError as err:
+        key = err.full_key or str(err.key)
+        allowed = _describe_allowed(Config(), key)
+        raise ConfigError(f"unknown config key '{key}' (from {source}); {allowed}") from None
+    except OmegaConfBaseException as err:
+        key = err.full_key or str(err.key)
+        msg = str(err).split("\n")[0]
+        raise ConfigError(f"bad value for config key '{key}' (from {source}): {msg}") from None
+
+
+def _is_empty_mapping(node: Any, override: str) -> bool:
+    value = OmegaConf.select(node, override.split("=", 1)[0].strip())
+    return isinstance(value, DictConfig) and len(value) == 0
+
+
+def _parse_override(override: str) -> Any:
+    """One ``key=value`` override as a config node (the value parsed as YAML)."""
+    try:
+        return OmegaConf.from_dotlist([override])
+    except (OmegaConfBaseException, yaml.YAMLError) as err:
+        first = str(err).splitlines()[0]
+        raise ConfigError(
+            f"could not parse the override {override!r} ({first}); values are YAML: quote one "
+            "that holds brackets or colons inside a list, e.g. \"data.eval_split=[val,'test[:500]']\""
+        ) from None
+
+
+def merge_config(
+    path: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    base: Config | None = None,
+) -> Config:
+    """A ``Config`` checked against the schema: defaults < ``base`` < YAML file < ``key=value`` overrides.
+
+    Only the schema is checked here (keys, types, choices, ranges); ``vlfuse.config.load_config`` adds
+    the checks that need the task registry.
+
+    Raises:
+        ConfigError: for an unknown key, a wrong type or an invalid value, naming the key.
+        FileNotFoundError: if ``path`` does not exist.
+    """
+    cfg = OmegaConf.structured(base if base is not None else Config())
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        loaded = OmegaConf.load(path)
+        cfg = _merge(cfg, loaded, str(path))
+    bad = [o for o in overrides if "=" not in o or o.startswith("=")]
+    if bad:
+        raise ConfigError(f"overrides must look like key=value (e.g. train.lr=3e-4); got {bad}")
+    if overrides:
+        parsed = [_parse_override(o) for o in overrides]
+        emptied = [
+            o.split("=", 1)[0].strip()
+            for o, node in zip(overrides, parsed, strict=True)
+            if _is_empty_mapping(node, o)
+        ]
+        dotlist = OmegaConf.merge(*parsed)
+        cfg = _merge(cfg, dotlist, "command line", emptied)
+    obj = OmegaConf.to_object(cfg)
+    validate(obj)
+    return obj
+
+
+def section_from_dict(cls: type, values: dict[str, Any]) -> Any:
+    """Builds a config section (e.g. ``ModelConfig``) from a plain dict, validated like a file."""
+    merged = _merge(OmegaConf.structured(cls()), OmegaConf.create(values), cls.__name__)
+    obj = OmegaConf.to_object(merged)
+    validate(obj)
+    return obj
 
 
 def check_combinations(cfg: Config) -> None:
@@ -219,29 +311,12 @@ def cli_help(defaults: Config, default_config: str | Path) -> str:
 
 
 __all__ = [
-    "BOX_FORMATS",
-    "FUSION_NAMES",
-    "MIXED_PRECISION",
-    "TRAINABLE_ENCODERS",
-    "TUNING",
-    "CompareConfig",
-    "LoraSettings",
-    "Config",
-    "ConfigError",
-    "DataConfig",
-    "FusionConfig",
-    "ImageEncoderConfig",
-    "ModelConfig",
-    "TextEncoderConfig",
-    "TrainConfig",
     "check_combinations",
+    "cli_help",
     "load_cli_config",
     "load_config",
+    "merge_config",
     "parse_cli",
     "reference_markdown",
     "section_from_dict",
-    "to_dict",
-    "to_yaml",
-    "validate",
 ]
-

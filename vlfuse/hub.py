@@ -42,7 +42,8 @@ from safetensors.torch import load_model, save_file
 from torch import nn
 
 from vlfuse.card import write_card
-from vlfuse.schema import ModelConfig, section_from_dict, to_dict
+from vlfuse.config import section_from_dict
+from vlfuse.schema import ModelConfig, to_dict
 
 CONFIG_NAME = "vlfuse_config.json"
 WEIGHTS_NAME = "model.safetensors"

@@ -1,9 +1,10 @@
 """The config schema: typed dataclasses, merged from YAML files and dotted ``key=value`` overrides.
 
 A config is a tree of plain dataclasses (``Config`` with ``model``, ``data``, ``train`` and ``compare``
-sections). ``merge_config`` merges a YAML file and command-line overrides onto the schema; OmegaConf
-rejects unknown keys and values of the wrong type, and ``validate`` checks choices and ranges declared in
-each field's metadata. Every error names the dotted key and what is allowed.
+sections), each field documented by the comment above it (``field_docs`` / ``reference`` read those
+comments for ``--help`` and the docs' config reference). ``validate`` checks the choices and ranges
+declared in each field's metadata; loading (YAML files and overrides merged onto the schema) is
+``vlfuse.config``'s. Every error names the dotted key and what is allowed.
 
 This is the bottom layer of the library: it names no task. Which tasks exist, and the settings a task
 refuses, are checked one layer up by ``vlfuse.config.load_config`` against the task registry.
@@ -14,12 +15,9 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import yaml
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+from omegaconf import OmegaConf
 
 TRAINABLE_ENCODERS = ("none", "image", "text", "all")
 FUSION_NAMES = ("concat", "transformer", "dense", "projection")
@@ -276,52 +274,6 @@ class Config:
     compare: CompareConfig = field(default_factory=CompareConfig)
 
 
-def _describe_allowed(schema: Any, key: str) -> str:
-    """The keys allowed next to ``key`` (a dotted path), for an unknown-key message."""
-    node = schema
-    for part in key.split(".")[:-1]:
-        if not dataclasses.is_dataclass(node):
-            return ""
-        node = getattr(node, part, None)
-    if dataclasses.is_dataclass(node):
-        return "allowed keys here: " + ", ".join(f.name for f in dataclasses.fields(node))
-    return ""
-
-
-def _replaced(base: Any, layer: Any, emptied: Sequence[str] = ()) -> Any:
-    """``base`` prepared for merging ``layer``: the mappings ``layer`` replaces are emptied first.
-
-    - ``model.image_encoder.kwargs`` are encoder-specific (e.g. a tiny CNN's ``output_stride``): when a
-      layer names another image encoder without giving its kwargs, the earlier kwargs are dropped rather
-      than handed to an encoder they were not written for.
-    - ``key={}`` on the command line empties that mapping (a non-empty ``key={...}`` merges entry by
-      entry, as a config file does).
-    """
-    name = OmegaConf.select(layer, "model.image_encoder.name")
-    kwargs_given = OmegaConf.select(layer, "model.image_encoder.kwargs") is not None
-    if name is not None and name != OmegaConf.select(base, "model.image_encoder.name") and not kwargs_given:
-        base = base.copy()
-        OmegaConf.update(base, "model.image_encoder.kwargs", {}, merge=False)
-    for key in emptied:
-        if isinstance(OmegaConf.select(base, key), DictConfig):
-            base = base.copy()
-            OmegaConf.update(base, key, {}, merge=False)
-    return base
-
-
-def _merge(base: Any, other: Any, source: str, emptied: Sequence[str] = ()) -> Any:
-    try:
-        return OmegaConf.merge(_replaced(base, other, emptied), other)
-    except ConfigKeyError as err:
-        key = err.full_key or str(err.key)
-        allowed = _describe_allowed(Config(), key)
-        raise ConfigError(f"unknown config key '{key}' (from {source}); {allowed}") from None
-    except OmegaConfBaseException as err:
-        key = err.full_key or str(err.key)
-        msg = str(err).split("\n")[0]
-        raise ConfigError(f"bad value for config key '{key}' (from {source}): {msg}") from None
-
-
 def validate(cfg: Any, prefix: str = "") -> None:
     """Checks choices and ranges declared in field metadata, recursively.
 
@@ -357,61 +309,6 @@ def validate(cfg: Any, prefix: str = "") -> None:
             cfg.eval_split = list(cfg.eval_split)
 
 
-def _is_empty_mapping(node: Any, override: str) -> bool:
-    value = OmegaConf.select(node, override.split("=", 1)[0].strip())
-    return isinstance(value, DictConfig) and len(value) == 0
-
-
-def _parse_override(override: str) -> Any:
-    """One ``key=value`` override as a config node (the value parsed as YAML)."""
-    try:
-        return OmegaConf.from_dotlist([override])
-    except (OmegaConfBaseException, yaml.YAMLError) as err:
-        first = str(err).splitlines()[0]
-        raise ConfigError(
-            f"could not parse the override {override!r} ({first}); values are YAML: quote one "
-            "that holds brackets or colons inside a list, e.g. \"data.eval_split=[val,'test[:500]']\""
-        ) from None
-
-
-def merge_config(
-    path: str | Path | None = None,
-    overrides: Sequence[str] = (),
-    base: Config | None = None,
-) -> Config:
-    """A ``Config`` checked against the schema: defaults < ``base`` < YAML file < ``key=value`` overrides.
-
-    Only the schema is checked here (keys, types, choices, ranges); ``vlfuse.config.load_config`` adds
-    the checks that need the task registry.
-
-    Raises:
-        ConfigError: for an unknown key, a wrong type or an invalid value, naming the key.
-        FileNotFoundError: if ``path`` does not exist.
-    """
-    cfg = OmegaConf.structured(base if base is not None else Config())
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
-        loaded = OmegaConf.load(path)
-        cfg = _merge(cfg, loaded, str(path))
-    bad = [o for o in overrides if "=" not in o or o.startswith("=")]
-    if bad:
-        raise ConfigError(f"overrides must look like key=value (e.g. train.lr=3e-4); got {bad}")
-    if overrides:
-        parsed = [_parse_override(o) for o in overrides]
-        emptied = [
-            o.split("=", 1)[0].strip()
-            for o, node in zip(overrides, parsed, strict=True)
-            if _is_empty_mapping(node, o)
-        ]
-        dotlist = OmegaConf.merge(*parsed)
-        cfg = _merge(cfg, dotlist, "command line", emptied)
-    obj = OmegaConf.to_object(cfg)
-    validate(obj)
-    return obj
-
-
 def to_dict(cfg: Any) -> dict[str, Any]:
     """A plain nested dict of a config (or any config section)."""
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
@@ -419,14 +316,6 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 def to_yaml(cfg: Any) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
-
-
-def section_from_dict(cls: type, values: dict[str, Any]) -> Any:
-    """Builds a config section (e.g. ``ModelConfig``) from a plain dict, validated like a file."""
-    merged = _merge(OmegaConf.structured(cls()), OmegaConf.create(values), cls.__name__)
-    obj = OmegaConf.to_object(merged)
-    validate(obj)
-    return obj
 
 
 def field_docs(cls: type) -> dict[str, str]:

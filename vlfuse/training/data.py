@@ -13,11 +13,11 @@ from accelerate.utils import send_to_device
 from torch.utils.data import DataLoader
 
 from vlfuse.checkpointing import CheckpointError
-from vlfuse.config import Config, ConfigError
 from vlfuse.data.examples import ImageTextDataset
 from vlfuse.data.feature_cache import cached_dataset
 from vlfuse.data.loading import DataError, stream_split
 from vlfuse.data.streaming import StreamedExamples, split_stream, stream_loader
+from vlfuse.schema import Config, ConfigError
 from vlfuse.tasks import Task
 
 if TYPE_CHECKING:  # the loop's state, for annotations only

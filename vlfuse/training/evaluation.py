@@ -9,7 +9,7 @@ import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
-from vlfuse.config import Config
+from vlfuse.schema import Config
 from vlfuse.tasks import Task, get_task
 from vlfuse.tracking import JsonlWriter
 from vlfuse.training.data import build_eval_loaders

@@ -26,8 +26,8 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
 from vlfuse.checkpointing import restore_checkpoint, save_checkpoint
-from vlfuse.config import Config
 from vlfuse.distributed import broadcast_training_buffers
+from vlfuse.schema import Config
 from vlfuse.tasks import Task
 from vlfuse.tracking import LossWindow, Progress, Throughput
 from vlfuse.training.evaluation import evaluate

@@ -13,10 +13,9 @@ import torch
 from accelerate.utils import DistributedType
 
 from vlfuse.checkpointing import CheckpointError
-from vlfuse.config import Config, ConfigError
 from vlfuse.data.loading import DataError
 from vlfuse.hub import push_folder
-from vlfuse.schema import to_dict
+from vlfuse.schema import Config, ConfigError, to_dict
 from vlfuse.tracking import PeakMemory, Progress, Throughput
 from vlfuse.training.setup import Run, TrainState, towers_served_by_cache
 

@@ -17,9 +17,9 @@ from torch.utils.data import DataLoader
 from transformers import get_cosine_schedule_with_warmup
 
 from vlfuse.checkpointing import FrozenWeights
-from vlfuse.config import Config, ConfigError, to_yaml
 from vlfuse.distributed import ignore_in_ddp, use_fsdp_on_cpu_processes
 from vlfuse.model import TRAINABLE_TOWERS, VLFuseModel
+from vlfuse.schema import Config, ConfigError, to_yaml
 from vlfuse.tasks import Task, get_task
 from vlfuse.tracking import JsonlWriter, PeakMemory
 from vlfuse.training.data import MapData, StreamData, build_eval_loaders, build_train_data
