@@ -305,3 +305,89 @@ def push_model(model: nn.Module, repo_id: str, *, run: dict[str, Any] | None = N
     """Saves ``model`` to a temporary folder (card included) and uploads it with ``push_folder``."""
     with tempfile.TemporaryDirectory() as tmp:
         return push_folder(save_model(model, tmp, run=run), repo_id, **kwargs)
+
+
+class HubMixin:
+    """``save_pretrained``, ``from_pretrained`` and ``push_to_hub`` for ``VLFuseModel``: the public entry
+    points of this module, mixed into the model class so that the class itself holds the network only
+    (the way lerobot takes its Hub I/O from a mixin)."""
+
+    def save_pretrained(
+        self,
+        folder: str | Path,
+        state_dict: dict[str, torch.Tensor] | None = None,
+        run: dict[str, Any] | None = None,
+    ) -> Path:
+        """Writes the config, preprocessing settings, the text tower's config and tokenizer, all weights
+        (safetensors; LoRA adapters merged by peft, and each LoRA tower's adapter in peft's format under
+        ``adapters/<tower>/``) and the model card (``README.md``) to ``folder``: everything needed to
+        rebuild the model with no network, and to know how it was trained.
+
+        Args:
+            folder: created if missing.
+            state_dict: weights to write instead of this module's own (a full state dict gathered from a
+                sharded FSDP/DeepSpeed model by ``accelerator.get_state_dict``).
+            run: what the card reports about training (``vlfuse.card.render``): the resolved config and
+                the run's summary, and a comparison table; without it the card describes the model only.
+        """
+        return save_model(self, folder, state_dict=state_dict, run=run)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        token: str | None = None,
+        private: bool | None = None,
+        commit_message: str = "Upload vlfuse model",
+        revision: str | None = None,
+        run: dict[str, Any] | None = None,
+    ) -> str:
+        """Saves the model (``save_pretrained``, card included) and uploads it to the Hub model repository
+        ``repo_id``, created if missing (``private`` applies then); ``revision`` is a branch (created if
+        missing); the token defaults to ``HF_TOKEN`` or the one ``hf auth login`` stored. Returns the
+        commit's URL."""
+        return push_model(
+            self,
+            repo_id,
+            run=run,
+            token=token,
+            private=private,
+            commit_message=commit_message,
+            revision=revision,
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_hub_id: str | Path,
+        *,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | Path | None = None,
+        local_files_only: bool = False,
+        force_download: bool = False,
+        trust_remote_code: bool = False,
+    ):
+        """Loads a model written by ``save_pretrained``, in eval mode, weights loaded strictly.
+
+        Args:
+            path_or_hub_id: a folder if one exists at that path; otherwise a Hub model repository id
+                (``owner/name``, dots allowed), fetched with ``huggingface_hub.snapshot_download``.
+            revision: the Hub revision (branch, tag or commit).
+            token: a Hub token; default: ``HF_TOKEN`` or the one ``hf auth login`` stored.
+            cache_dir: the Hub cache folder; default: huggingface_hub's.
+            local_files_only: use the Hub cache only, never the network.
+            force_download: download again even if cached.
+            trust_remote_code: allow custom code that the text tower's files ask for. Only the caller
+                decides: the value saved in the folder is never used (a differing one is reported).
+        """
+        return load_pretrained(
+            cls,
+            path_or_hub_id,
+            revision=revision,
+            token=token,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            force_download=force_download,
+            trust_remote_code=trust_remote_code,
+        )

@@ -7,20 +7,18 @@ task builds the head and decodes ``predict``.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 from torch import nn
 
-from vlfuse import hub
-from vlfuse.data.transforms import letterbox, to_tensor
 from vlfuse.encoders import EncoderOutput, ImageEncoder, TextEncoder
 from vlfuse.encoders.tuning import freeze_mode
 from vlfuse.fusion import TowerShape, build_fusion
+from vlfuse.hub import HubMixin
 from vlfuse.schema import TRAINABLE_ENCODERS, ModelConfig
-from vlfuse.tasks import check_task_fusion, get_task
+from vlfuse.tasks import check_task_fusion, get_task, infer
 
 # Which towers learn under each value of model.trainable_encoders.
 TRAINABLE_TOWERS: dict[str, frozenset[str]] = {
@@ -39,7 +37,7 @@ def _tower_shapes(image: ImageEncoder, text: TextEncoder) -> tuple[TowerShape, T
     )
 
 
-class VLFuseModel(nn.Module):
+class VLFuseModel(HubMixin, nn.Module):
     """Two pretrained towers, a fusion head and the head of ``cfg.task``, with one switch for what learns.
 
     ``trainable_encoders`` (``none`` | ``image`` | ``text`` | ``all``) is applied by
@@ -272,55 +270,22 @@ class VLFuseModel(nn.Module):
             text = text.select(text_index)
         return self.head(self.fusion(image, text))
 
-    # -------------------------------------------------------------------------------------- preprocessing
-    def preprocess_images(self, images: Sequence[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Letterboxed, normalized pixel values and the per-image meta that maps boxes back."""
-        size = self.config.image_encoder.image_size
-        interp = self.image_encoder.data_config.get("interpolation", "bilinear")
-        pixels, metas = [], []
-        for image in images:
-            square, _, meta = letterbox(image.convert("RGB"), size, None, interp)
-            pixels.append(to_tensor(square, self.image_encoder.mean, self.image_encoder.std))
-            metas.append(meta)
-        return torch.stack(pixels), torch.stack(metas)
-
-    @torch.no_grad()
+    # -------------------------------------------------------------------------------------- inference
     def infer(
         self, images: Sequence[Image.Image] | None = None, texts: Sequence[str] | None = None
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-        """The model in eval mode on raw images and/or texts (train mode is restored after).
-
-        Returns:
-            The head's outputs, and the images' letterbox meta (what maps boxes back to their pixels;
-            None without images).
-        """
-        was_training = self.training
-        self.eval()
-        device, inputs, meta = next(self.fusion.parameters()).device, {}, None
-        if images is not None:
-            pixels, meta = self.preprocess_images(images)
-            inputs["pixel_values"] = pixels.to(device)
-        if texts is not None:
-            inputs.update({k: v.to(device) for k, v in self.text_encoder.tokenize(list(texts)).items()})
-        try:
-            return self(**inputs), meta
-        finally:
-            self.train(was_training)
+        """The model in eval mode on raw images and/or texts, and the images' letterbox meta
+        (``vlfuse.tasks.base.infer``)."""
+        return infer(self, images, texts)
 
     def predict(
         self,
         images: Sequence[Image.Image] | Image.Image | None = None,
         texts: Sequence[str] | str | None = None,
     ) -> Any:
-        """Inference on PIL images (any sizes) and texts, decoded by the task:
-
-        - grounding: one ``xyxy`` box per (image, expression) pair, in that input image's own pixels
-          (``[N, 4]``); one image may be given for all expressions;
-        - classification: the answer (a string) per (image, question) pair;
-        - retrieval: ``{"image_embeds": [N, D], "text_embeds": [M, D], "similarity": [N, M]}`` (unit
-          embeddings; either input may be omitted, and the similarity needs both);
-        - matching: the probability that each text describes its image (``[N]``).
-        """
+        """Inference on PIL images (any sizes) and texts, decoded by the model's task: its ``predict``
+        says what comes back (grounding's, for one, is an ``xyxy`` box per (image, expression) pair in
+        that image's own pixels). One image may serve all texts."""
         return self.task.predict(self, images, texts)
 
     def embed_images(self, images: Sequence[Image.Image] | Image.Image) -> torch.Tensor:
@@ -335,90 +300,3 @@ class VLFuseModel(nn.Module):
     def answer_vocabulary(self) -> list[str]:
         """Classification: the classes in order (``model.answers`` and the never-predicted unknown)."""
         return self.task.class_names(self.config)
-
-    # ------------------------------------------------------------------------------------- save / load
-    # The I/O lives in vlfuse.hub; these are its public entry points.
-    def save_pretrained(
-        self,
-        folder: str | Path,
-        state_dict: dict[str, torch.Tensor] | None = None,
-        run: dict[str, Any] | None = None,
-    ) -> Path:
-        """Writes the config, preprocessing settings, the text tower's config and tokenizer, all weights
-        (safetensors; LoRA adapters merged by peft, and each LoRA tower's adapter in peft's format under
-        ``adapters/<tower>/``) and the model card (``README.md``) to ``folder``: everything needed to
-        rebuild the model with no network, and to know how it was trained.
-
-        Args:
-            folder: created if missing.
-            state_dict: weights to write instead of this module's own (a full state dict gathered from a
-                sharded FSDP/DeepSpeed model by ``accelerator.get_state_dict``).
-            run: what the card reports about training (``vlfuse.card.render``): the resolved config and
-                the run's summary, and a comparison table; without it the card describes the model only.
-        """
-        return hub.save_model(self, folder, state_dict=state_dict, run=run)
-
-    def push_to_hub(
-        self,
-        repo_id: str,
-        *,
-        token: str | None = None,
-        private: bool | None = None,
-        commit_message: str = "Upload vlfuse model",
-        revision: str | None = None,
-        run: dict[str, Any] | None = None,
-    ) -> str:
-        """Saves the model (``save_pretrained``, card included) and uploads it to the Hub model repository
-        ``repo_id``, created if missing. Returns the commit's URL.
-
-        Args:
-            token: a Hub token; default: ``HF_TOKEN`` or the one ``hf auth login`` stored.
-            private: create the repository private (only when it does not exist yet).
-            revision: a branch to push to (created from the default branch if missing).
-            run: passed to ``save_pretrained`` for the card.
-        """
-        return hub.push_model(
-            self,
-            repo_id,
-            run=run,
-            token=token,
-            private=private,
-            commit_message=commit_message,
-            revision=revision,
-        )
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        path_or_hub_id: str | Path,
-        *,
-        revision: str | None = None,
-        token: str | bool | None = None,
-        cache_dir: str | Path | None = None,
-        local_files_only: bool = False,
-        force_download: bool = False,
-        trust_remote_code: bool = False,
-    ) -> VLFuseModel:
-        """Loads a model written by ``save_pretrained``, in eval mode, weights loaded strictly.
-
-        Args:
-            path_or_hub_id: a folder if one exists at that path; otherwise a Hub model repository id
-                (``owner/name``, dots allowed), fetched with ``huggingface_hub.snapshot_download``.
-            revision: the Hub revision (branch, tag or commit).
-            token: a Hub token; default: ``HF_TOKEN`` or the one ``hf auth login`` stored.
-            cache_dir: the Hub cache folder; default: huggingface_hub's.
-            local_files_only: use the Hub cache only, never the network.
-            force_download: download again even if cached.
-            trust_remote_code: allow custom code that the text tower's files ask for. Only the caller
-                decides: the value saved in the folder is never used (a differing one is reported).
-        """
-        return hub.load_pretrained(
-            cls,
-            path_or_hub_id,
-            revision=revision,
-            token=token,
-            cache_dir=cache_dir,
-            local_files_only=local_files_only,
-            force_download=force_download,
-            trust_remote_code=trust_remote_code,
-        )

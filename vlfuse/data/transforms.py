@@ -94,3 +94,20 @@ def to_tensor(image: Image.Image, mean: Sequence[float], std: Sequence[float]) -
     mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
     return (tensor - mean_t) / std_t
+
+
+def preprocess_images(
+    images: Sequence[Image.Image],
+    size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    interpolation: str = "bilinear",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw images (any sizes) as a model's input: letterboxed to ``size``, normalized, stacked; and the
+    per-image letterbox meta that maps boxes back to each image's own pixels."""
+    pixels, metas = [], []
+    for image in images:
+        square, _, meta = letterbox(image.convert("RGB"), size, None, interpolation)
+        pixels.append(to_tensor(square, mean, std))
+        metas.append(meta)
+    return torch.stack(pixels), torch.stack(metas)

@@ -4,7 +4,7 @@ Adding a task is one module (a ``Task`` subclass, see ``vlfuse.tasks.base``) and
 """
 
 from vlfuse.schema import ConfigError
-from vlfuse.tasks.base import Task, pair_inputs
+from vlfuse.tasks.base import Task, infer, pair_inputs
 from vlfuse.tasks.classification import ClassificationTask
 from vlfuse.tasks.grounding import GroundingTask
 from vlfuse.tasks.matching import MatchingTask
@@ -57,5 +57,6 @@ __all__ = [
     "Task",
     "check_task_fusion",
     "get_task",
+    "infer",
     "pair_inputs",
 ]

@@ -20,6 +20,7 @@ from torch import nn
 
 from vlfuse.data.examples import ImageTextDataset
 from vlfuse.data.loading import load_split, stream_head
+from vlfuse.data.transforms import preprocess_images
 from vlfuse.encoders import ImageEncoder, TextEncoder
 from vlfuse.fusion import FusionOutput
 from vlfuse.schema import Config, ModelConfig
@@ -175,6 +176,33 @@ def build_image_text_dataset(
         max_length=model.text_encoder.max_length,
         seed=cfg.train.seed,
     )
+
+
+@torch.no_grad()
+def infer(
+    model: Any, images: Sequence[Image.Image] | None = None, texts: Sequence[str] | None = None
+) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """``model`` in eval mode on raw images and/or texts (its train mode is restored after): the images
+    preprocessed as its image tower expects, the texts tokenized by its text tower.
+
+    Returns:
+        The head's outputs, and the images' letterbox meta (what maps boxes back to their pixels; None
+        without images).
+    """
+    was_training = model.training
+    model.eval()
+    device, inputs, meta = next(model.fusion.parameters()).device, {}, None
+    if images is not None:
+        tower = model.image_encoder
+        interpolation = tower.data_config.get("interpolation", "bilinear")
+        pixels, meta = preprocess_images(images, tower.cfg.image_size, tower.mean, tower.std, interpolation)
+        inputs["pixel_values"] = pixels.to(device)
+    if texts is not None:
+        inputs.update({k: v.to(device) for k, v in model.text_encoder.tokenize(list(texts)).items()})
+    try:
+        return model(**inputs), meta
+    finally:
+        model.train(was_training)
 
 
 def pair_inputs(images: Images, texts: Texts) -> tuple[list[Image.Image], list[str]]:
