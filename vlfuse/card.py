@@ -152,77 +152,66 @@ def render(model: dict[str, Any], parameters: dict[str, dict[str, int]], run: di
             and optionally ``"comparison"`` (``comparison.json``'s content).
     """
     header = card_data(model, run).to_yaml().strip()
-    image, text, fusion = model["image_encoder"], model["text_encoder"], model["fusion"]
-    lines = [
-        "---",
-        header,
-        "---",
-        "",
-        f"# vlfuse {model['task']} model",
-        "",
+    lines = ["---", header, "---", "", f"# vlfuse {model['task']} model", ""]
+    lines += [
         f"A {model['task']} model built with vlfuse: a timm image encoder and a transformers text encoder "
         "feed a fusion head and the task's head.",
-        "",
-        "## Model",
-        "",
-        *_table(
-            ["part", "name", "starting weights", "settings"],
-            [
-                [
-                    "image encoder",
-                    f"`{image['name']}`",
-                    weights_source(image, "timm"),
-                    f"image_size {image['image_size']}, kwargs {image.get('kwargs') or {}}",
-                ],
-                [
-                    "text encoder",
-                    f"`{text['name']}`",
-                    weights_source(text, "transformers"),
-                    f"max_length {text['max_length']}",
-                ],
-                [
-                    "fusion head",
-                    f"`{fusion['name']}`",
-                    "trained",
-                    f"dim {fusion['dim']}, layers {fusion['num_layers']}",
-                ],
-                ["task head", f"`{model['task']}`", "trained", ""],
-            ],
-        ),
-        "",
-        "## What was frozen",
-        "",
-        f"`model.trainable_encoders={model['trainable_encoders']}`: "
-        + _frozen_sentence(model["trainable_encoders"]),
-        "",
-        *_table(
-            ["part", "learns", "tuning", "trainable parameters", "frozen parameters"],
-            [
-                [
-                    part,
-                    "yes" if counts["trainable"] else "no (frozen)",
-                    _tuning(model, part, counts),
-                    f"{counts['trainable']:,}",
-                    f"{counts['frozen']:,}",
-                ]
-                for part, counts in parameters.items()
-            ],
-        ),
+        *_model_section(model),
+        *_frozen_section(model, parameters),
     ]
     if run is not None:
         lines += _run_sections(run)
-    lines += [
-        "",
-        "## Use",
-        "",
-        "```python",
-        "from vlfuse import VLFuseModel",
-        "",
-        'model = VLFuseModel.from_pretrained("<this folder or Hub id>")',
-        "```",
-        "",
-    ]
+    lines += ["", "## Use", "", "```python", "from vlfuse import VLFuseModel", ""]
+    lines += ['model = VLFuseModel.from_pretrained("<this folder or Hub id>")', "```", ""]
     return "\n".join(lines)
+
+
+def _model_section(model: dict[str, Any]) -> list[str]:
+    image, text, fusion = model["image_encoder"], model["text_encoder"], model["fusion"]
+    rows = [
+        [
+            "image encoder",
+            f"`{image['name']}`",
+            weights_source(image, "timm"),
+            f"image_size {image['image_size']}, kwargs {image.get('kwargs') or {}}",
+        ],
+        [
+            "text encoder",
+            f"`{text['name']}`",
+            weights_source(text, "transformers"),
+            f"max_length {text['max_length']}",
+        ],
+        [
+            "fusion head",
+            f"`{fusion['name']}`",
+            "trained",
+            f"dim {fusion['dim']}, layers {fusion['num_layers']}",
+        ],
+        ["task head", f"`{model['task']}`", "trained", ""],
+    ]
+    return ["", "## Model", "", *_table(["part", "name", "starting weights", "settings"], rows)]
+
+
+def _frozen_section(model: dict[str, Any], parameters: dict[str, dict[str, int]]) -> list[str]:
+    rows = [
+        [
+            part,
+            "yes" if counts["trainable"] else "no (frozen)",
+            _tuning(model, part, counts),
+            f"{counts['trainable']:,}",
+            f"{counts['frozen']:,}",
+        ]
+        for part, counts in parameters.items()
+    ]
+    mode = model["trainable_encoders"]
+    return [
+        "",
+        "## What was frozen",
+        "",
+        f"`model.trainable_encoders={mode}`: " + _frozen_sentence(mode),
+        "",
+        *_table(["part", "learns", "tuning", "trainable parameters", "frozen parameters"], rows),
+    ]
 
 
 def _frozen_sentence(mode: str) -> str:
@@ -248,81 +237,64 @@ def _tuning(model: dict[str, Any], part: str, counts: dict[str, int]) -> str:
 
 def _run_sections(run: dict[str, Any]) -> list[str]:
     cfg, summary = run["config"], run["summary"]
-    data, train = cfg["data"], cfg["train"]
-    eval_splits = data["eval_split"] if isinstance(data["eval_split"], list) else [data["eval_split"]]
-    lines = [
-        "",
-        "## Data",
-        "",
-        *_table(
-            ["dataset", "revision", "train split", "evaluation splits", "columns"],
-            [
-                [
-                    f"`{data['dataset']}`",
-                    data.get("revision") or "-",
-                    f"`{data['train_split']}`",
-                    ", ".join(f"`{s}`" for s in eval_splits),
-                    ", ".join(f"{k}: `{v}`" for k, v in data["columns"].items()),
-                ]
-            ],
-        ),
-        "",
-        "## Training",
-        "",
-        *_table(
-            [
-                "steps",
-                "batch per process",
-                "processes",
-                "lr",
-                "encoder lr",
-                "precision",
-                "wall time",
-                "train samples/s",
-            ],
-            [
-                [
-                    summary["steps"],
-                    train["batch_size"],
-                    summary["num_processes"],
-                    train["lr"],
-                    train["encoder_lr"],
-                    train["mixed_precision"],
-                    f"{summary['wall_time_s']:.0f} s",
-                    f"{summary['train_samples_per_s']:.1f}",
-                ]
-            ],
-        ),
-    ]
+    lines = _data_section(cfg["data"]) + _training_section(cfg["train"], summary)
     metrics = summary.get("metrics") or {}
     if metrics:
         names = [k for k in next(iter(metrics.values())) if k not in _RECORD_FIELDS]
-        lines += [
-            "",
-            "## Results",
-            "",
-            *_table(
-                ["split", *names],
-                [[split, *(_number(m.get(n)) for n in names)] for split, m in metrics.items()],
-            ),
-        ]
-    comparison = run.get("comparison")
-    if comparison:
-        lines += ["", f"## Comparison (`recipes/compare.py`, split `{comparison['split']}`)", ""]
-        lines += _table(
-            ["mode", comparison["metric"], "trainable parameters", "wall time (s)", "train samples/s"],
-            [
-                [
-                    r["mode"],
-                    _number(r["metrics"].get(comparison["metric"], float("nan"))),
-                    f"{r['trainable_parameters']:,}",
-                    f"{r['wall_time_s']:.0f}",
-                    f"{r['train_samples_per_s']:.1f}",
-                ]
-                for r in comparison["runs"]
-            ],
-        )
+        rows = [[split, *(_number(m.get(n)) for n in names)] for split, m in metrics.items()]
+        lines += ["", "## Results", "", *_table(["split", *names], rows)]
+    if run.get("comparison"):
+        lines += _comparison_section(run["comparison"])
     return lines
+
+
+def _data_section(data: dict[str, Any]) -> list[str]:
+    eval_splits = data["eval_split"] if isinstance(data["eval_split"], list) else [data["eval_split"]]
+    row = [
+        f"`{data['dataset']}`",
+        data.get("revision") or "-",
+        f"`{data['train_split']}`",
+        ", ".join(f"`{s}`" for s in eval_splits),
+        ", ".join(f"{k}: `{v}`" for k, v in data["columns"].items()),
+    ]
+    head = ["dataset", "revision", "train split", "evaluation splits", "columns"]
+    return ["", "## Data", "", *_table(head, [row])]
+
+
+def _training_section(train: dict[str, Any], summary: dict[str, Any]) -> list[str]:
+    head = ["steps", "batch per process", "processes", "lr", "encoder lr", "precision", "wall time"]
+    row = [
+        summary["steps"],
+        train["batch_size"],
+        summary["num_processes"],
+        train["lr"],
+        train["encoder_lr"],
+        train["mixed_precision"],
+        f"{summary['wall_time_s']:.0f} s",
+        f"{summary['train_samples_per_s']:.1f}",
+    ]
+    return ["", "## Training", "", *_table([*head, "train samples/s"], [row])]
+
+
+def _comparison_section(comparison: dict[str, Any]) -> list[str]:
+    metric = comparison["metric"]
+    rows = [
+        [
+            r["mode"],
+            _number(r["metrics"].get(metric, float("nan"))),
+            f"{r['trainable_parameters']:,}",
+            f"{r['wall_time_s']:.0f}",
+            f"{r['train_samples_per_s']:.1f}",
+        ]
+        for r in comparison["runs"]
+    ]
+    head = ["mode", metric, "trainable parameters", "wall time (s)", "train samples/s"]
+    return [
+        "",
+        f"## Comparison (`recipes/compare.py`, split `{comparison['split']}`)",
+        "",
+        *_table(head, rows),
+    ]
 
 
 def write_card(folder: Path, model: dict[str, Any], parameters, run: dict[str, Any] | None) -> Path:
