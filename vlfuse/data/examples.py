@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import datasets
 import torch
@@ -251,15 +251,18 @@ class ExampleCollator:
     placeholders (``valid`` False) so every process gathers batches of the same shape. ``bad_rows`` counts
     them either way.
 
+    A task's collator is declared by its field map: a subclass that sets ``fields`` (batch key -> example
+    attribute, for the task's tensors).
+
     Args:
         tokenize: the text encoder's ``tokenize``.
-        fields: batch key -> example attribute, for the task's tensors.
         keep_bad: evaluation mode (see above).
     """
 
-    def __init__(self, tokenize, fields: dict[str, str], keep_bad: bool = False) -> None:
+    fields: ClassVar[dict[str, str]] = {}
+
+    def __init__(self, tokenize, keep_bad: bool = False) -> None:
         self.tokenize = tokenize
-        self.fields = fields
         self.keep_bad = keep_bad
 
     def __call__(self, examples: list[Any]) -> dict[str, torch.Tensor]:

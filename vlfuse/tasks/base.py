@@ -117,18 +117,37 @@ class Task:
         raise NotImplementedError
 
     def eval_values(self, outputs: Batch, batch: Batch) -> Batch:
-        """Per-example tensors (first dim = batch) that ``metrics`` reduces after gathering all processes;
-        ``valid`` (the batch's mask of usable examples) among them: the loop counts bad rows from it."""
+        """Per-example tensors (first dim = batch) gathered over all processes for ``metrics``: the task's
+        ``example_values`` and the batch's ``valid`` mask (the loop counts bad rows from it)."""
+        return {**self.example_values(outputs, batch), "valid": batch["valid"]}
+
+    def example_values(self, outputs: Batch, batch: Batch) -> Batch:
+        """The task's per-example tensors (first dim = batch) for its metrics."""
         raise NotImplementedError
 
     def metrics(self, values: Batch) -> dict[str, float]:
-        """Metrics over the whole split from the gathered per-example values."""
+        """Metrics over the whole split: the usable examples' gathered values (``valid``, applied here
+        once for every task), reduced by ``metrics_of``."""
+        keep = values["valid"].bool()
+        return self.metrics_of({k: v[keep] for k, v in values.items() if k != "valid"})
+
+    def metrics_of(self, values: Batch) -> dict[str, float]:
+        """Metrics from the usable examples' values (``example_values``, gathered over the split)."""
         raise NotImplementedError
 
     # --------------------------------------------------------------------------------------------- predict
     def predict(self, model: TaskModel, images: Images | None, texts: Texts | None) -> Any:
         """``VLFuseModel.predict``: the head's outputs on raw inputs, decoded for users."""
         raise NotImplementedError
+
+    def paired_outputs(
+        self, model: TaskModel, images: Images | None, texts: Texts | None
+    ) -> tuple[Batch, torch.Tensor | None]:
+        """The model's outputs on (image, text) pairs (one image may serve all texts) and the images'
+        letterbox meta: what a task that fuses both inputs decodes in ``predict``."""
+        if images is None or texts is None:
+            raise ValueError(f"predict for task {self.name!r} needs images and texts")
+        return model.infer(*pair_inputs(images, texts))
 
     def embed(self, model: TaskModel, images: Images | None = None, texts: Texts | None = None) -> Any:
         """``VLFuseModel.embed_images`` / ``embed_texts``: only tasks with separate embeddings have them."""
@@ -176,6 +195,15 @@ def build_image_text_dataset(
         max_length=model.text_encoder.max_length,
         seed=cfg.train.seed,
     )
+
+
+def cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A classifier head's loss (targets: class indices or per-class probabilities), in fp32, and its
+    part for the log."""
+    loss = F.cross_entropy(logits.float(), targets)
+    return loss, {"ce": loss.detach()}
 
 
 @torch.no_grad()

@@ -24,13 +24,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from vlfuse.data.answers import UNKNOWN, answer_scores, answers_of, build_vocabulary, normalize_answer
 from vlfuse.data.examples import BadExample, ExampleCollator, ImageTextDataset, Source
 from vlfuse.data.loading import DataError, check_columns, stream_head
 from vlfuse.schema import ConfigError
-from vlfuse.tasks.base import ClassifierHead, Task, build_image_text_dataset, load_task_split, pair_inputs
+from vlfuse.tasks.base import ClassifierHead, Task, build_image_text_dataset, cross_entropy, load_task_split
 
 FIELDS = ("image", "question", "answer")
 
@@ -95,8 +94,7 @@ class ClassificationDataset(ImageTextDataset):
 class ClassificationCollator(ExampleCollator):
     """Batches with ``scores`` and ``targets`` besides what ``ExampleCollator`` adds."""
 
-    def __init__(self, tokenize, keep_bad: bool = False) -> None:
-        super().__init__(tokenize, {"scores": "scores", "targets": "target"}, keep_bad)
+    fields = {"scores": "scores", "targets": "target"}
 
 
 # ------------------------------------------------------------------------------------ head, loss, metrics
@@ -178,25 +176,21 @@ class ClassificationTask(Task):
         return ClassificationCollator(model.text_encoder.tokenize, keep_bad=not train)
 
     def loss(self, outputs, batch):
-        loss = F.cross_entropy(outputs["logits"].float(), batch["targets"].float())
-        return loss, {"ce": loss.detach()}
+        return cross_entropy(outputs["logits"], batch["targets"].float())
 
-    def eval_values(self, outputs, batch):
+    def example_values(self, outputs, batch):
         pred = predicted_classes(outputs["logits"])
         scores = batch["scores"]
         rows = torch.arange(len(pred), device=pred.device)
         # The majority answer is the vocabulary's first (most frequent in the train split).
-        return {"score": scores[rows, pred], "majority": scores[:, 0], "valid": batch["valid"]}
+        return {"score": scores[rows, pred], "majority": scores[:, 0]}
 
-    def metrics(self, values):
-        keep = values["valid"].bool()
-        return classification_metrics(values["score"][keep], values["majority"][keep])
+    def metrics_of(self, values):
+        return classification_metrics(values["score"], values["majority"])
 
     def predict(self, model, images, texts):
         """The answer (a string) per (image, question) pair; one image may serve all questions."""
-        if images is None or texts is None:
-            raise ValueError(f"predict for task {self.name!r} needs images and texts")
-        outputs, _ = model.infer(*pair_inputs(images, texts))
+        outputs, _ = self.paired_outputs(model, images, texts)
         return [model.config.answers[i] for i in predicted_classes(outputs["logits"]).tolist()]
 
     def class_names(self, cfg):

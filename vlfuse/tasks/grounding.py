@@ -25,7 +25,7 @@ from vlfuse.data.examples import BadExample, ExampleCollator, ImageTextDataset, 
 from vlfuse.data.loading import DataError
 from vlfuse.data.transforms import hflip
 from vlfuse.fusion import FusionOutput
-from vlfuse.tasks.base import Task, build_image_text_dataset, pair_inputs
+from vlfuse.tasks.base import Task, build_image_text_dataset
 
 FIELDS = ("image", "text", "box")
 
@@ -90,10 +90,7 @@ class GroundingCollator(ExampleCollator):
     """Batches of grounding examples: ``boxes`` (normalized cxcywh in the input), ``original_boxes``
     (xyxy in the original pixels) and ``meta`` (the letterbox meta), plus what ``ExampleCollator`` adds."""
 
-    def __init__(self, tokenize, keep_bad: bool = False) -> None:
-        super().__init__(
-            tokenize, {"boxes": "box", "original_boxes": "original_box", "meta": "meta"}, keep_bad
-        )
+    fields = {"boxes": "box", "original_boxes": "original_box", "meta": "meta"}
 
 
 # ------------------------------------------------------------------------------------ head, loss, metrics
@@ -221,16 +218,14 @@ class GroundingTask(Task):
     def loss(self, outputs, batch):
         return grounding_loss(outputs, batch["boxes"])
 
-    def eval_values(self, outputs, batch):
+    def example_values(self, outputs, batch):
         pred = boxes_to_pixels(outputs["boxes"], batch["meta"])
-        return {"iou": paired_iou(pred, batch["original_boxes"].float()), "valid": batch["valid"]}
+        return {"iou": paired_iou(pred, batch["original_boxes"].float())}
 
-    def metrics(self, values):
-        return grounding_metrics(values["iou"][values["valid"].bool()])
+    def metrics_of(self, values):
+        return grounding_metrics(values["iou"])
 
     def predict(self, model, images, texts):
         """One ``xyxy`` box per (image, expression) pair, in that input image's own pixels (``[N, 4]``)."""
-        if images is None or texts is None:
-            raise ValueError(f"predict for task {self.name!r} needs images and texts")
-        outputs, meta = model.infer(*pair_inputs(images, texts))
+        outputs, meta = self.paired_outputs(model, images, texts)
         return boxes_to_pixels(outputs["boxes"], meta).cpu()

@@ -28,11 +28,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from vlfuse.data.examples import BadExample, ExampleCollator, Source
 from vlfuse.data.loading import DataError
-from vlfuse.tasks.base import ClassifierHead, Task, build_image_text_dataset, pair_inputs
+from vlfuse.tasks.base import ClassifierHead, Task, build_image_text_dataset, cross_entropy
 from vlfuse.tasks.retrieval import RetrievalDataset
 
 # How many random draws look for a negative before a scan of the split takes over.
@@ -88,8 +87,10 @@ class MatchingCollator(ExampleCollator):
     ``labels`` over the pairs: every example with its own caption (label 1), then each example that has
     one with another image's caption (label 0)."""
 
+    fields = {"image_ids": "image_id"}
+
     def __init__(self, tokenize) -> None:
-        super().__init__(tokenize, {"image_ids": "image_id"}, keep_bad=False)
+        super().__init__(tokenize, keep_bad=False)
 
     def __call__(self, examples: list[Any]) -> dict[str, torch.Tensor]:
         batch = super().__call__(examples)
@@ -115,7 +116,7 @@ class MatchingEvalCollator(ExampleCollator):
     ``labels`` ``[B, 2]`` (positive, negative). Bad examples stay as masked placeholders."""
 
     def __init__(self, tokenize) -> None:
-        super().__init__(tokenize, {}, keep_bad=True)
+        super().__init__(tokenize, keep_bad=True)
 
     def texts(self, examples: list[MatchingExample]) -> list[str]:
         return [t for e in examples for t in (e.text, e.negative)]
@@ -182,20 +183,16 @@ class MatchingTask(Task):
         return MatchingEvalCollator(model.text_encoder.tokenize)
 
     def loss(self, outputs, batch):
-        loss = F.cross_entropy(outputs["logits"].float(), batch["labels"])
-        return loss, {"ce": loss.detach()}
+        return cross_entropy(outputs["logits"], batch["labels"])
 
-    def eval_values(self, outputs, batch):
+    def example_values(self, outputs, batch):
         probabilities = match_probability(outputs["logits"]).reshape(batch["labels"].shape)
-        return {"probability": probabilities, "labels": batch["labels"], "valid": batch["valid"]}
+        return {"probability": probabilities, "labels": batch["labels"]}
 
-    def metrics(self, values):
-        keep = values["valid"].bool()
-        return matching_metrics(values["probability"][keep].flatten(), values["labels"][keep].flatten())
+    def metrics_of(self, values):
+        return matching_metrics(values["probability"].flatten(), values["labels"].flatten())
 
     def predict(self, model, images, texts):
         """The probability that each text describes its image (``[N]``); one image may serve all texts."""
-        if images is None or texts is None:
-            raise ValueError(f"predict for task {self.name!r} needs images and texts")
-        outputs, _ = model.infer(*pair_inputs(images, texts))
+        outputs, _ = self.paired_outputs(model, images, texts)
         return match_probability(outputs["logits"]).cpu()

@@ -148,16 +148,17 @@ class RetrievalCollator(ExampleCollator):
     """Training batches of (image, caption) pairs with ``image_ids``, besides what ``ExampleCollator``
     adds."""
 
-    def __init__(self, tokenize, keep_bad: bool = False) -> None:
-        super().__init__(tokenize, {"image_ids": "image_id"}, keep_bad)
+    fields = {"image_ids": "image_id"}
 
 
 class RetrievalImagesCollator(ExampleCollator):
     """Evaluation batches of images with their captions: ``pixel_values`` ``[B, ...]``, the captions
     tokenized flat ``[B * C, T]`` (image-major), ``text_valid`` ``[B, C]`` and ``image_ids`` ``[B]``."""
 
+    fields = {"image_ids": "image_id", "text_valid": "text_valid"}
+
     def __init__(self, tokenize) -> None:
-        super().__init__(tokenize, {"image_ids": "image_id", "text_valid": "text_valid"}, keep_bad=True)
+        super().__init__(tokenize, keep_bad=True)
 
     def texts(self, examples: list[RetrievalImageExample]) -> list[str]:
         return [t for e in examples for t in e.texts]
@@ -347,20 +348,18 @@ class RetrievalTask(Task):
             outputs["image_embeds"], outputs["text_embeds"], outputs["logit_scale"], batch["image_ids"]
         )
 
-    def eval_values(self, outputs, batch):
+    def example_values(self, outputs, batch):
         b, c = batch["text_valid"].shape
         return {
             "image_embeds": outputs["image_embeds"],
             "text_embeds": outputs["text_embeds"].reshape(b, c, -1),
             "text_valid": batch["text_valid"],
-            "valid": batch["valid"],
         }
 
-    def metrics(self, values):
-        keep = values["valid"].bool()
-        text_valid = values["text_valid"][keep].bool()
-        images = values["image_embeds"][keep]
-        texts = values["text_embeds"][keep][text_valid]
+    def metrics_of(self, values):
+        text_valid = values["text_valid"].bool()
+        images = values["image_embeds"]
+        texts = values["text_embeds"][text_valid]
         text_image = torch.arange(len(images)).repeat_interleave(text_valid.sum(dim=1))
         return retrieval_metrics(images, texts, text_image)
 
