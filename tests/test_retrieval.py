@@ -74,7 +74,7 @@ def test_tie_aware_recall_by_hand():
     assert m["t2i_r@1"] == pytest.approx((0 + 1 / 2 + 1 / 2 + 0 + 0) / 5)
     assert m["i2t_r@10"] == pytest.approx(1.0)
     # image 0 at K=2 (not a reported cutoff): both top places negative with probability 1/6 -> 5/6
-    from vlfuse.tasks.retrieval import _expected_hits
+    from vlfuse.tasks.retrieval.metrics import _expected_hits
 
     one = torch.tensor([0])
     assert _expected_hits(one * 0, one * 0 + 2, one * 0 + 2, 2).item() == pytest.approx(5 / 6)

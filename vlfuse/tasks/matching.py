@@ -29,10 +29,10 @@ from typing import Any
 
 import torch
 
+from vlfuse.data.captions import CaptionDataset
 from vlfuse.data.examples import BadExample, ExampleCollator, Source
 from vlfuse.data.loading import DataError
 from vlfuse.tasks.base import ClassifierHead, Task, build_image_text_dataset, cross_entropy
-from vlfuse.tasks.retrieval import RetrievalDataset
 
 # How many random draws look for a negative before a scan of the split takes over.
 NEGATIVE_DRAWS = 32
@@ -47,7 +47,7 @@ class MatchingExample:
     features: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-class MatchingDataset(RetrievalDataset):
+class MatchingDataset(CaptionDataset):
     """Retrieval's caption examples, one per (row, caption); in evaluation each example also carries its
     negative caption. Takes the arguments of ``ImageTextDataset``."""
 
