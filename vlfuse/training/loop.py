@@ -67,7 +67,7 @@ def train(
             ``train.max_bad_steps`` optimizer steps in a row had a NaN/inf loss or gradient.
     """
     run = set_up_run(cfg)
-    state = resume(run)
+    state = restore_or_start_state(run)
     counts = start_trackers_and_print_plan(run)
     meter, window = Throughput(), LossWindow(run.accelerator.device)
     progress = Progress(run.total_steps, state.step, enabled=run.accelerator.is_local_main_process)
@@ -97,7 +97,7 @@ def train(
     progress.close()
     # Throughput covers the training loop only: not the final evaluation, checkpoint and model save below.
     rate = meter.steady_rate(time.perf_counter(), meter.eval)
-    finish(run, state, meter, rate, counts)
+    evaluate_checkpoint_and_save_final(run, state, meter, rate, counts)
     if on_end is not None:
         on_end(run.accelerator, run.model)
     run.accelerator.end_training()
@@ -119,7 +119,7 @@ def log_evaluate_and_checkpoint_when_due(
         checkpoint(run, state)
 
 
-def resume(run: Run) -> TrainState:
+def restore_or_start_state(run: Run) -> TrainState:
     """The loop's state: fresh, or restored from ``train.resume_from`` (with the prepared objects)."""
     state = TrainState()
     saved = restore_checkpoint(run.accelerator, run.cfg.train, run.output_dir, run.frozen)
@@ -216,7 +216,9 @@ def checkpoint(run: Run, state: TrainState) -> None:
     )
 
 
-def finish(run: Run, state: TrainState, meter: Throughput, rate: float, counts: dict[str, Any]) -> None:
+def evaluate_checkpoint_and_save_final(
+    run: Run, state: TrainState, meter: Throughput, rate: float, counts: dict[str, Any]
+) -> None:
     """The last evaluation and checkpoint (unless the loop just wrote them), ``final/`` and
     ``summary.json``."""
     cfg = run.cfg
