@@ -165,3 +165,31 @@ def write_sharded_grounding(root: Path, rows: int = 40, shards: int = 4, seed: i
             name = f"{split}-{s:05d}-of-{n_shards:05d}.parquet"
             datasets.Dataset.from_dict(part, features=features).to_parquet(str(folder / "data" / name))
     return folder
+
+
+class CrashAfterCheckpoint(Exception):
+    """The fault ``train_until_crash_after_checkpoint`` injects."""
+
+
+def train_until_crash_after_checkpoint(monkeypatch, cfg, step: int) -> None:
+    """Runs ``train(cfg)`` and kills it (an exception) right after its step-``step`` checkpoint is
+    published, as a crash or pre-emption would."""
+    import pytest
+
+    import vlfuse.training.loop as loop
+    from vlfuse.training import train
+
+    real_save = loop.save_checkpoint
+
+    def save_then_crash(accelerator, output_dir, state, keep_last, **kwargs):
+        path = real_save(accelerator, output_dir, state, keep_last, **kwargs)
+        if state["step"] == step:
+            raise CrashAfterCheckpoint
+        return path
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_crash)
+    try:
+        with pytest.raises(CrashAfterCheckpoint):
+            train(cfg)
+    finally:
+        monkeypatch.setattr(loop, "save_checkpoint", real_save)

@@ -12,6 +12,7 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState
 from conftest import TINY_MODEL, tiny_config
+from helpers import train_until_crash_after_checkpoint
 from PIL import Image
 from safetensors.torch import load_file, load_model
 from test_recipes import SMALL_DATA
@@ -34,10 +35,6 @@ def _fresh_accelerate_state():
 
 def _losses(path: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in map(json.loads, path.read_text().splitlines())}
-
-
-class _Crash(Exception):
-    pass
 
 
 @pytest.mark.parametrize(
@@ -67,20 +64,8 @@ def test_resume_mid_epoch_is_exact(tmp_path, monkeypatch, learning):
     train(tiny_config(*common, "train.max_steps=6", f"train.output_dir={tmp_path / 'straight'}"))
     AcceleratorState._reset_state(True)
     # The second run dies right after its step-3 checkpoint (same schedule: max_steps=6), then resumes.
-    import vlfuse.training.loop as training
-
-    real_save = training.save_checkpoint
-
-    def save_then_crash(accelerator, output_dir, state, keep_last, **kwargs):
-        path = real_save(accelerator, output_dir, state, keep_last, **kwargs)
-        if state["step"] == 3:
-            raise _Crash
-        return path
-
-    monkeypatch.setattr(training, "save_checkpoint", save_then_crash)
-    with pytest.raises(_Crash):
-        train(tiny_config(*common, "train.max_steps=6", f"train.output_dir={tmp_path / 'resumed'}"))
-    monkeypatch.setattr(training, "save_checkpoint", real_save)
+    resumed_cfg = tiny_config(*common, "train.max_steps=6", f"train.output_dir={tmp_path / 'resumed'}")
+    train_until_crash_after_checkpoint(monkeypatch, resumed_cfg, step=3)
     AcceleratorState._reset_state(True)
     train(
         tiny_config(
@@ -103,8 +88,6 @@ def test_resume_mid_epoch_is_exact(tmp_path, monkeypatch, learning):
 
 
 def test_resuming_an_older_checkpoint_sets_the_abandoned_ones_aside(tmp_path, monkeypatch, capsys):
-    import vlfuse.training.loop as training
-
     common = [*SMALL_DATA, "model.fusion.name=concat", "model.trainable_encoders=text", "train.max_steps=6"]
     out = tmp_path / "run"
     train(tiny_config(*common, f"train.output_dir={tmp_path / 'straight'}"))
@@ -115,26 +98,14 @@ def test_resuming_an_older_checkpoint_sets_the_abandoned_ones_aside(tmp_path, mo
     abandoned_step_4 = (checkpoints / "step_4" / "trainer_state.json").read_text()
     AcceleratorState._reset_state(True)
     # A second run resumes from step_2 with keep_last=1 and dies right after its own step-4 checkpoint.
-    real_save = training.save_checkpoint
-
-    def save_then_crash(accelerator, output_dir, state, keep_last, **kwargs):
-        path = real_save(accelerator, output_dir, state, keep_last, **kwargs)
-        if state["step"] == 4:
-            raise _Crash
-        return path
-
-    monkeypatch.setattr(training, "save_checkpoint", save_then_crash)
-    with pytest.raises(_Crash):
-        train(
-            tiny_config(
-                *common,
-                "train.checkpoint_every=2",
-                "train.keep_last=1",
-                f"train.output_dir={out}",
-                f"train.resume_from={checkpoints / 'step_2'}",
-            )
-        )
-    monkeypatch.setattr(training, "save_checkpoint", real_save)
+    second = tiny_config(
+        *common,
+        "train.checkpoint_every=2",
+        "train.keep_last=1",
+        f"train.output_dir={out}",
+        f"train.resume_from={checkpoints / 'step_2'}",
+    )
+    train_until_crash_after_checkpoint(monkeypatch, second, step=4)
     assert "moved 2 checkpoint(s) of an abandoned run (step_4, step_6" in capsys.readouterr().out
     # the checkpoint just written survived keep_last=1; the abandoned run's are aside, not deleted
     assert list_checkpoints(checkpoints) == [checkpoints / "step_4"]

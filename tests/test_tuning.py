@@ -7,6 +7,7 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState
 from conftest import tiny_config, tiny_model_config
+from helpers import train_until_crash_after_checkpoint
 from test_recipes import SMALL_DATA
 
 from vlfuse.config import load_config
@@ -178,8 +179,6 @@ def test_lora_merged_on_save_predicts_identically_without_adapters(tmp_path):
 
 
 def test_lora_run_resumes_exactly(tmp_path, monkeypatch):
-    import vlfuse.training.loop as training
-
     common = [
         *SMALL_DATA,
         "model.fusion.name=concat",
@@ -191,21 +190,9 @@ def test_lora_run_resumes_exactly(tmp_path, monkeypatch):
     ]
     train(tiny_config(*common, f"train.output_dir={tmp_path / 'straight'}"))
     AcceleratorState._reset_state(True)
-    real_save = training.save_checkpoint
-
-    class Crash(Exception):
-        pass
-
-    def save_then_crash(accelerator, output_dir, state, keep_last, **kwargs):
-        path = real_save(accelerator, output_dir, state, keep_last, **kwargs)
-        if state["step"] == 2:
-            raise Crash
-        return path
-
-    monkeypatch.setattr(training, "save_checkpoint", save_then_crash)
-    with pytest.raises(Crash):
-        train(tiny_config(*common, f"train.output_dir={tmp_path / 'resumed'}"))
-    monkeypatch.setattr(training, "save_checkpoint", real_save)
+    train_until_crash_after_checkpoint(
+        monkeypatch, tiny_config(*common, f"train.output_dir={tmp_path / 'resumed'}"), 2
+    )
     AcceleratorState._reset_state(True)
     train(tiny_config(*common, f"train.output_dir={tmp_path / 'resumed'}", "train.resume_from=latest"))
     from safetensors.torch import load_file

@@ -133,24 +133,14 @@ def load_pretrained(
     cls: type,
     path_or_hub_id: str | Path,
     *,
-    revision: str | None = None,
-    token: str | bool | None = None,
-    cache_dir: str | Path | None = None,
-    local_files_only: bool = False,
-    force_download: bool = False,
     trust_remote_code: bool = False,
     log: Callable[[str], None] = print,
+    **hub_kwargs: Any,
 ):
-    """Rebuilds a model written by ``save_model`` (``VLFuseModel.from_pretrained`` documents the
-    arguments); weights are loaded strictly, and the model is returned in eval mode."""
-    folder = resolve_folder(
-        path_or_hub_id,
-        revision=revision,
-        token=token,
-        cache_dir=cache_dir,
-        local_files_only=local_files_only,
-        force_download=force_download,
-    )
+    """Rebuilds a model written by ``save_model`` (``HubMixin.from_pretrained`` documents the arguments;
+    ``hub_kwargs`` are ``resolve_folder``'s); weights are loaded strictly, and the model is returned in
+    eval mode."""
+    folder = resolve_folder(path_or_hub_id, **hub_kwargs)
     config_file = folder / CONFIG_NAME
     if not config_file.is_file():
         raise FileNotFoundError(f"{folder} is not a saved vlfuse model: {CONFIG_NAME} is missing")

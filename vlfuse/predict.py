@@ -29,7 +29,6 @@ import torch
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
 from vlfuse.model import VLFuseModel
-from vlfuse.tasks import pair_inputs
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 # Box colours, one per expression (the first is the one a single expression gets).
@@ -145,19 +144,25 @@ def strip(images: Sequence[Image.Image], captions: Sequence[str], height: int = 
 
 
 # --------------------------------------------------------------------------------------- per task
+def texts_per_image(inputs: Inputs) -> dict[int, list[int]]:
+    """Which texts go with each image: all of them with a single image, else text ``i`` with image ``i``."""
+    per_image: dict[int, list[int]] = {}
+    for i in range(len(inputs.texts)):
+        per_image.setdefault(0 if len(inputs.images) == 1 else i, []).append(i)
+    return per_image
+
+
 def show_grounding(model: VLFuseModel, inputs: Inputs) -> Shown:
     check_pairing(inputs.images, inputs.texts)
     boxes = model.predict(inputs.images, inputs.texts)
     shown = Shown()
-    per_image: dict[int, list[int]] = {}
-    for i, text in enumerate(inputs.texts):
-        image = 0 if len(inputs.images) == 1 else i
-        per_image.setdefault(image, []).append(i)
-        x0, y0, x1, y1 = boxes[i].tolist()
-        shown.lines.append(
-            f"{inputs.image_names[image]}  {text!r}  box xyxy = [{x0:.1f}, {y0:.1f}, {x1:.1f}, {y1:.1f}]"
-        )
-    for image, rows in per_image.items():
+    for image, rows in texts_per_image(inputs).items():
+        for r in rows:
+            x0, y0, x1, y1 = boxes[r].tolist()
+            shown.lines.append(
+                f"{inputs.image_names[image]}  {inputs.texts[r]!r}  "
+                f"box xyxy = [{x0:.1f}, {y0:.1f}, {x1:.1f}, {y1:.1f}]"
+            )
         shown.pictures.append(draw_boxes(inputs.images[image], boxes[rows], [inputs.texts[r] for r in rows]))
     return shown
 
@@ -169,7 +174,7 @@ def _ranked(names: Sequence[str], scores: torch.Tensor, k: int) -> list[tuple[st
 
 def show_classification(model: VLFuseModel, inputs: Inputs) -> Shown:
     check_pairing(inputs.images, inputs.texts)
-    outputs, _ = model.infer(*pair_inputs(inputs.images, inputs.texts))
+    outputs, _ = model.task.paired_outputs(model, inputs.images, inputs.texts)
     names = model.answer_vocabulary[:-1]  # the never-predicted "unknown" class is last
     probabilities = outputs["logits"].float().softmax(dim=1)[:, :-1].cpu()
     shown = Shown()
@@ -188,10 +193,7 @@ def show_matching(model: VLFuseModel, inputs: Inputs) -> Shown:
     check_pairing(inputs.images, inputs.texts)
     probability = model.predict(inputs.images, inputs.texts)
     shown = Shown()
-    per_image: dict[int, list[int]] = {}
-    for i in range(len(inputs.texts)):
-        per_image.setdefault(0 if len(inputs.images) == 1 else i, []).append(i)
-    for image, rows in per_image.items():
+    for image, rows in texts_per_image(inputs).items():
         ranked = _ranked([inputs.texts[r] for r in rows], probability[rows], inputs.top_k)
         for text, p in ranked:
             shown.lines.append(f"{inputs.image_names[image]}  {text!r}  match probability {p:.3f}")
