@@ -19,7 +19,7 @@ DEFAULT_CONFIG = Path(__file__).parent / "configs" / "itm" / "shapes.yaml"
 
 
 def main(argv: list[str]) -> None:
-    cfg = load_cli_config(argv, DEFAULT_CONFIG, task="matching")
+    cfg = load_cli_config(argv, DEFAULT_CONFIG, task="itm")
     metrics = train(cfg)
     PartialState().print(format_metrics(metrics))  # once, not once per process
     for split, m in metrics.items():

@@ -19,7 +19,7 @@ DEFAULT_CONFIG = Path(__file__).parent / "configs" / "vqa" / "shapes.yaml"
 
 
 def main(argv: list[str], on_end=None) -> None:
-    cfg = load_cli_config(argv, DEFAULT_CONFIG, task="classification")
+    cfg = load_cli_config(argv, DEFAULT_CONFIG, task="vqa")
     metrics = train(cfg, on_end=on_end)
     PartialState().print(format_metrics(metrics))  # once, not once per process
     for split, m in metrics.items():

@@ -165,6 +165,6 @@ def test_init_from_a_model_of_another_task_is_refused(tmp_path):
     cfg.model.answers = ["yes", "no"]
     VLFuseModel(cfg.model).save_pretrained(tmp_path / "vqa")
     grounding = tiny_config(f"model.init_from={tmp_path / 'vqa'}")
-    with pytest.raises(ConfigError, match="is a 'classification' model, but model.task='grounding'"):
+    with pytest.raises(ConfigError, match="is a 'vqa' model, but model.task='grounding'"):
         build_model(grounding)
     assert build_model(grounding, check_task=False).config.answers == ["yes", "no"]

@@ -68,10 +68,10 @@ def test_parse_cli_and_yaml_round_trip(tmp_path):
         (["model.task=classification", "model.fusion.name=projection"], "projection serves retrieval only"),
         (
             ["model.task=matching", "train.cache_features=true"],
-            "model.task=grounding, retrieval, classification only \\(not matching\\)",
+            "model.task=grounding, retrieval, vqa only \\(not itm\\)",
         ),
         (["model.task=classification", "data.hflip_prob=0.5"], "data.hflip_prob=0.5 with model.task"),
-        (["model.task=vqa"], "'model.task'; allowed: grounding, retrieval, classification"),
+        (["model.task=vqe"], "'model.task'; allowed: grounding, retrieval, vqa, itm"),
     ],
 )
 def test_task_combinations_are_checked(overrides, needle):

@@ -2,6 +2,7 @@
 loop that only reach tasks through the registry, and a task that plugs in from outside the library."""
 
 import ast
+import json
 import shutil
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from PIL import Image
 from vlfuse.config import load_cli_config, load_config
 from vlfuse.model import VLFuseModel
 from vlfuse.schema import ConfigError
-from vlfuse.tasks import TASKS, get_task
+from vlfuse.tasks import TASKS, get_task, task_name
 from vlfuse.tasks.base import ClassifierHead, Task, pair_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,7 +160,22 @@ def test_a_task_registered_from_outside_builds_saves_and_predicts(tmp_path, monk
 
 def test_unknown_task_names_the_known_ones():
     with pytest.raises(ConfigError, match="'model.task'; allowed: " + ", ".join(TASKS)):
-        get_task("vqa")
+        get_task("vqe")
+
+
+def test_former_task_names_are_still_accepted(tmp_path):
+    assert get_task("classification").name == "vqa" and get_task("matching").name == "itm"
+    assert (
+        load_config(overrides=["model.task=classification", "model.fusion.name=concat"]).model.task == "vqa"
+    )
+    # a model saved under a former name loads as its task's model
+    cfg = tiny_config("model.task=matching", "model.fusion.name=concat")
+    folder = VLFuseModel(cfg.model).save_pretrained(tmp_path / "itm")
+    meta = json.loads((folder / "vlfuse_config.json").read_text())
+    assert meta["model"]["task"] == "itm"
+    meta["model"]["task"] = "matching"  # as a model saved before the rename says
+    (folder / "vlfuse_config.json").write_text(json.dumps(meta))
+    assert VLFuseModel.from_pretrained(folder).config.task == task_name("matching") == "itm"
 
 
 def test_pairs_by_index_encode_each_input_once():
@@ -182,10 +198,10 @@ def test_pairs_by_index_encode_each_input_once():
 RECIPES = {
     "grounding": "grounding.py",
     "retrieval": "retrieval.py",
-    "classification": "vqa.py",
-    "matching": "itm.py",
+    "vqa": "vqa.py",
+    "itm": "itm.py",
 }
-CONFIGS = {"grounding": "grounding", "retrieval": "retrieval", "classification": "vqa", "matching": "itm"}
+CONFIGS = {"grounding": "grounding", "retrieval": "retrieval", "vqa": "vqa", "itm": "itm"}
 
 
 @pytest.mark.parametrize("recipe_task", list(RECIPES))
@@ -219,6 +235,6 @@ def test_the_vqa_recipe_given_a_grounding_config_stops_before_training(tmp_path)
         timeout=120,
     )
     assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert "error: recipes/vqa.py trains model.task=classification, but the config " in result.stderr
+    assert "error: recipes/vqa.py trains model.task=vqa, but the config " in result.stderr
     assert "has model.task=grounding: run recipes/grounding.py for it" in result.stderr
     assert not (tmp_path / "config.yaml").exists()

@@ -154,7 +154,7 @@ def test_predict_after_save_and_load(tmp_path):
     assert probabilities.shape == (2,) and ((probabilities >= 0) & (probabilities <= 1)).all()
     model.save_pretrained(tmp_path / "saved")
     loaded = VLFuseModel.from_pretrained(tmp_path / "saved")
-    assert loaded.config.task == "matching"
+    assert loaded.config.task == "itm"
     assert torch.equal(loaded.predict(images, ["a red circle", "two squares"]), probabilities)
     assert loaded.predict(images[0], ["a", "b", "c"]).shape == (3,)  # one image for every text
     with pytest.raises(ValueError, match="needs images and texts"):
@@ -202,7 +202,7 @@ def test_itm_recipe_through_accelerate_launch_with_resume(tmp_path):
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [2, 4, 6]
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step_4", "step_6"]
     model = VLFuseModel.from_pretrained(out / "final")
-    assert model.config.task == "matching" and model.trainable_encoders == "all"
+    assert model.config.task == "itm" and model.trainable_encoders == "all"
     probabilities = model.predict([Image.new("RGB", (64, 64))] * 2, ["a red circle", "a blue square"])
     assert probabilities.shape == (2,)
 

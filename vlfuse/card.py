@@ -26,7 +26,7 @@ _NOT_METRICS = (*_RECORD_FIELDS, "count", "bad_rows", "train_bad_rows", "skipped
 PIPELINE_TAGS = {
     "grounding": "zero-shot-object-detection",
     "retrieval": "zero-shot-image-classification",
-    "classification": "visual-question-answering",
+    "vqa": "visual-question-answering",
 }
 
 

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from vlfuse.schema import Config, ConfigError, reference, to_yaml, validate
-from vlfuse.tasks import TASKS, check_task_fusion, get_task
+from vlfuse.tasks import TASKS, check_task_fusion, get_task, task_name
 
 
 def _describe_allowed(schema: Any, key: str) -> str:
@@ -139,6 +139,7 @@ def check_combinations(cfg: Config) -> None:
     Raises:
         ConfigError: naming the keys.
     """
+    cfg.model.task = task_name(cfg.model.task)  # a former name (classification, matching) is accepted
     task = get_task(cfg.model.task)
     check_task_fusion(task.name, cfg.model.fusion.name)
     if cfg.train.cache_features and not task.feature_cache:
@@ -246,11 +247,11 @@ def load_cli_config(
         cfg = load_config(default_config, [*default_overrides, *overrides])
     else:
         cfg = load_config(config_path, overrides)
-    if task is not None and cfg.model.task != task:
+    if task is not None and cfg.model.task != task_name(task):
         source = config_path or default_config
         raise ConfigError(
-            f"{get_task(task).recipe} trains model.task={task}, but the config ({source} and the command "
-            f"line) has model.task={cfg.model.task}: run {get_task(cfg.model.task).recipe} for it"
+            f"{get_task(task).recipe} trains model.task={task_name(task)}, but the config ({source} and the "
+            f"command line) has model.task={cfg.model.task}: run {get_task(cfg.model.task).recipe} for it"
         )
     if print_only:  # the resolved config, and nothing written or trained
         print(to_yaml(cfg), end="")

@@ -18,7 +18,7 @@ from vlfuse.encoders.tuning import freeze_mode
 from vlfuse.fusion import TowerShape, build_fusion
 from vlfuse.hub import HubMixin
 from vlfuse.schema import TRAINABLE_ENCODERS, ModelConfig
-from vlfuse.tasks import check_task_fusion, get_task, infer
+from vlfuse.tasks import check_task_fusion, get_task, infer, task_name
 
 # Which towers learn under each value of model.trainable_encoders.
 TRAINABLE_TOWERS: dict[str, frozenset[str]] = {
@@ -63,6 +63,7 @@ class VLFuseModel(HubMixin, nn.Module):
         adapters: bool = True,
     ) -> None:
         super().__init__()
+        cfg.task = task_name(cfg.task)  # a former name (classification, matching) of a saved model
         self.config = cfg
         # The task plug-in (not a module: it holds no weights); it builds the head and decodes predict.
         self.task = get_task(cfg.task)

@@ -223,8 +223,8 @@ def show_retrieval(model: VLFuseModel, inputs: Inputs) -> Shown:
 # What the command shows for each task, by name (a task registered from outside adds its own entry).
 SHOW: dict[str, Callable[[VLFuseModel, Inputs], Shown]] = {
     "grounding": show_grounding,
-    "classification": show_classification,
-    "matching": show_matching,
+    "vqa": show_classification,
+    "itm": show_matching,
     "retrieval": show_retrieval,
 }
 

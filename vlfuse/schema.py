@@ -130,9 +130,10 @@ class ModelConfig:
     # A saved vlfuse model (a final/ folder or a Hub id) to start from; its encoders, fusion and head
     # replace the ones described above (trainable_encoders still applies).
     init_from: str | None = None
-    # Which task head sits on the fusion output, by name in ``vlfuse.tasks.TASKS``: grounding
-    # (text -> box), retrieval (image-text embeddings; needs fusion.name=projection), classification
-    # (VQA-style answers), matching (does the text describe the image?).
+    # Which task head sits on the fusion output, by name in ``vlfuse.tasks.TASKS`` (the name of its recipe
+    # and config folder): grounding (text -> box), retrieval (image-text embeddings; needs
+    # fusion.name=projection), vqa (VQA-style answer classification; formerly classification), itm
+    # (image-text matching: does the text describe the image?; formerly matching).
     task: str = "grounding"
     # classification: the answer vocabulary (the classifier's classes, most frequent first). Left empty,
     # it is built from the train split's data.num_answers most frequent answers and saved with the model.

@@ -13,6 +13,14 @@ from vlfuse.tasks.retrieval import RetrievalTask
 TASKS: dict[str, type[Task]] = {
     t.name: t for t in (GroundingTask, RetrievalTask, ClassificationTask, MatchingTask)
 }
+# Each task shares its name with its recipe and config folder (vqa: recipes/vqa.py, configs/vqa/); the
+# former names are still accepted, in configs and in saved models.
+TASK_ALIASES = {"classification": "vqa", "matching": "itm"}
+
+
+def task_name(name: str) -> str:
+    """The task's name for ``name``, a name or a former name (``classification`` -> ``vqa``)."""
+    return TASK_ALIASES.get(name, name)
 
 
 def get_task(name: str) -> Task:
@@ -21,9 +29,9 @@ def get_task(name: str) -> Task:
     Raises:
         ConfigError: for an unknown name, listing the known ones.
     """
-    if name not in TASKS:
+    if task_name(name) not in TASKS:
         raise ConfigError(f"invalid value {name!r} for 'model.task'; allowed: {', '.join(TASKS)}")
-    return TASKS[name]()
+    return TASKS[task_name(name)]()
 
 
 def _alternatives(names: list[str] | tuple[str, ...]) -> str:
@@ -59,4 +67,5 @@ __all__ = [
     "get_task",
     "infer",
     "pair_inputs",
+    "task_name",
 ]

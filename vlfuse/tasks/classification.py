@@ -117,7 +117,7 @@ def classification_metrics(scores: torch.Tensor, majority_scores: torch.Tensor) 
 class ClassificationTask(Task):
     """Image + question -> answer class."""
 
-    name = "classification"
+    name = "vqa"
     recipe = "recipes/vqa.py"
     primary_metric = "accuracy"
     report_metrics = ("accuracy", "majority_baseline")
@@ -129,7 +129,7 @@ class ClassificationTask(Task):
     def check_config(self, cfg) -> None:
         if cfg.data.hflip_prob > 0:
             raise ConfigError(
-                f"data.hflip_prob={cfg.data.hflip_prob} with model.task=classification: a flip would need "
+                f"data.hflip_prob={cfg.data.hflip_prob} with model.task=vqa: a flip would need "
                 "the answer changed too (left/right answers); set data.hflip_prob=0"
             )
 

@@ -165,7 +165,7 @@ def matching_metrics(probabilities: torch.Tensor, labels: torch.Tensor) -> dict[
 class MatchingTask(Task):
     """Image + text -> does the text describe the image?"""
 
-    name = "matching"
+    name = "itm"
     recipe = "recipes/itm.py"
     primary_metric = "roc_auc"
     report_metrics = ("accuracy", "roc_auc")
