@@ -392,3 +392,97 @@ def test_a_cached_tower_never_runs_and_the_saved_model_is_whole(tmp_path, monkey
     saved = VLFuseModel.from_pretrained(tmp_path / "again" / "final")
     box = saved.predict([Image.new("RGB", (64, 48), (200, 30, 30))], ["the red square"])
     assert tuple(box.shape[-1:]) == (4,) and torch.isfinite(box).all()
+
+
+# --------------------------------------------------------------------------- one entry per distinct input
+def _repeated_image_split(root, copies: int = 4, images: int = 5):
+    """A grounding split in Hub layout where every image is the row of ``copies`` expressions (RefCOCO
+    keeps one object per row), plus one row whose image differs from the first by one pixel; two
+    expressions repeat across images."""
+    import datasets
+    from PIL import Image, ImageDraw
+
+    rows = {"image": [], "text": [], "box": []}
+    for k in range(images):
+        image = Image.new("RGB", (48, 40), (20 * k, 30, 60))
+        ImageDraw.Draw(image).rectangle([5 + k, 6, 20 + k, 25], fill=(200, 40, 40))
+        for c in range(copies):
+            rows["image"].append(image)
+            rows["text"].append(["the red box", "the left one", f"object {k}", f"thing {c} of {k}"][c])
+            rows["box"].append([5.0 + k, 6.0, 21.0 + k, 26.0])
+    changed = rows["image"][0].copy()
+    changed.putpixel((0, 0), (255, 255, 255))
+    rows["image"].append(changed)
+    rows["text"].append("the red box")
+    rows["box"].append([5.0, 6.0, 21.0, 26.0])
+    folder = root / "repeated"
+    (folder / "data").mkdir(parents=True)
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "text": datasets.Value("string"),
+            "box": datasets.Sequence(datasets.Value("float32")),
+        }
+    )
+    for split in ("train", "validation"):
+        datasets.Dataset.from_dict(rows, features=features).to_parquet(
+            str(folder / "data" / f"{split}-0.parquet")
+        )
+    return folder
+
+
+def test_each_distinct_input_is_one_entry_and_every_row_reads_its_own_features(tmp_path):
+    folder = _repeated_image_split(tmp_path)
+    cfg = tiny_config(f"data.dataset={folder}", "model.fusion.name=dense", "model.trainable_encoders=none")
+    model = VLFuseModel(cfg.model).eval()
+    live = GroundingTask().build_dataset(cfg, model, "validation", train=False)
+    assert len(live) == 21
+    cached = cached_dataset(
+        model, live, "validation", tmp_path / "cache", "float32", 8, Accelerator(cpu=True)
+    )
+    image_stats, text_stats = cached.cache_stats["image"], cached.cache_stats["text"]
+    # 5 images x 4 rows, plus one image with one pixel changed: 6 entries for 21 examples
+    assert (image_stats["entries"], image_stats["examples"]) == (6, 21)
+    assert np.load(cached.folders["image"] / "image_tokens.npy", mmap_mode="r").shape[0] == 6
+    # texts: "the red box" and "the left one" repeat across images; 3 distinct others per image
+    assert text_stats["entries"] == len(set(live.texts)) == 2 + 5 * 2
+    assert np.load(cached.folders["text"] / "text_tokens.npy", mmap_mode="r").shape[0] == 12
+    assert image_stats["bytes"] > 0 and image_stats["build_time_s"] >= 0
+    rows = np.load(cached.folders["image"] / "image_row.npy")
+    assert rows[0] == rows[1] == rows[2] == rows[3] and rows[20] != rows[0]  # the changed pixel: its own
+    for i in (0, 3, 7, 20):  # repeated and unique inputs alike equal the live towers
+        ex, cex = live[i], cached[i]
+        with torch.no_grad():
+            image = model.image_encoder(ex.pixel_values[None])
+            text = model.text_encoder(**model.text_encoder.tokenize([ex.text]))
+        torch.testing.assert_close(cex.features["image_tokens"], image.tokens[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(cex.features["text_pooled"], text.pooled[0], atol=1e-5, rtol=1e-5)
+
+
+def test_the_run_reports_the_cache_entries_and_reads_the_same_metrics_as_without_it(tmp_path, capsys):
+    folder = _repeated_image_split(tmp_path)
+    common = [
+        f"data.dataset={folder}",
+        "model.fusion.name=concat",
+        "model.trainable_encoders=none",
+        "train.batch_size=8",
+        "train.max_steps=3",
+    ]
+    live = train(tiny_config(*common, f"train.output_dir={tmp_path / 'live'}"))
+    AcceleratorState._reset_state(True)
+    cached = train(
+        tiny_config(
+            *common,
+            "train.cache_features=true",
+            f"train.cache_dir={tmp_path / 'cache'}",
+            f"train.output_dir={tmp_path / 'cached'}",
+        )
+    )
+    for k in ("acc@0.5", "miou"):
+        assert cached["validation"][k] == pytest.approx(live["validation"][k], abs=1e-4)
+    out = capsys.readouterr().out
+    assert "(image tower)" in out and "6 distinct inputs for 21 examples" in out
+    summary = json.loads((tmp_path / "cached" / "summary.json").read_text())
+    entries = sorted((s["entries"], s["examples"]) for s in summary["feature_cache"].values())
+    # image and text folders of both splits: 6 images and 12 texts for 21 examples each
+    assert entries == [(6, 21), (6, 21), (12, 21), (12, 21)]

@@ -25,11 +25,11 @@ decoding at all.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
 import shutil
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,14 +38,12 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
+from vlfuse.data.cache_build import FEATURES, compute_image, compute_text, label_fields
 from vlfuse.data.examples import BadExample, ImageTextDataset
 
-CACHE_FORMAT_VERSION = 2
+CACHE_FORMAT_VERSION = 3  # 3: one entry per distinct input (image_row / text_row map examples to it)
 META_FILE = "cache.json"
-# Example fields that are not labels: the image (replaced by its cached features) and the text.
-_INPUT_FIELDS = ("pixel_values", "text", "features")
 
 
 def default_cache_dir() -> Path:
@@ -67,23 +65,6 @@ def state_fingerprint(state: Mapping[str, torch.Tensor]) -> str:
         digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()
-
-
-def label_fields(dataset: ImageTextDataset) -> dict[str, torch.Tensor]:
-    """The label fields of the dataset's examples (name -> a placeholder tensor of their shape and type).
-
-    Raises:
-        ValueError: if a label is not a tensor (such a dataset cannot be cached).
-    """
-    placeholder = dataset.placeholder()
-    labels = {f.name: getattr(placeholder, f.name) for f in dataclasses.fields(placeholder)}
-    labels = {k: v for k, v in labels.items() if k not in _INPUT_FIELDS}
-    for name, value in labels.items():
-        if not isinstance(value, torch.Tensor):
-            raise ValueError(
-                f"the feature cache cannot store {type(placeholder).__name__}.{name} (not a tensor)"
-            )
-    return labels
 
 
 def dataset_key(dataset: ImageTextDataset, split: str, dtype: str) -> dict[str, Any]:
@@ -141,89 +122,7 @@ def folder_size(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def _batches(n: int, batch_size: int, desc: str):
-    progress = tqdm(total=n, desc=desc, unit="ex", disable=None)  # silent where stderr is no terminal
-    for start in range(0, n, batch_size):
-        idx = list(range(start, min(n, start + batch_size)))
-        yield idx
-        progress.update(len(idx))
-    progress.close()
-
-
-@torch.no_grad()
-def _compute_image(model, dataset: ImageTextDataset, folder: Path, dtype: str, batch_size: int, device):
-    """Runs the frozen image tower once per image row, and stores the examples' labels beside it (a cached
-    image needs no decoding at all)."""
-    np_dtype = np.float16 if dtype == "float16" else np.float32
-    n, enc = len(dataset), model.image_encoder
-    labels = label_fields(dataset)
-    arrays: dict[str, np.ndarray] = {
-        name: np.zeros((n, *value.shape), value.numpy().dtype) for name, value in labels.items()
-    }
-    arrays["valid"] = np.zeros((n,), np.bool_)
-    rows = [row for row, _ in dataset.index]
-    unique_rows = sorted(set(rows))
-    row_slot = {row: k for k, row in enumerate(unique_rows)}
-    arrays["image_row"] = np.array([row_slot[r] for r in rows], np.int64)
-    if model.fusion.uses_tokens:
-        shape = (len(unique_rows), enc.num_tokens, enc.token_dim)
-        arrays["image_tokens"] = np.lib.format.open_memmap(folder / "image_tokens.npy", "w+", np_dtype, shape)
-    if model.fusion.uses_image_pooled:
-        arrays["image_pooled"] = np.zeros((len(unique_rows), enc.pooled_dim), np_dtype)
-    done_rows: set[int] = set()
-    for idx in _batches(n, batch_size, f"caching frozen image features ({folder.name[:24]})"):
-        todo = []  # one image per row: expressions of the same row share its features
-        for i in idx:
-            ex = dataset[i]
-            if isinstance(ex, BadExample):
-                continue
-            for name in labels:
-                arrays[name][i] = torch.as_tensor(getattr(ex, name)).numpy()
-            arrays["valid"][i] = True
-            if rows[i] not in done_rows:
-                done_rows.add(rows[i])
-                todo.append((i, ex))
-        if todo:
-            pixels = torch.stack([ex.pixel_values for _, ex in todo]).to(device)
-            out = enc(pixels, with_pooled=model.fusion.uses_image_pooled)
-            slots = [row_slot[rows[i]] for i, _ in todo]
-            if "image_tokens" in arrays:
-                arrays["image_tokens"][slots] = out.tokens.float().cpu().numpy().astype(np_dtype)
-            if "image_pooled" in arrays:
-                arrays["image_pooled"][slots] = out.pooled.float().cpu().numpy().astype(np_dtype)
-    _save(arrays, folder)
-
-
-@torch.no_grad()
-def _compute_text(model, dataset: ImageTextDataset, folder: Path, dtype: str, batch_size: int, device):
-    """Runs the frozen text tower over every example's text (no image is read)."""
-    np_dtype = np.float16 if dtype == "float16" else np.float32
-    n, enc = len(dataset), model.text_encoder
-    arrays: dict[str, np.ndarray] = {"text_pooled": np.zeros((n, enc.dim), np_dtype)}
-    if model.fusion.uses_tokens:
-        shape = (n, enc.max_length, enc.dim)
-        arrays["text_tokens"] = np.lib.format.open_memmap(folder / "text_tokens.npy", "w+", np_dtype, shape)
-        arrays["text_mask"] = np.zeros((n, enc.max_length), np.bool_)
-    for idx in _batches(n, batch_size, f"caching frozen text features ({folder.name[:24]})"):
-        tokens = enc.tokenize([dataset.texts[i] for i in idx], padding="max_length")
-        out = enc(tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
-        arrays["text_pooled"][idx] = out.pooled.float().cpu().numpy().astype(np_dtype)
-        if "text_tokens" in arrays:
-            arrays["text_tokens"][idx] = out.tokens.float().cpu().numpy().astype(np_dtype)
-            arrays["text_mask"][idx] = out.mask.cpu().numpy()
-    _save(arrays, folder)
-
-
-def _save(arrays: dict[str, np.ndarray], folder: Path) -> None:
-    for name, array in arrays.items():
-        if isinstance(array, np.memmap):
-            array.flush()
-        else:
-            np.save(folder / f"{name}.npy", array)
-
-
-_COMPUTE = {"image": _compute_image, "text": _compute_text}
-_FEATURES = {"image": ("image_tokens", "image_pooled"), "text": ("text_tokens", "text_mask", "text_pooled")}
+_COMPUTE = {"image": compute_image, "text": compute_text}
 
 
 @dataclass
@@ -242,6 +141,7 @@ class CachedDataset(Dataset):
         }
         self.counts = self.base.counts
         self.labels = list(label_fields(self.base))
+        self.cache_stats = {tower: cache_stats(folder) for tower, folder in self.folders.items()}
         self.example_type = type(self.base.placeholder())
 
     @property
@@ -271,7 +171,7 @@ class CachedDataset(Dataset):
         blank = {
             k: torch.zeros(a.shape[1:], dtype=torch.bool if k == "text_mask" else torch.float32)
             for k, a in self.arrays.items()
-            if k in _FEATURES["image"] + _FEATURES["text"]
+            if k in FEATURES["image"] + FEATURES["text"]
         }
         if "text_mask" in blank:
             blank["text_mask"][0] = True
@@ -279,11 +179,14 @@ class CachedDataset(Dataset):
 
     def text_features(self, i: int) -> dict[str, torch.Tensor]:
         """The cached text features of example ``i`` (empty when the text tower is not cached)."""
+        if "text_row" not in self.arrays:
+            return {}
+        entry = int(self.arrays["text_row"][i])
         return {
             k: torch.from_numpy(
-                np.array(self.arrays[k][i], dtype=np.bool_ if k == "text_mask" else np.float32)
+                np.array(self.arrays[k][entry], dtype=np.bool_ if k == "text_mask" else np.float32)
             )
-            for k in _FEATURES["text"]
+            for k in FEATURES["text"]
             if k in self.arrays
         }
 
@@ -291,7 +194,7 @@ class CachedDataset(Dataset):
         row = int(self.arrays["image_row"][i])
         return {
             k: torch.from_numpy(np.array(self.arrays[k][row], dtype=np.float32))
-            for k in _FEATURES["image"]
+            for k in FEATURES["image"]
             if k in self.arrays
         }
 
@@ -351,16 +254,29 @@ def cached_dataset(
                 encoder = getattr(model, f"{tower}_encoder")
                 home = next(encoder.parameters()).device  # where training wants it (see VLFuseModel)
                 encoder.to(accelerator.device)
-                _COMPUTE[tower](model, dataset, tmp, dtype, batch_size, accelerator.device)
+                start = time.perf_counter()
+                stats = _COMPUTE[tower](model, dataset, tmp, dtype, batch_size, accelerator.device)
+                stats["build_time_s"] = round(time.perf_counter() - start, 3)
+                stats["bytes"] = folder_size(tmp)
                 encoder.to(home)
-                (tmp / META_FILE).write_text(json.dumps(key, indent=2))
+                # The key says what it was computed from; the stats what it holds and what it cost.
+                (tmp / META_FILE).write_text(json.dumps({**key, "stats": stats}, indent=2))
                 if folder.exists():
                     shutil.rmtree(folder)
                 os.replace(tmp, folder)
                 verb = "written"
             else:
                 verb = "reused"
-            accelerator.print(
-                f"feature cache {verb} ({tower} tower): {folder} ({folder_size(folder) / 2**20:.1f} MiB)"
-            )
+        stats = cache_stats(folder)
+        accelerator.print(
+            f"feature cache {verb} ({tower} tower): {folder} ({stats['bytes'] / 2**20:.1f} MiB; "
+            f"{stats['entries']:,} distinct inputs for {stats['examples']:,} examples; built in "
+            f"{stats['build_time_s']:.1f} s)"
+        )
     return CachedDataset(dataset, folders)
+
+
+def cache_stats(folder: Path) -> dict[str, Any]:
+    """What a cache folder holds and cost: distinct entries, examples, bytes, build time (``cache.json``)."""
+    stats = json.loads((folder / META_FILE).read_text()).get("stats", {})
+    return {"folder": folder.name, **stats}

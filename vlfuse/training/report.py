@@ -124,6 +124,18 @@ def held_state_mib(model: torch.nn.Module, optimizer) -> float:
     return sum(t.numel() * t.element_size() for t in tensors) / 2**20
 
 
+def feature_cache_stats(run: Run) -> dict[str, dict[str, Any]]:
+    """Each cache folder the run read (``train.cache_features``): its distinct entries, examples, bytes
+    and build time, by folder name."""
+    datasets = [run.data.dataset, *(loader.dataset for loader in run.eval_loaders.values())]
+    found: dict[str, dict[str, Any]] = {}
+    for dataset in datasets:
+        for candidate in (dataset, getattr(dataset, "base", None)):  # retrieval's per-image view wraps it
+            for stats in getattr(candidate, "cache_stats", {}).values():
+                found[stats["folder"]] = {k: v for k, v in stats.items() if k != "folder"}
+    return found
+
+
 def build_summary(
     run: Run, state: TrainState, meter: Throughput, rate: float, memory: PeakMemory, counts: dict[str, Any]
 ) -> dict[str, Any]:
@@ -150,6 +162,7 @@ def build_summary(
         "parameters": counts["per_part"],
         "tuning": {"image": cfg.model.image_encoder.tuning, "text": cfg.model.text_encoder.tuning},
         "towers_served_by_cache": towers_served_by_cache(cfg, accelerator),
+        "feature_cache": feature_cache_stats(run),
         "accelerator_weights_mib": accelerator_weights_mib(run.model, accelerator.device),
         "last_loss": state.last_loss,
         "time_data_s": meter.data,

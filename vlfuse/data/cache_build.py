@@ -1,0 +1,177 @@
+"""Computing a frozen tower's cache entries: one tower run per distinct input (an image's pixels as the
+tower sees them, or a text's token ids), with each example mapped to its entry (``image_row`` /
+``text_row``). ``vlfuse.data.feature_cache`` keys, stores and serves them."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from vlfuse.data.examples import BadExample, ImageTextDataset
+
+# Example fields that are not labels: the image (replaced by its cached features) and the text.
+_INPUT_FIELDS = ("pixel_values", "text", "features")
+
+FEATURES = {"image": ("image_tokens", "image_pooled"), "text": ("text_tokens", "text_mask", "text_pooled")}
+
+
+def label_fields(dataset: ImageTextDataset) -> dict[str, torch.Tensor]:
+    """The label fields of the dataset's examples (name -> a placeholder tensor of their shape and type).
+
+    Raises:
+        ValueError: if a label is not a tensor (such a dataset cannot be cached).
+    """
+    placeholder = dataset.placeholder()
+    labels = {f.name: getattr(placeholder, f.name) for f in dataclasses.fields(placeholder)}
+    labels = {k: v for k, v in labels.items() if k not in _INPUT_FIELDS}
+    for name, value in labels.items():
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(
+                f"the feature cache cannot store {type(placeholder).__name__}.{name} (not a tensor)"
+            )
+    return labels
+
+
+def _batches(n: int, batch_size: int, desc: str):
+    progress = tqdm(total=n, desc=desc, unit="ex", disable=None)  # silent where stderr is no terminal
+    for start in range(0, n, batch_size):
+        idx = list(range(start, min(n, start + batch_size)))
+        yield idx
+        progress.update(len(idx))
+    progress.close()
+
+
+def image_content_key(dataset: ImageTextDataset, i: int, pixel_values: torch.Tensor) -> Any:
+    """What makes two examples' images one cache entry: the dataset's own image id when
+    ``data.columns.image_id`` names one (no hashing), else a hash of the pixels as the tower sees them
+    (after preprocessing)."""
+    if "image_id" in dataset.cfg.columns:
+        return ("id", dataset.image_ids[i])
+    pixels = pixel_values.detach().cpu().contiguous()
+    return hashlib.blake2b(pixels.numpy().tobytes(), digest_size=16).digest()
+
+
+def _open_features(folder: Path, name: str, rows: int, shape: tuple[int, ...], np_dtype, memmap: bool):
+    if memmap:  # token features can be large: written to disk as they come
+        return np.lib.format.open_memmap(folder / f"{name}.npy", "w+", np_dtype, (rows, *shape))
+    return np.zeros((rows, *shape), np_dtype)
+
+
+def _keep_entries(arrays: dict[str, np.ndarray], names: tuple[str, ...], count: int, folder: Path) -> None:
+    """Cuts the entry arrays ``names`` (allocated for the most entries there could be) to the ``count``
+    distinct entries found."""
+    for name in names:
+        array = arrays.get(name)
+        if array is None or len(array) == count:
+            continue
+        if isinstance(array, np.memmap):
+            array.flush()
+            kept = np.lib.format.open_memmap(
+                folder / f".{name}.npy", "w+", array.dtype, (count, *array.shape[1:])
+            )
+            kept[:] = array[:count]
+            kept.flush()
+            del array, kept
+            os.replace(folder / f".{name}.npy", folder / f"{name}.npy")
+            arrays[name] = np.load(folder / f"{name}.npy", mmap_mode="r")
+        else:
+            arrays[name] = array[:count]
+
+
+@torch.no_grad()
+def compute_image(model, dataset: ImageTextDataset, folder: Path, dtype: str, batch_size: int, device):
+    """Runs the frozen image tower once per distinct image (``image_content_key``), and stores the
+    examples' labels beside it (a cached image needs no decoding at all). ``image_row`` maps each example
+    to its entry."""
+    np_dtype = np.float16 if dtype == "float16" else np.float32
+    n, enc = len(dataset), model.image_encoder
+    labels = label_fields(dataset)
+    arrays: dict[str, np.ndarray] = {
+        name: np.zeros((n, *value.shape), value.numpy().dtype) for name, value in labels.items()
+    }
+    arrays["valid"] = np.zeros((n,), np.bool_)
+    arrays["image_row"] = np.zeros((n,), np.int64)
+    most = max(1, len({row for row, _ in dataset.index}))  # never more entries than image rows
+    if model.fusion.uses_tokens:
+        shape = (enc.num_tokens, enc.token_dim)
+        arrays["image_tokens"] = _open_features(folder, "image_tokens", most, shape, np_dtype, memmap=True)
+    if model.fusion.uses_image_pooled:
+        arrays["image_pooled"] = _open_features(
+            folder, "image_pooled", most, (enc.pooled_dim,), np_dtype, False
+        )
+    entries: dict[Any, int] = {}
+    for idx in _batches(n, batch_size, f"caching frozen image features ({folder.name[:24]})"):
+        todo = []  # the batch's images not seen before: one tower run per distinct image
+        for i in idx:
+            ex = dataset[i]
+            if isinstance(ex, BadExample):
+                continue
+            for name in labels:
+                arrays[name][i] = torch.as_tensor(getattr(ex, name)).numpy()
+            arrays["valid"][i] = True
+            key = image_content_key(dataset, i, ex.pixel_values)
+            if key not in entries:
+                entries[key] = len(entries)
+                todo.append((entries[key], ex))
+            arrays["image_row"][i] = entries[key]
+        if todo:
+            pixels = torch.stack([ex.pixel_values for _, ex in todo]).to(device)
+            out = enc(pixels, with_pooled=model.fusion.uses_image_pooled)
+            slots = [slot for slot, _ in todo]
+            if "image_tokens" in arrays:
+                arrays["image_tokens"][slots] = out.tokens.float().cpu().numpy().astype(np_dtype)
+            if "image_pooled" in arrays:
+                arrays["image_pooled"][slots] = out.pooled.float().cpu().numpy().astype(np_dtype)
+    _keep_entries(arrays, FEATURES["image"], max(1, len(entries)), folder)
+    _save(arrays, folder)
+    return {"entries": len(entries), "examples": n}
+
+
+@torch.no_grad()
+def compute_text(model, dataset: ImageTextDataset, folder: Path, dtype: str, batch_size: int, device):
+    """Runs the frozen text tower once per distinct text as the tower sees it (its token ids); no image is
+    read. ``text_row`` maps each example to its entry."""
+    np_dtype = np.float16 if dtype == "float16" else np.float32
+    n, enc = len(dataset), model.text_encoder
+    arrays: dict[str, np.ndarray] = {"text_pooled": np.zeros((max(1, n), enc.dim), np_dtype)}
+    arrays["text_row"] = np.zeros((n,), np.int64)
+    if model.fusion.uses_tokens:
+        shape = (enc.max_length, enc.dim)
+        arrays["text_tokens"] = _open_features(folder, "text_tokens", max(1, n), shape, np_dtype, memmap=True)
+        arrays["text_mask"] = np.zeros((max(1, n), enc.max_length), np.bool_)
+    entries: dict[bytes, int] = {}
+    for idx in _batches(n, batch_size, f"caching frozen text features ({folder.name[:24]})"):
+        tokens = enc.tokenize([dataset.texts[i] for i in idx], padding="max_length")
+        new = []  # rows of this batch whose token ids were not seen before
+        for j, i in enumerate(idx):
+            key = tokens["input_ids"][j].numpy().tobytes()
+            if key not in entries:
+                entries[key] = len(entries)
+                new.append(j)
+            arrays["text_row"][i] = entries[key]
+        if not new:
+            continue
+        slots = [int(arrays["text_row"][idx[j]]) for j in new]
+        out = enc(tokens["input_ids"][new].to(device), tokens["attention_mask"][new].to(device))
+        arrays["text_pooled"][slots] = out.pooled.float().cpu().numpy().astype(np_dtype)
+        if "text_tokens" in arrays:
+            arrays["text_tokens"][slots] = out.tokens.float().cpu().numpy().astype(np_dtype)
+            arrays["text_mask"][slots] = out.mask.cpu().numpy()
+    _keep_entries(arrays, FEATURES["text"], max(1, len(entries)), folder)
+    _save(arrays, folder)
+    return {"entries": len(entries), "examples": n}
+
+
+def _save(arrays: dict[str, np.ndarray], folder: Path) -> None:
+    for name, array in arrays.items():
+        if isinstance(array, np.memmap):
+            array.flush()
+        else:
+            np.save(folder / f"{name}.npy", array)
