@@ -39,6 +39,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from peft import get_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_model, save_file
+from safetensors.torch import save_model as save_safetensors_model
 from torch import nn
 
 from vlfuse.card import write_card
@@ -187,6 +188,9 @@ def save_model(
     }
     (folder / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
     model.text_encoder.save_source(folder / TEXT_ENCODER_DIR)
+    if state_dict is None and not lora_towers:  # safetensors' own writer: shared (tied) tensors once
+        save_safetensors_model(model, str(folder / WEIGHTS_NAME))
+        return folder
     state = state_dict if state_dict is not None else model.state_dict()
     if lora_towers:
         state = merge_and_export_adapters(model, state, folder, lora_towers)

@@ -13,8 +13,9 @@ What each task shows (``SHOW``, by task name):
 - matching: the probability that each text describes its image, texts ranked per image;
 - retrieval: the top-k images of ``--images-dir`` (or of ``--image``) for each text query, as a strip.
 
-One image serves all texts, or there is one image per text. Bad input (a missing file, a file that is
-no image, an empty text, a model of another task than ``--task``) stops with a one-line error.
+One image serves all texts, or there is one image per text (the task's own pairing checks it). Bad
+input (a missing file, a file that is no image, an empty text, a model of another task than ``--task``,
+images and texts that do not pair) stops with a one-line error.
 """
 
 from __future__ import annotations
@@ -92,13 +93,6 @@ def check_texts(texts: Sequence[str]) -> list[str]:
     return list(texts)
 
 
-def check_pairing(images: Sequence, texts: Sequence) -> None:
-    if len(images) != 1 and len(images) != len(texts):
-        raise PredictError(
-            f"{len(images)} images and {len(texts)} texts: give one image for all texts, or one per text"
-        )
-
-
 # -------------------------------------------------------------------------------------------- drawing
 def _font(size: int = 12) -> ImageFont.ImageFont:
     return ImageFont.load_default(size=size)
@@ -153,7 +147,6 @@ def texts_per_image(inputs: Inputs) -> dict[int, list[int]]:
 
 
 def show_grounding(model: VLFuseModel, inputs: Inputs) -> Shown:
-    check_pairing(inputs.images, inputs.texts)
     boxes = model.predict(inputs.images, inputs.texts)
     shown = Shown()
     for image, rows in texts_per_image(inputs).items():
@@ -173,7 +166,6 @@ def _ranked(names: Sequence[str], scores: torch.Tensor, k: int) -> list[tuple[st
 
 
 def show_classification(model: VLFuseModel, inputs: Inputs) -> Shown:
-    check_pairing(inputs.images, inputs.texts)
     outputs, _ = model.task.paired_outputs(model, inputs.images, inputs.texts)
     names = model.answer_vocabulary[:-1]  # the never-predicted "unknown" class is last
     probabilities = outputs["logits"].float().softmax(dim=1)[:, :-1].cpu()
@@ -190,7 +182,6 @@ def show_classification(model: VLFuseModel, inputs: Inputs) -> Shown:
 
 
 def show_matching(model: VLFuseModel, inputs: Inputs) -> Shown:
-    check_pairing(inputs.images, inputs.texts)
     probability = model.predict(inputs.images, inputs.texts)
     shown = Shown()
     for image, rows in texts_per_image(inputs).items():
