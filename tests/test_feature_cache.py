@@ -264,7 +264,7 @@ def test_retrieval_cached_evaluation_equals_live(tmp_path):
     model = VLFuseModel(cfg.model).eval()
     task = get_task("retrieval")
     live = task.build_dataset(cfg, model, "test", train=False)
-    cached = task.with_cache(
+    cached = task.over_examples(
         live,
         lambda base: cached_dataset(
             model, base, "test", tmp_path / "cache", "float32", 4, Accelerator(cpu=True)

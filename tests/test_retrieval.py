@@ -201,7 +201,7 @@ def test_a_bad_image_drops_out_of_retrieval_metrics_with_its_captions(tmp_path, 
     task = RetrievalTask()
     dataset = task.build_dataset(cfg, model, "test", train=False)
     if cached:  # the frozen towers' features from the cache; the bad row gets blank ones
-        dataset = task.with_cache(
+        dataset = task.over_examples(
             dataset,
             lambda base: cached_dataset(
                 model, base, "test", tmp_path / "c", "float32", 2, Accelerator(cpu=True)

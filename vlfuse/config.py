@@ -20,6 +20,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from vlfuse.data.subsets import HOLDOUT
 from vlfuse.schema import Config, ConfigError, reference, to_yaml, validate
 from vlfuse.tasks import TASKS, check_task_fusion, get_task, task_name
 
@@ -168,7 +169,25 @@ def check_combinations(cfg: Config) -> None:
             "data.streaming=true cannot be combined with train.cache_features=true (the cache stores every "
             "example's features, which a stream too big for the disk cannot); turn one off"
         )
+    check_row_parts(cfg)
     task.check_config(cfg)
+
+
+def check_row_parts(cfg: Config) -> None:
+    """``data.holdout`` / ``data.train_subset`` and the evaluation split ``holdout``."""
+    if cfg.data.train_subset is not None and cfg.data.train_subset <= 0:
+        raise ConfigError(f"invalid value {cfg.data.train_subset!r} for 'data.train_subset'; must be > 0")
+    if cfg.data.streaming and (cfg.data.holdout or cfg.data.train_subset is not None):
+        raise ConfigError(
+            "data.holdout and data.train_subset draw rows of a split loaded whole; data.streaming=true "
+            "reads it as a stream (use a sliced split, e.g. data.train_split=train[:1000])"
+        )
+    splits = cfg.data.eval_split if isinstance(cfg.data.eval_split, list) else [cfg.data.eval_split]
+    if HOLDOUT in splits and not cfg.data.holdout:
+        raise ConfigError(
+            f"data.eval_split names {HOLDOUT!r}, the train split's held-out rows, but data.holdout is 0; "
+            "set data.holdout (a row count, or a fraction below 1)"
+        )
 
 
 def load_config(

@@ -171,6 +171,16 @@ class DataConfig:
     max_train_samples: int | None = None
     # The same cap for each evaluation split; null = all.
     max_eval_samples: int | None = None
+    # Rows of the train split held out for choosing settings: a count, or a fraction when below 1, drawn at
+    # random (data.subset_seed). Training never reads them; the evaluation split named "holdout" does.
+    # 0 = none.
+    holdout: float = _at_least(0, 0)
+    # Train on a random part of the train split's (remaining) rows: a count, or a fraction when below 1.
+    # Nested: one seeded order of the rows, each size its first rows. null = all.
+    train_subset: float | None = field(default=None, metadata={"min": 0})
+    # Seed of the row order data.holdout and data.train_subset draw from (not train.seed: runs of several
+    # seeds share their data).
+    subset_seed: int = 0
     # Stop if more than this fraction of the examples seen so far are unusable (undecodable image, invalid
     # box); below it, bad examples are skipped and counted.
     max_bad_fraction: float = _at_least(0.01, 0.0)

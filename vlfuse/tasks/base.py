@@ -68,7 +68,7 @@ class Task:
         report_metrics: the metrics a comparison table shows.
         fusions: the fusion heads (``model.fusion.name``) it accepts.
         feature_cache: whether ``train.cache_features`` can serve its datasets (built on
-            ``ImageTextDataset``s with tensor labels; see ``with_cache``).
+            ``ImageTextDataset``s with tensor labels; see ``over_examples``).
         bad_rows: what makes a row unusable, for messages.
         data_hint: the settings to check when many rows are unusable.
     """
@@ -99,12 +99,12 @@ class Task:
         """The examples of one split, preprocessed for ``model``."""
         raise NotImplementedError
 
-    def with_cache(self, dataset: TaskDataset, cache: Callable[[Any], TaskDataset]) -> TaskDataset:
-        """``dataset`` with its frozen towers' features read through ``cache`` (``train.cache_features``),
-        which takes the ``ImageTextDataset`` of one image and one text per example. A task whose
-        dataset is built over such a dataset (e.g. grouped per image for evaluation) rebuilds it over the
-        cached one."""
-        return cache(dataset)
+    def over_examples(self, dataset: TaskDataset, wrap: Callable[[Any], TaskDataset]) -> TaskDataset:
+        """``dataset`` rebuilt over ``wrap`` of its ``ImageTextDataset`` of one image and one text per
+        example: the feature cache's dataset (``train.cache_features``), or a part of the split's rows
+        (``data.holdout``, ``data.train_subset``). A task whose dataset is built over such a dataset (e.g.
+        grouped per image for evaluation) rebuilds it over the wrapped one."""
+        return wrap(dataset)
 
     def collator(self, model: TaskModel, train: bool) -> Callable[[list[Any]], Batch]:
         """Turns a list of examples into a batch dict of tensors, with ``bad_rows`` (the count of unusable

@@ -3,6 +3,7 @@ loader and its position in checkpoints; and the evaluation splits' loaders."""
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,6 +18,7 @@ from vlfuse.data.examples import ImageTextDataset
 from vlfuse.data.feature_cache import cached_dataset
 from vlfuse.data.loading import DataError, stream_split
 from vlfuse.data.streaming import StreamedExamples, split_stream, stream_loader
+from vlfuse.data.subsets import HOLDOUT, RowView, example_rows, split_rows
 from vlfuse.schema import Config, ConfigError
 from vlfuse.tasks import Task
 
@@ -48,19 +50,38 @@ def make_loader(dataset, cfg: Config, collate, batch_size: int, shuffle: bool) -
 
 def build_split(accelerator: Accelerator, cfg: Config, task: Task, model, split: str, train: bool):
     """The task's dataset of one split; with ``train.cache_features``, reading its frozen towers'
-    features from the cache (computed first if needed)."""
+    features from the cache (computed first if needed). The train split with ``data.holdout`` or
+    ``data.train_subset``, and the split ``holdout``, are parts of the whole train split's dataset (and of
+    its one cache)."""
+    part = split_part(cfg, split, train)
+    source = cfg.data.train_split if part else split
+    if part == HOLDOUT:  # the held-out rows are drawn from the train split as training reads it
+        cfg = copy.deepcopy(cfg)
+        cfg.data.max_eval_samples = cfg.data.max_train_samples
     with accelerator.main_process_first():
-        dataset = task.build_dataset(cfg, model, split, train=train)
+        dataset = task.build_dataset(cfg, model, source, train=train)
     if cfg.train.cache_features:
         batch_size = cfg.train.eval_batch_size or cfg.train.batch_size
-        dataset = task.with_cache(
+        dataset = task.over_examples(
             dataset,
             lambda base: cached_dataset(
-                model, base, split, cfg.train.cache_dir, cfg.train.cache_dtype, batch_size, accelerator
+                model, base, source, cfg.train.cache_dir, cfg.train.cache_dtype, batch_size, accelerator
             ),
+        )
+    if part:
+        dataset = task.over_examples(
+            dataset, lambda base: RowView(base, split_rows(cfg.data, example_rows(base)[0])[part], part)
         )
     accelerator.print(f"{'train' if train else 'eval'} split {split}: {dataset.describe()}")
     return dataset
+
+
+def split_part(cfg: Config, split: str, train: bool) -> str | None:
+    """Which part of the train split a split is: ``train`` (training with ``data.holdout`` or
+    ``data.train_subset``), ``holdout`` (its held-out rows), or None (a split read whole)."""
+    if train:
+        return "train" if cfg.data.holdout or cfg.data.train_subset is not None else None
+    return HOLDOUT if split == HOLDOUT and cfg.data.holdout else None
 
 
 def build_train_data(accelerator: Accelerator, cfg: Config, task: Task, model) -> MapData | StreamData:

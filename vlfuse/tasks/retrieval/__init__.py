@@ -72,10 +72,10 @@ class RetrievalTask(Task):
         # Evaluation encodes each image once, with all of its captions.
         return dataset if train else dataset.by_image()
 
-    def with_cache(self, dataset, cache):
-        if isinstance(dataset, ImageCaptions):  # evaluation: the per-caption examples are cached
-            return ImageCaptions(cache(dataset.base))
-        return cache(dataset)
+    def over_examples(self, dataset, wrap):
+        if isinstance(dataset, ImageCaptions):  # evaluation: grouped per image over the per-caption examples
+            return ImageCaptions(wrap(dataset.base))
+        return wrap(dataset)
 
     def collator(self, model, train: bool):
         if train:
