@@ -67,3 +67,34 @@ def bert_folder(tmp_path_factory):
     BertModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A PostgreSQL database for the study's storage tests: the server ``.ci/run`` started
+    (``VLFUSE_TEST_POSTGRES_URL``), or one started here on loopback with the same script, stopped after."""
+    import shutil
+    import socket
+    import subprocess
+    from pathlib import Path
+
+    url = os.environ.get("VLFUSE_TEST_POSTGRES_URL")
+    if url:
+        yield url
+        return
+    script = Path(__file__).resolve().parent.parent / ".ci" / "postgres.sh"
+    if not (shutil.which("initdb") or list(Path("/usr/lib/postgresql").glob("*/bin/initdb"))):
+        pytest.skip("no PostgreSQL here to start (CI starts one: .ci/run sets VLFUSE_TEST_POSTGRES_URL)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    folder = tempfile.mkdtemp(prefix="vlfuse-pg-")
+    started = subprocess.run(
+        ["bash", str(script), "start", folder, str(port)], capture_output=True, text=True, timeout=120
+    )
+    assert started.returncode == 0, started.stderr
+    try:
+        yield started.stdout.strip().splitlines()[-1]
+    finally:
+        subprocess.run(["bash", str(script), "stop", folder], capture_output=True, timeout=60)
+        shutil.rmtree(folder, ignore_errors=True)

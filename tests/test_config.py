@@ -155,7 +155,8 @@ def test_recipe_help_lists_every_key_with_its_default_and_doc():
     assert out.startswith("usage: grounding.py [--config FILE] [key=value ...] [--print-config] [-h]")
     # the recipe's own default and the schema's comment for the key
     assert "  model.trainable_encoders = all\n      none: fusion + head only over frozen encoders" in out
-    from vlfuse.schema import Config, reference
+    from vlfuse.config import reference
+    from vlfuse.schema import Config
 
     for key, _, _ in reference(Config()):
         assert f"  {key} = " in out, key

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vlfuse.config import reference_markdown
-from vlfuse.schema import Config, reference
+from vlfuse.config import reference, reference_markdown
+from vlfuse.schema import Config
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"

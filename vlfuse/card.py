@@ -245,7 +245,41 @@ def _run_sections(run: dict[str, Any]) -> list[str]:
         lines += ["", "## Results", "", *_table(["split", *names], rows)]
     if run.get("comparison"):
         lines += _comparison_section(run["comparison"])
+    if run.get("study"):
+        lines += _study_section(run["study"])
     return lines
+
+
+def _study_section(study: dict[str, Any]) -> list[str]:
+    """The study's table and recommendation (``recipes/study.py``): this run was recommended by it."""
+    rows = [
+        [
+            f"{r['size']:g}" + (f" ({r['train_rows']:,} rows)" if r.get("train_rows") else ""),
+            r["mode"],
+            f"{r['lr']:.3g}",
+            _number(r["mean"]),
+            f"[{_number(r['low'])}, {_number(r['high'])}]",
+            r["n"],
+        ]
+        for r in study["summary"]["rows"]
+    ]
+    head = ["train size", "mode", "lr", f"{study['metric']} mean", f"{study['confidence']:.0%} CI", "seeds"]
+    recs = [
+        f"- size {rec['size']:g}: {rec['recommended']} (best mean: {rec['best']})"
+        for rec in study["summary"]["recommendation"]
+        if rec["recommended"]
+    ]
+    return [
+        "",
+        f"## Study (`recipes/study.py`, split `{study['report_split']}`; rates chosen on "
+        f"`{study['selection_split']}`)",
+        "",
+        *_table(head, rows),
+        "",
+        "Recommended (the cheapest mode not told apart from the best):",
+        "",
+        *recs,
+    ]
 
 
 def _data_section(data: dict[str, Any]) -> list[str]:

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from vlfuse.data.subsets import HOLDOUT
-from vlfuse.schema import Config, ConfigError, reference, to_yaml, validate
+from vlfuse.schema import Config, ConfigError, to_yaml, validate
 from vlfuse.tasks import TASKS, check_task_fusion, get_task, task_name
 
 
@@ -186,7 +186,7 @@ def check_row_parts(cfg: Config) -> None:
     if HOLDOUT in splits and not cfg.data.holdout:
         raise ConfigError(
             f"data.eval_split names {HOLDOUT!r}, the train split's held-out rows, but data.holdout is 0; "
-            "set data.holdout (a row count, or a fraction below 1)"
+            "set data.holdout (a row count, or a fraction of at most 1)"
         )
 
 
@@ -340,3 +340,38 @@ __all__ = [
     "reference_markdown",
     "section_from_dict",
 ]
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's documentation: the comment lines right above it in the class's source (the schema
+    documents itself there, one source of truth for ``--help`` and the docs)."""
+    import inspect
+
+    docs: dict[str, str] = {}
+    comment: list[str] = []
+    for line in inspect.getsource(cls).splitlines()[1:]:
+        text = line.strip()
+        if text.startswith("#"):
+            comment.append(text.lstrip("#").strip())
+        elif ":" in text and not text.startswith(('"', "'", "@")):
+            name = text.split(":", 1)[0].strip()
+            if name.isidentifier():
+                docs[name] = " ".join(comment)
+            comment = []
+        else:
+            comment = []
+    return docs
+
+
+def reference(cfg: Any, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """Every leaf key of ``cfg`` (a config tree) as ``(dotted key, value, documentation)``, in schema
+    order."""
+    rows: list[tuple[str, Any, str]] = []
+    docs = field_docs(type(cfg))
+    for f in dataclasses.fields(cfg):
+        key, value = f"{prefix}{f.name}", getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            rows += reference(value, key + ".")
+        else:
+            rows.append((key, value, docs.get(f.name, "")))
+    return rows

@@ -1,10 +1,10 @@
 """The config schema: typed dataclasses, merged from YAML files and dotted ``key=value`` overrides.
 
-A config is a tree of plain dataclasses (``Config`` with ``model``, ``data``, ``train`` and ``compare``
-sections), each field documented by the comment above it (``field_docs`` / ``reference`` read those
-comments for ``--help`` and the docs' config reference). ``validate`` checks the choices and ranges
-declared in each field's metadata; loading (YAML files and overrides merged onto the schema) is
-``vlfuse.config``'s. Every error names the dotted key and what is allowed.
+A config is a tree of plain dataclasses (``Config`` with ``model``, ``data``, ``train``, ``compare`` and
+``study`` sections), each field documented by the comment above it (``vlfuse.config.field_docs`` and
+``reference`` read those comments for ``--help`` and the docs' config reference). ``validate`` checks the
+choices and ranges declared in each field's metadata; loading (YAML files and overrides merged onto the
+schema) is ``vlfuse.config``'s. Every error names the dotted key and what is allowed.
 
 This is the bottom layer of the library: it names no task. Which tasks exist, and the settings a task
 refuses, are checked one layer up by ``vlfuse.config.load_config`` against the task registry.
@@ -171,11 +171,11 @@ class DataConfig:
     max_train_samples: int | None = None
     # The same cap for each evaluation split; null = all.
     max_eval_samples: int | None = None
-    # Rows of the train split held out for choosing settings: a count, or a fraction when below 1, drawn at
+    # Rows of the train split held out for choosing settings: a count, or a fraction when at most 1, drawn at
     # random (data.subset_seed). Training never reads them; the evaluation split named "holdout" does.
     # 0 = none.
     holdout: float = _at_least(0, 0)
-    # Train on a random part of the train split's (remaining) rows: a count, or a fraction when below 1.
+    # Train on a random part of the train split's (remaining) rows: a count, or a fraction when at most 1.
     # Nested: one seeded order of the rows, each size its first rows. null = all.
     train_subset: float | None = field(default=None, metadata={"min": 0})
     # Seed of the row order data.holdout and data.train_subset draw from (not train.seed: runs of several
@@ -278,11 +278,51 @@ class CompareConfig:
 
 
 @dataclass
+class StudyConfig:
+    # recipes/study.py: the modes to study (as compare.modes: trainable_encoders values, lora, last_blocks).
+    modes: list[str] = field(default_factory=lambda: ["none", "lora", "all"])
+    # Train set sizes: row counts, or fractions (at most 1) of the train split's rows left after the
+    # validation rows. Nested: a smaller set is part of every larger one (data.subset_seed orders the rows).
+    train_sizes: list[float] = field(default_factory=lambda: [0.1, 0.3, 1.0])
+    # One run per seed (train.seed) for every mode, size and learning rate.
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    # Learning rates to try, per mode: the head's (train.lr) for none, the encoders' (train.encoder_lr) for
+    # the others. A mode not named gets three rates around the config's: x0.3, x1, x3 (x3, x10, x30 of
+    # train.encoder_lr for lora, whose adapters want larger rates).
+    lr_grid: dict[str, list[float]] = field(default_factory=dict)
+    # Rows of the train split held out to choose the learning rate on (a count, or a fraction of at most 1;
+    # evaluated as the split "holdout"). Ignored with validation_split.
+    validation: float = field(default=0.1, metadata={"min": 0})
+    # A split to choose the learning rate on instead of held-out train rows (e.g. validation).
+    validation_split: str | None = None
+    # The metric rates are chosen and modes compared on (default: the task's primary metric).
+    metric: str | None = None
+    # Where trials are recorded: an SQLAlchemy URL; null = sqlite:///<train.output_dir>/study.db. A
+    # postgresql://user@host/db URL lets workers on many machines run the same command and split the grid.
+    storage: str | None = None
+    # The study's name in the storage; null = the name of train.output_dir's folder.
+    name: str | None = None
+    # Keep every trial's trained model (final/); otherwise only the recommended runs keep theirs.
+    keep_models: bool = False
+    # Frozen towers' features are computed once and shared by every trial that freezes them.
+    cache_features: bool = True
+    # Confidence level of the intervals and of the test that tells modes apart (paired t-test over seeds).
+    confidence: float = field(default=0.95, metadata={"min": 0.5})
+    # Seconds between a running trial's heartbeats (written to the storage).
+    heartbeat_interval: int = _at_least(30, 1)
+    # A trial with no heartbeat for this many seconds (its worker died) is failed and queued again.
+    grace_period: int = _at_least(120, 1)
+    # How many times a dead worker's trial is queued again.
+    max_retries: int = _at_least(2, 0)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
 
 
 def validate(cfg: Any, prefix: str = "") -> None:
@@ -310,6 +350,8 @@ def validate(cfg: Any, prefix: str = "") -> None:
                 f"invalid value {cfg.modes!r} for 'compare.modes'; allowed: distinct values of "
                 f"{', '.join(COMPARE_MODES)}"
             )
+    if isinstance(cfg, StudyConfig):
+        _validate_study(cfg)
     if isinstance(cfg, DataConfig):
         splits = cfg.eval_split if isinstance(cfg.eval_split, list | tuple) else [cfg.eval_split]
         if not splits or not all(isinstance(s, str) and s for s in splits):
@@ -320,6 +362,25 @@ def validate(cfg: Any, prefix: str = "") -> None:
             cfg.eval_split = list(cfg.eval_split)
 
 
+def _validate_study(cfg: StudyConfig) -> None:
+    bad = [m for m in [*cfg.modes, *cfg.lr_grid] if m not in COMPARE_MODES]
+    if bad or not cfg.modes or len(set(cfg.modes)) != len(cfg.modes):
+        raise ConfigError(
+            f"invalid value {cfg.modes!r} for 'study.modes' (or a key of study.lr_grid); allowed: distinct "
+            f"values of {', '.join(COMPARE_MODES)}"
+        )
+    for key, values in (("train_sizes", cfg.train_sizes), ("seeds", cfg.seeds)):
+        if not values or len(set(values)) != len(values):
+            raise ConfigError(f"invalid value {values!r} for 'study.{key}'; needs distinct values")
+    if any(size <= 0 for size in cfg.train_sizes):
+        raise ConfigError(f"invalid value {cfg.train_sizes!r} for 'study.train_sizes'; sizes must be > 0")
+    for mode, rates in cfg.lr_grid.items():
+        if not rates or any(not isinstance(r, int | float) or r <= 0 for r in rates):
+            raise ConfigError(f"invalid value {rates!r} for 'study.lr_grid.{mode}'; needs rates > 0")
+    if not cfg.confidence < 1:
+        raise ConfigError(f"invalid value {cfg.confidence!r} for 'study.confidence'; must be < 1")
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     """A plain nested dict of a config (or any config section)."""
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
@@ -327,38 +388,3 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 def to_yaml(cfg: Any) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
-
-
-def field_docs(cls: type) -> dict[str, str]:
-    """Each field's documentation: the comment lines right above it in the class's source (the schema
-    documents itself there, one source of truth for ``--help`` and the docs)."""
-    import inspect
-
-    docs: dict[str, str] = {}
-    comment: list[str] = []
-    for line in inspect.getsource(cls).splitlines()[1:]:
-        text = line.strip()
-        if text.startswith("#"):
-            comment.append(text.lstrip("#").strip())
-        elif ":" in text and not text.startswith(('"', "'", "@")):
-            name = text.split(":", 1)[0].strip()
-            if name.isidentifier():
-                docs[name] = " ".join(comment)
-            comment = []
-        else:
-            comment = []
-    return docs
-
-
-def reference(cfg: Any, prefix: str = "") -> list[tuple[str, Any, str]]:
-    """Every leaf key of ``cfg`` (a config tree) as ``(dotted key, value, documentation)``, in schema
-    order."""
-    rows: list[tuple[str, Any, str]] = []
-    docs = field_docs(type(cfg))
-    for f in dataclasses.fields(cfg):
-        key, value = f"{prefix}{f.name}", getattr(cfg, f.name)
-        if dataclasses.is_dataclass(value):
-            rows += reference(value, key + ".")
-        else:
-            rows.append((key, value, docs.get(f.name, "")))
-    return rows

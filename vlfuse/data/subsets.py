@@ -25,12 +25,13 @@ HOLDOUT = "holdout"  # the evaluation split name of the held-out rows (with data
 
 
 def row_count(value: float, available: int, key: str) -> int:
-    """A count (``value >= 1``, a whole number) or a fraction of ``available`` (``0 < value < 1``).
+    """A count (``value > 1``, a whole number) or a fraction of ``available`` (``0 < value <= 1``; 1 is
+    all of them).
 
     Raises:
         ConfigError: naming ``key``, for a count that is not whole or is more than ``available``.
     """
-    if value < 1:
+    if value <= 1:
         return max(1, round(value * available))
     if value != int(value):
         raise ConfigError(f"invalid value {value!r} for '{key}'; a row count must be a whole number")

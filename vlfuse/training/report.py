@@ -17,6 +17,7 @@ from vlfuse.data.loading import DataError
 from vlfuse.hub import push_folder
 from vlfuse.schema import Config, ConfigError, to_dict
 from vlfuse.tracking import PeakMemory, Progress, Throughput
+from vlfuse.training.data import MapData
 from vlfuse.training.setup import Run, TrainState, towers_served_by_cache
 
 # Bad-data fraction is judged only once this many examples were seen (a few bad rows early on are noise).
@@ -150,6 +151,10 @@ def build_summary(
         "trainable_encoders": cfg.model.trainable_encoders,
         "steps": state.step,
         "samples": meter.samples,
+        # the train split's rows and examples read (a part of it with data.holdout / data.train_subset);
+        # a stream's are not known
+        "train_rows": run.data.dataset.counts.get("rows") if isinstance(run.data, MapData) else None,
+        "train_examples": len(run.data.dataset) if isinstance(run.data, MapData) else None,
         "num_processes": accelerator.num_processes,
         "wall_time_s": time.perf_counter() - run.wall_start,
         "train_samples_per_s": rate,

@@ -1,0 +1,125 @@
+"""Which mode for my data? A study of modes x train sizes x seeds, each mode's learning rate tuned on a
+validation split, with confidence intervals and a recommendation (``recipes/study.py``).
+
+Every (mode, size, seed, rate) is an Optuna trial of a grid in a study storage (``vlfuse.study.engine``):
+SQLite in ``train.output_dir`` by default, or ``study.storage=postgresql://...`` for workers on many
+machines running the same command. Running the command again continues the study; once every cell is
+finished it only rewrites the report (``vlfuse.study.report``). The statistics are
+``vlfuse.study.stats``'s; the cells and their run configs ``vlfuse.study.grid``'s.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from accelerate.state import PartialState
+
+from vlfuse.data.feature_cache import folder_size
+from vlfuse.schema import Config, ConfigError, to_dict
+from vlfuse.study.engine import StudyError, finished_records, open_study, run_worker, storage_url
+from vlfuse.study.grid import Cell, cells, report_split, selection_split, study_metric, trial_config
+from vlfuse.study.report import write_report
+from vlfuse.study.stats import summarize
+from vlfuse.training import TrainingError, train
+
+__all__ = ["StudyError", "run_study"]
+
+
+def run_study(cfg: Config) -> dict[str, Any]:
+    """Runs this worker's share of the study's trials, then writes the report from every finished trial
+    (this worker's and the others').
+
+    Returns:
+        The content of ``study.json`` (without the per-trial records).
+
+    Raises:
+        ConfigError: a setting the study cannot use (e.g. reporting on the split rates are chosen on).
+        StudyError: the storage holds a study of that name with another grid.
+    """
+    if PartialState().num_processes > 1:
+        raise ConfigError(
+            "recipes/study.py runs one trial at a time in its process: start it with python, once per "
+            "worker (workers on one study.storage split the grid)"
+        )
+    report_split(cfg)  # refuses a report split that would choose rates, before anything trains
+    grid = cells(cfg)
+    root = Path(cfg.train.output_dir)
+    study = open_study(cfg, grid)
+    first_seed = min(cfg.study.seeds)
+    start = time.perf_counter()
+    trained = run_worker(cfg, study, grid, lambda cell, run_dir: run_cell(cfg, cell, run_dir, first_seed))
+    records = finished_records(study)
+    print(
+        f"study {study.study_name!r} ({storage_url(cfg)}): this worker trained {trained} trial(s) in "
+        f"{time.perf_counter() - start:.0f} s; {len(records)} of {len(grid)} cells finished"
+    )
+    result = {
+        "task": cfg.model.task,
+        "metric": study_metric(cfg),
+        "selection_split": selection_split(cfg),
+        "report_split": report_split(cfg),
+        "confidence": cfg.study.confidence,
+        "cells": [c.key for c in grid],
+        "trials": len(records),
+        "complete": len(records) == len(grid),
+        "config": to_dict(cfg),
+        "summary": summarize(records, cfg.study.confidence),
+    }
+    if records:
+        write_report(result, records, root, cfg.study.keep_models)
+    return result
+
+
+def run_cell(cfg: Config, cell: Cell, run_dir: Path, first_seed: int) -> dict[str, Any]:
+    """Trains one cell and returns what the report needs: the selection and report metrics, the costs.
+
+    A run that stops on NaN losses (a rate too large) is a result, not an error: its metrics are None.
+    Its weights are deleted unless ``study.keep_models``, or it is a first-seed run (the candidates for
+    the recommended models, pruned by the report).
+    """
+    run_cfg = trial_config(cfg, cell, run_dir)
+    metric, selection, report = study_metric(cfg), selection_split(cfg), report_split(cfg)
+    print(f"study trial {cell.key} -> {run_dir}", flush=True)
+    error = None
+    try:
+        metrics = train(run_cfg)
+    except TrainingError as err:
+        metrics, error = {}, str(err)
+    for split in (selection, report):
+        if metrics and metric not in metrics.get(split, {}):
+            available = sorted(k for k in metrics.get(split, {}) if k not in ("step", "epoch", "split"))
+            raise ConfigError(
+                f"study.metric={metric!r} is not a metric of split {split!r}; it has {available}"
+            )
+    summary_file = run_dir / "summary.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    final = run_dir / "final"
+    record = {
+        "cell": cell.key,
+        "mode": cell.mode,
+        "size": cell.size,
+        "seed": cell.seed,
+        "lr": cell.lr,
+        "train_rows": summary.get("train_rows"),
+        "selection": metrics.get(selection, {}).get(metric),
+        "report": metrics.get(report, {}).get(metric),
+        "report_metrics": metrics.get(report, {}),
+        "error": error,
+        "cost": {
+            "trainable": summary.get("trainable_parameters"),
+            "wall_time_s": summary.get("wall_time_s"),
+            "train_samples_per_s": summary.get("train_samples_per_s"),
+            "peak_memory_mb": summary.get("peak_memory_mb"),
+            "final_bytes": folder_size(final) if final.is_dir() else None,
+        },
+        "run_dir": str(run_dir),
+    }
+    record["cost"] = {k: v for k, v in record["cost"].items() if v is not None}
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # a trial is never resumed
+    if not cfg.study.keep_models and cell.seed != first_seed:
+        shutil.rmtree(final, ignore_errors=True)
+    return record

@@ -1,0 +1,121 @@
+"""The study's grid: one cell per (mode, train size, seed, learning rate), and the run config of a cell."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+from vlfuse.compare import mode_config
+from vlfuse.data.subsets import HOLDOUT
+from vlfuse.schema import Config, ConfigError
+from vlfuse.tasks import get_task
+from vlfuse.training.data import eval_splits
+
+# The default grid: factors of the config's rate (train.lr for the head of a frozen study, train.encoder_lr
+# for tuned encoders). LoRA's adapters start at zero and want larger rates than full fine-tuning.
+DEFAULT_LR_FACTORS = {"none": (0.3, 1.0, 3.0), "lora": (3.0, 10.0, 30.0)}
+OTHER_LR_FACTORS = (0.3, 1.0, 3.0)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One trial of the study: a mode, a train size (as configured), a seed and a learning rate."""
+
+    mode: str
+    size: float
+    seed: int
+    lr: float
+
+    @property
+    def key(self) -> str:
+        """The cell as Optuna's grid value (a string: the grid holds plain values)."""
+        return f"{self.mode}|{self.size:g}|{self.seed}|{self.lr:.6g}"
+
+    @classmethod
+    def parse(cls, key: str) -> Cell:
+        mode, size, seed, lr = key.split("|")
+        return cls(mode, float(size), int(seed), float(lr))
+
+    @property
+    def folder(self) -> str:
+        return f"{self.mode}/size_{self.size:g}/lr_{self.lr:.6g}/seed_{self.seed}"
+
+
+def lr_key(mode: str) -> str:
+    """The config key a mode's learning rate sets: the head's for ``none``, the encoders' otherwise."""
+    return "train.lr" if mode == "none" else "train.encoder_lr"
+
+
+def lr_grid(cfg: Config) -> dict[str, list[float]]:
+    """The rates each mode tries: ``study.lr_grid``'s, or factors of the config's rate."""
+    grid = {}
+    for mode in cfg.study.modes:
+        if mode in cfg.study.lr_grid:
+            grid[mode] = [float(r) for r in cfg.study.lr_grid[mode]]
+            continue
+        base = cfg.train.lr if mode == "none" else cfg.train.encoder_lr
+        factors = DEFAULT_LR_FACTORS.get(mode, OTHER_LR_FACTORS)
+        grid[mode] = [float(f"{base * f:.3g}") for f in factors]
+    return grid
+
+
+def cells(cfg: Config) -> list[Cell]:
+    """Every cell of the study, in a fixed order (mode, size, rate, seed)."""
+    grid = lr_grid(cfg)
+    return [
+        Cell(mode, float(size), int(seed), lr)
+        for mode in cfg.study.modes
+        for size in cfg.study.train_sizes
+        for lr in grid[mode]
+        for seed in cfg.study.seeds
+    ]
+
+
+def selection_split(cfg: Config) -> str:
+    """The split rates are chosen on: ``study.validation_split``, or the held-out train rows."""
+    return cfg.study.validation_split or HOLDOUT
+
+
+def report_split(cfg: Config) -> str:
+    """The split the study reports: the first of ``data.eval_split``; never used to choose anything.
+
+    Raises:
+        ConfigError: if it is the split rates are chosen on.
+    """
+    split = eval_splits(cfg)[0]
+    if split in (selection_split(cfg), HOLDOUT):
+        raise ConfigError(
+            f"data.eval_split={split!r} is the split the study chooses learning rates on; report on "
+            "another (e.g. data.eval_split=validation) so that no reported number chose anything"
+        )
+    return split
+
+
+def study_metric(cfg: Config) -> str:
+    return cfg.study.metric or get_task(cfg.model.task).primary_metric
+
+
+def trial_config(cfg: Config, cell: Cell, run_dir: Path) -> Config:
+    """The run config of ``cell``: the mode's settings, the nested train subset, the seed and the rate; it
+    evaluates the selection split and the report split only, at the end."""
+    run = mode_config(cfg, cell.mode)
+    run = copy.deepcopy(run)
+    run.train.output_dir = str(run_dir)
+    run.train.seed = cell.seed
+    run.train.resume_from = None
+    run.train.checkpoint_every = None
+    if cell.mode == "none":
+        run.train.lr = cell.lr
+    else:
+        run.train.encoder_lr = cell.lr
+    run.data.train_subset = cell.size
+    if not cfg.study.validation_split:
+        if not cfg.study.validation:
+            raise ConfigError("study.validation=0 needs study.validation_split (a split to choose rates on)")
+        run.data.holdout = cfg.study.validation
+    run.data.eval_split = [selection_split(cfg), report_split(cfg)]
+    served = get_task(cfg.model.task).feature_cache and cfg.data.hflip_prob == 0
+    frozen = run.model.trainable_encoders != "all"  # a tower the cache can serve
+    run.train.cache_features = frozen and (run.train.cache_features or (cfg.study.cache_features and served))
+    return run
