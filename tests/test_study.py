@@ -290,3 +290,89 @@ def test_the_study_command_writes_the_report_the_plots_and_keeps_the_recommended
     assert len(finals) == 2  # one per train size; every other trial's model is deleted
     card = (finals[0] / "README.md").read_text()
     assert "## Study (`recipes/study.py`" in card and "Recommended" in card
+
+
+# ------------------------------------------------------------------------------------------------ pruning
+def test_the_pruner_compares_a_trial_with_the_other_rates_of_its_own_mode_size_and_seed():
+    from optuna.distributions import CategoricalDistribution
+    from optuna.trial import TrialState, create_trial
+
+    from vlfuse.study.pruning import HopelessRatePruner
+
+    keys = [c.key for c in [Cell("none", 100, s, lr) for s in (0, 1) for lr in (1e-3, 3e-3)]]
+    keys += [Cell("all", 100, 0, 1e-4).key]
+    dist = {"cell": CategoricalDistribution(keys)}
+    study = optuna.create_study(direction="maximize")
+    finished = Cell("none", 100, 0, 1e-3)
+    study.add_trial(
+        create_trial(
+            params={"cell": finished.key}, distributions=dist, value=0.6, intermediate_values={10: 0.6}
+        )
+    )
+
+    def judged(cell, value):
+        trial = create_trial(
+            state=TrialState.RUNNING,
+            params={"cell": cell.key},
+            distributions=dist,
+            intermediate_values={10: value},
+        )
+        return HopelessRatePruner(margin=0.05).prune(study, trial)
+
+    assert judged(Cell("none", 100, 0, 3e-3), 0.50)  # 0.10 behind the other rate, same mode/size/seed
+    assert not judged(Cell("none", 100, 0, 3e-3), 0.57)  # within the margin
+    assert not judged(Cell("none", 100, 1, 3e-3), 0.10)  # another seed: no finished peer
+    assert not judged(Cell("all", 100, 0, 1e-4), 0.10)  # another mode is never compared
+
+
+def test_a_pruned_rate_stops_early_and_is_never_chosen(tmp_path, monkeypatch):
+    import vlfuse.study
+
+    steps_run = []
+
+    def fake_train(cfg, on_eval=None):
+        good = cfg.train.lr == 0.001
+        for step in (1, 2, 3):
+            value = (0.6 if good else 0.3) + 0.01 * step
+            metrics = {"holdout": {"acc@0.5": value}, "validation": {"acc@0.5": value}}
+            steps_run.append((cfg.train.lr, step))
+            if on_eval(step, metrics):
+                break
+        out = Path(cfg.train.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.json").write_text(json.dumps({"trainable_parameters": 1, "train_rows": 10}))
+        return metrics
+
+    monkeypatch.setattr(vlfuse.study, "train", fake_train)
+    cfg = tiny_config(*STUDY, "study.modes=[none]", "study.prune=true", f"train.output_dir={tmp_path}")
+    result = run_study(cfg)
+    records = json.loads((tmp_path / "study.json").read_text())["records"]
+    pruned = [r for r in records if r["pruned"]]
+    assert pruned and all(
+        r["lr"] == 0.003 and r["pruned"] == 1 for r in pruned
+    )  # stopped at the first evaluation
+    assert len(steps_run) == 3 * len(records) - 2 * len(pruned)
+    assert {row["lr"] for row in result["summary"]["rows"]} == {0.001}
+    states = Counter(
+        t.state.name
+        for t in optuna.load_study(
+            study_name=tmp_path.name, storage=f"sqlite:///{tmp_path / 'study.db'}"
+        ).trials
+    )
+    assert states["PRUNED"] == len(pruned) and states["COMPLETE"] == len(records) - len(pruned)
+
+
+def test_on_eval_stops_a_real_run_after_its_evaluation(tmp_path):
+    from vlfuse.training import train
+
+    seen = []
+
+    def on_eval(step, metrics):
+        seen.append((step, sorted(metrics)))
+        return step >= 2
+
+    cfg = tiny_config(*SMALL_DATA, "train.max_steps=6", "train.eval_every=2", f"train.output_dir={tmp_path}")
+    metrics = train(cfg, on_eval=on_eval)
+    assert seen == [(2, ["validation"])] and "validation" in metrics
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps"] == 2 and (tmp_path / "final").is_dir()  # the run ends as usual, at step 2

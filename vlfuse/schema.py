@@ -306,6 +306,11 @@ class StudyConfig:
     keep_models: bool = False
     # Frozen towers' features are computed once and shared by every trial that freezes them.
     cache_features: bool = True
+    # Stop a trial early whose metric on the selection split, at an evaluation during training
+    # (train.eval_every), is behind another rate's finished trial of the same mode, size and seed at that
+    # step by more than prune_margin (an Optuna pruner); its rate is then never chosen.
+    prune: bool = False
+    prune_margin: float = field(default=0.05, metadata={"min": 0})
     # Confidence level of the intervals and of the test that tells modes apart (paired t-test over seeds).
     confidence: float = field(default=0.95, metadata={"min": 0.5})
     # Seconds between a running trial's heartbeats (written to the storage).

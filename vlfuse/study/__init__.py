@@ -11,6 +11,7 @@ finished it only rewrites the report (``vlfuse.study.report``). The statistics a
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -51,7 +52,9 @@ def run_study(cfg: Config) -> dict[str, Any]:
     study = open_study(cfg, grid)
     first_seed = min(cfg.study.seeds)
     start = time.perf_counter()
-    trained = run_worker(cfg, study, grid, lambda cell, run_dir: run_cell(cfg, cell, run_dir, first_seed))
+    trained = run_worker(
+        cfg, study, grid, lambda cell, run_dir, trial: run_cell(cfg, cell, run_dir, first_seed, trial)
+    )
     records = finished_records(study)
     print(
         f"study {study.study_name!r} ({storage_url(cfg)}): this worker trained {trained} trial(s) in "
@@ -74,19 +77,33 @@ def run_study(cfg: Config) -> dict[str, Any]:
     return result
 
 
-def run_cell(cfg: Config, cell: Cell, run_dir: Path, first_seed: int) -> dict[str, Any]:
+def run_cell(cfg: Config, cell: Cell, run_dir: Path, first_seed: int, trial=None) -> dict[str, Any]:
     """Trains one cell and returns what the report needs: the selection and report metrics, the costs.
 
     A run that stops on NaN losses (a rate too large) is a result, not an error: its metrics are None.
+    Each evaluation during training reports the selection metric to ``trial`` (Optuna); with
+    ``study.prune`` the pruner may stop the run there (``pruned``: the step); it then has no selection
+    metric (its rate counts as minus infinity).
     Its weights are deleted unless ``study.keep_models``, or it is a first-seed run (the candidates for
     the recommended models, pruned by the report).
     """
     run_cfg = trial_config(cfg, cell, run_dir)
     metric, selection, report = study_metric(cfg), selection_split(cfg), report_split(cfg)
     print(f"study trial {cell.key} -> {run_dir}", flush=True)
-    error = None
+    error, pruned = None, None
+
+    def on_eval(step: int, metrics: dict[str, dict[str, float]]) -> bool:
+        nonlocal pruned
+        value = metrics.get(selection, {}).get(metric)
+        if trial is None or value is None or not math.isfinite(value):
+            return False
+        trial.report(value, step)
+        if cfg.study.prune and trial.should_prune():
+            pruned = step
+        return pruned is not None
+
     try:
-        metrics = train(run_cfg)
+        metrics = train(run_cfg, on_eval=on_eval)
     except TrainingError as err:
         metrics, error = {}, str(err)
     for split in (selection, report):
@@ -105,7 +122,8 @@ def run_cell(cfg: Config, cell: Cell, run_dir: Path, first_seed: int) -> dict[st
         "seed": cell.seed,
         "lr": cell.lr,
         "train_rows": summary.get("train_rows"),
-        "selection": metrics.get(selection, {}).get(metric),
+        "selection": None if pruned is not None else metrics.get(selection, {}).get(metric),
+        "pruned": pruned,
         "report": metrics.get(report, {}).get(metric),
         "report_metrics": metrics.get(report, {}),
         "error": error,

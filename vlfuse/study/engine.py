@@ -30,6 +30,7 @@ from optuna.trial import TrialState
 
 from vlfuse.schema import Config
 from vlfuse.study.grid import Cell
+from vlfuse.study.pruning import HopelessRatePruner
 
 WORKER = f"{socket.gethostname()}:{os.getpid()}"
 # A surplus trial's wait before it checks whether another trial took its cell: both write their cell at
@@ -71,6 +72,7 @@ def open_study(cfg: Config, grid: list[Cell]) -> optuna.Study:
         study_name=study_name(cfg),
         storage=storage,
         sampler=optuna.samplers.GridSampler({"cell": keys}, seed=0),
+        pruner=HopelessRatePruner(cfg.study.prune_margin) if cfg.study.prune else optuna.pruners.NopPruner(),
         direction="maximize",
         load_if_exists=True,
     )
@@ -116,8 +118,9 @@ def _cell_of(trial: optuna.trial.FrozenTrial) -> str | None:
 
 
 def settled_cells(study: optuna.Study) -> set[str]:
-    """Cells this worker need not start: complete, running, or failed in this run of the command."""
-    states = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.FAIL)
+    """Cells this worker need not start: complete, stopped by the pruner, running, or failed in this run
+    of the command."""
+    states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.FAIL)
     return {_cell_of(t) for t in study.get_trials(deepcopy=False, states=states)}
 
 
@@ -136,6 +139,7 @@ def queue_failed_cells(study: optuna.Study, keys: list[str]) -> list[str]:
         _cell_of(t)
         for t in trials
         if t.state in (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)
+        or (t.state == TrialState.PRUNED and "record" in t.user_attrs)  # stopped by the pruner: finished
     }
     newest_failure = {_cell_of(t): t for t in trials if t.state == TrialState.FAIL and _cell_of(t) in keys}
     queued = sorted(set(newest_failure) - busy)
@@ -180,11 +184,12 @@ def run_worker(
     cfg: Config,
     study: optuna.Study,
     grid: list[Cell],
-    run_cell: Callable[[Cell, Path], dict[str, Any]],
+    run_cell: Callable[[Cell, Path, optuna.Trial], dict[str, Any]],
 ) -> int:
     """Runs trials until no cell is left to start; returns how many this worker trained.
 
-    ``run_cell(cell, run_dir)`` trains one cell and returns its record (``selection``, ``report``, ...).
+    ``run_cell(cell, run_dir, trial)`` trains one cell and returns its record (``selection``, ``report``,
+    ...; ``pruned`` if the study's pruner stopped it, which the trial is then recorded as).
     """
     root = Path(cfg.train.output_dir)
     keys = [c.key for c in grid]
@@ -206,10 +211,12 @@ def run_worker(
         shutil.rmtree(run_dir, ignore_errors=True)  # a retried cell starts afresh
         log_event(root, event="start", cell=key, trial=trial.number)
         trial.set_user_attr("worker", WORKER)
-        record = run_cell(cell, run_dir)
+        record = run_cell(cell, run_dir, trial)
         trial.set_user_attr("record", record)
         log_event(root, event="end", cell=key, trial=trial.number)
         trained += 1
+        if record.get("pruned"):
+            raise optuna.TrialPruned(f"behind another rate at step {record['pruned']}")
         value = record["selection"]
         return value if value is not None and math.isfinite(value) else -math.inf
 
@@ -220,14 +227,18 @@ def run_worker(
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     # GridSampler stops a worker once every grid cell has been drawn; queued retries may still wait
     while work_left(study, keys):
+        before = trained
         study.optimize(objective, callbacks=[stop_when_done])
+        if trained == before:  # every cell it was handed was another worker's: nothing left for this one
+            break
     return trained
 
 
 def finished_records(study: optuna.Study) -> list[dict[str, Any]]:
-    """The record of each complete trial (one per cell: the newest if a cell finished twice)."""
+    """The record of each finished trial, complete or stopped by the pruner (one per cell: the newest if
+    a cell finished twice)."""
     records: dict[str, dict[str, Any]] = {}
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
         if "record" in t.user_attrs:
             records[_cell_of(t)] = {**t.user_attrs["record"], "trial": t.number}
     return list(records.values())

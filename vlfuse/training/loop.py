@@ -53,7 +53,9 @@ class StepOutcome:
 
 
 def train(
-    cfg: Config, on_end: Callable[[Accelerator, torch.nn.Module], None] | None = None
+    cfg: Config,
+    on_end: Callable[[Accelerator, torch.nn.Module], None] | None = None,
+    on_eval: Callable[[int, dict[str, dict[str, float]]], bool] | None = None,
 ) -> dict[str, dict]:
     """Trains ``cfg.model`` on ``cfg.data`` as ``cfg.train`` says; returns the last metrics per split.
 
@@ -61,19 +63,23 @@ def train(
         cfg: the whole config.
         on_end: called on every process with the accelerator and the prepared model after training
             (for inspection in tests and notebooks).
+        on_eval: called on every process after each evaluation during training with the step and the
+            metrics per split (the same on every process); returning True stops training there (early
+            stopping, a study's pruner), after which the run ends as usual (evaluation, ``final/``).
 
     Raises:
         TrainingError: more than ``data.max_bad_fraction`` of the examples are unusable, or
             ``train.max_bad_steps`` optimizer steps in a row had a NaN/inf loss or gradient.
     """
     run = set_up_run(cfg)
+    run.on_eval = on_eval
     state = restore_or_start_state(run)
     counts = start_trackers_and_print_plan(run)
     meter, window = Throughput(), LossWindow(run.accelerator.device)
     progress = Progress(run.total_steps, state.step, enabled=run.accelerator.is_local_main_process)
     run.model.train()
     run.data.start(state)
-    while state.step < run.total_steps:
+    while state.step < run.total_steps and not state.stop_requested:
         for batch in meter.batches(run.data.epoch_batches(state)):
             outcome = train_step(run, batch, meter)
             window.add(outcome.loss, outcome.loss_ok, outcome.examples, outcome.bad_rows)
@@ -88,10 +94,10 @@ def train(
             state.step += 1
             progress.update(1)
             log_evaluate_and_checkpoint_when_due(run, state, meter, window, progress)
-            if state.step >= run.total_steps:
+            if state.step >= run.total_steps or state.stop_requested:
                 break
         # A stream evaluates by steps only (and at the end): processes end their passes at different steps.
-        if not cfg.train.eval_every and not cfg.data.streaming:
+        if not cfg.train.eval_every and not cfg.data.streaming and not state.stop_requested:
             evaluate_during_training(run, state, meter)
         run.data.end_epoch(state)
     progress.close()
@@ -197,6 +203,9 @@ def evaluate_during_training(run: Run, state: TrainState, meter: Throughput) -> 
         if run.cfg.train.log_with:
             run.accelerator.log({f"{split}/{k}": v for k, v in metrics.items()}, step=state.step)
     meter.eval += time.perf_counter() - start
+    if run.on_eval is not None and run.on_eval(state.step, state.last_metrics):
+        state.stop_requested = True
+        run.accelerator.print(f"stopped at step {state.step}: asked by on_eval after its evaluation")
 
 
 def checkpoint(run: Run, state: TrainState) -> None:

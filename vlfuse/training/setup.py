@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -127,6 +128,7 @@ class Run:
     data: MapData | StreamData
     total_steps: int
     memory: PeakMemory
+    on_eval: Callable[[int, dict[str, dict[str, float]]], bool] | None = field(default=None, init=False)
     metrics_log: JsonlWriter = field(init=False)
     train_log: JsonlWriter = field(init=False)
 
@@ -145,6 +147,7 @@ class TrainState:
     consecutive_bad: int = 0  # optimizer steps in a row skipped for a NaN/inf loss or gradient
     last_loss: float = math.nan
     last_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    stop_requested: bool = False  # train()'s on_eval asked to stop after an evaluation
 
 
 def build_optimizer_and_scheduler(cfg: Config, model: VLFuseModel, total_steps: int):
