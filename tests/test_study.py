@@ -376,3 +376,57 @@ def test_on_eval_stops_a_real_run_after_its_evaluation(tmp_path):
     assert seen == [(2, ["validation"])] and "validation" in metrics
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["steps"] == 2 and (tmp_path / "final").is_dir()  # the run ends as usual, at step 2
+
+
+# ------------------------------------------------------------------------------------- launched trials
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_a_trial_can_run_in_two_processes_of_its_own(tmp_path, monkeypatch):
+    from test_recipes import ACCELERATE
+
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    config = ROOT / "recipes/configs/accelerate/cpu_2proc.yaml"
+    cfg = tiny_config(
+        *STUDY,
+        "study.modes=[none]",
+        "study.train_sizes=[16]",
+        "study.seeds=[0]",
+        f"study.launch={ACCELERATE} launch --config_file {config}",
+        f"train.output_dir={tmp_path / 'launched'}",
+        f"train.cache_dir={tmp_path / 'cache'}",
+    )
+    result = run_study(cfg)
+    assert result["complete"] and result["trials"] == 2  # two rates
+    records = json.loads((tmp_path / "launched" / "study.json").read_text())["records"]
+    for r in records:
+        summary = json.loads((Path(r["run_dir"]) / "summary.json").read_text())
+        assert summary["num_processes"] == 2
+        assert r["selection"] is not None and r["report"] is not None and r["error"] is None
+
+
+def test_a_launched_trial_that_fails_says_how(tmp_path):
+    from vlfuse.study import LaunchError
+
+    cfg = tiny_config(
+        *STUDY,
+        "study.modes=[none]",
+        "study.train_sizes=[16]",
+        "study.seeds=[0]",
+        f"study.launch={sys.executable} -c 'import sys; sys.exit(7)'",
+        f"train.output_dir={tmp_path}",
+    )
+    with pytest.raises(LaunchError, match="exit status 7"):
+        run_study(cfg)
+    study = optuna.load_study(study_name=tmp_path.name, storage=f"sqlite:///{tmp_path / 'study.db'}")
+    assert [t.state.name for t in study.trials] == ["FAIL"]  # queued again the next time the study runs
+
+
+def test_a_storage_password_is_never_printed_or_saved(tmp_path):
+    from vlfuse.study.engine import shown_url, storage_url
+    from vlfuse.study.grid import trial_config
+
+    cfg = tiny_config(*STUDY, "study.storage=postgresql://me:s3cret@db-host/studies")
+    assert storage_url(cfg).startswith("postgresql+psycopg://me:s3cret@")  # psycopg 3, as installed
+    assert shown_url(storage_url(cfg)) == "postgresql+psycopg://me:***@db-host/studies"
+    assert trial_config(cfg, cells(cfg)[0], tmp_path).study.storage is None  # a run's config.yaml

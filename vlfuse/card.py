@@ -149,7 +149,7 @@ def render(model: dict[str, Any], parameters: dict[str, dict[str, int]], run: di
         model: the model config section (as saved in ``vlfuse_config.json``).
         parameters: trainable / frozen counts per part (``VLFuseModel.parameter_counts``).
         run: for a trained model, ``{"config": the resolved config, "summary": summary.json's content}``
-            and optionally ``"comparison"`` (``comparison.json``'s content).
+            and optionally ``"comparison"`` (``comparison.json``'s content) or ``"study"`` (``study.json``'s).
     """
     header = card_data(model, run).to_yaml().strip()
     lines = ["---", header, "---", "", f"# vlfuse {model['task']} model", ""]

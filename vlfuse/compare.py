@@ -73,14 +73,16 @@ def run_comparison(cfg: Config) -> dict[str, Any]:
 
 def add_comparison_to_card(final: Path, comparison: dict[str, Any]) -> None:
     """Rewrites a compared run's model card (``final/README.md``) with the comparison table."""
+    rewrite_card(final, comparison=comparison)
+
+
+def rewrite_card(final: Path, **extra: Any) -> None:
+    """Rewrites a run's model card (``final/README.md``) from its saved files, with ``extra`` sections
+    (``comparison``, ``study``: see ``vlfuse.card.render``)."""
     run_dir = final.parent
     meta = json.loads((final / CONFIG_NAME).read_text())
     summary = json.loads((run_dir / "summary.json").read_text())
-    run = {
-        "config": yaml.safe_load((run_dir / "config.yaml").read_text()),
-        "summary": summary,
-        "comparison": comparison,
-    }
+    run = {"config": yaml.safe_load((run_dir / "config.yaml").read_text()), "summary": summary, **extra}
     write_card(final, meta["model"], summary["parameters"], run)
 
 

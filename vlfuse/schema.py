@@ -302,6 +302,10 @@ class StudyConfig:
     storage: str | None = None
     # The study's name in the storage; null = the name of train.output_dir's folder.
     name: str | None = None
+    # Run each trial in processes of its own through this command, e.g. "accelerate launch --config_file
+    # recipes/configs/accelerate/multi_gpu.yaml" (it gets "-m vlfuse.study.trial <run config>"); null = in
+    # this process.
+    launch: str | None = None
     # Keep every trial's trained model (final/); otherwise only the recommended runs keep theirs.
     keep_models: bool = False
     # Frozen towers' features are computed once and shared by every trial that freezes them.

@@ -21,13 +21,14 @@ from accelerate.state import PartialState
 
 from vlfuse.data.feature_cache import folder_size
 from vlfuse.schema import Config, ConfigError, to_dict
-from vlfuse.study.engine import StudyError, finished_records, open_study, run_worker, storage_url
+from vlfuse.study.engine import StudyError, finished_records, open_study, run_worker, shown_url, storage_url
 from vlfuse.study.grid import Cell, cells, report_split, selection_split, study_metric, trial_config
 from vlfuse.study.report import write_report
 from vlfuse.study.stats import summarize
+from vlfuse.study.trial import LaunchError, launch
 from vlfuse.training import TrainingError, train
 
-__all__ = ["StudyError", "run_study"]
+__all__ = ["LaunchError", "StudyError", "run_study"]
 
 
 def run_study(cfg: Config) -> dict[str, Any]:
@@ -47,6 +48,11 @@ def run_study(cfg: Config) -> dict[str, Any]:
             "worker (workers on one study.storage split the grid)"
         )
     report_split(cfg)  # refuses a report split that would choose rates, before anything trains
+    if cfg.study.launch and cfg.study.prune:
+        raise ConfigError(
+            "study.prune=true needs the trials' evaluations in this process; with study.launch each trial "
+            "runs in processes of its own: turn one off"
+        )
     grid = cells(cfg)
     root = Path(cfg.train.output_dir)
     study = open_study(cfg, grid)
@@ -57,8 +63,8 @@ def run_study(cfg: Config) -> dict[str, Any]:
     )
     records = finished_records(study)
     print(
-        f"study {study.study_name!r} ({storage_url(cfg)}): this worker trained {trained} trial(s) in "
-        f"{time.perf_counter() - start:.0f} s; {len(records)} of {len(grid)} cells finished"
+        f"study {study.study_name!r} ({shown_url(storage_url(cfg))}): this worker trained {trained} "
+        f"trial(s) in {time.perf_counter() - start:.0f} s; {len(records)} of {len(grid)} cells finished"
     )
     result = {
         "task": cfg.model.task,
@@ -69,7 +75,7 @@ def run_study(cfg: Config) -> dict[str, Any]:
         "cells": [c.key for c in grid],
         "trials": len(records),
         "complete": len(records) == len(grid),
-        "config": to_dict(cfg),
+        "config": {**to_dict(cfg), "study": {**to_dict(cfg.study), "storage": shown_url(storage_url(cfg))}},
         "summary": summarize(records, cfg.study.confidence),
     }
     if records:
@@ -102,10 +108,13 @@ def run_cell(cfg: Config, cell: Cell, run_dir: Path, first_seed: int, trial=None
             pruned = step
         return pruned is not None
 
-    try:
-        metrics = train(run_cfg, on_eval=on_eval)
-    except TrainingError as err:
-        metrics, error = {}, str(err)
+    if cfg.study.launch:
+        metrics, error = launch(cfg.study.launch, run_cfg, run_dir)
+    else:
+        try:
+            metrics = train(run_cfg, on_eval=on_eval)
+        except TrainingError as err:
+            metrics, error = {}, str(err)
     for split in (selection, report):
         if metrics and metric not in metrics.get(split, {}):
             available = sorted(k for k in metrics.get(split, {}) if k not in ("step", "epoch", "split"))

@@ -52,6 +52,16 @@ def storage_url(cfg: Config) -> str:
     return url
 
 
+def shown_url(url: str) -> str:
+    """A storage URL as it may be printed or saved: its password replaced by ``***``."""
+    import sqlalchemy.engine
+
+    try:
+        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL SQLAlchemy can read: say nothing of it
+        return "<storage>"
+
+
 def study_name(cfg: Config) -> str:
     return cfg.study.name or Path(cfg.train.output_dir).resolve().name
 
@@ -81,8 +91,9 @@ def open_study(cfg: Config, grid: list[Cell]) -> optuna.Study:
         study.set_user_attr("cells", keys)
     elif recorded != keys:
         raise StudyError(
-            f"the study {study.study_name!r} in {url} was started with another grid ({len(recorded)} cells; "
-            f"this config makes {len(keys)}): change study.name or train.output_dir to start another"
+            f"the study {study.study_name!r} in {shown_url(url)} was started with another grid "
+            f"({len(recorded)} cells; this config makes {len(keys)}): change study.name or "
+            "train.output_dir to start another"
         )
     return study
 

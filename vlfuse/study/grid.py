@@ -102,6 +102,7 @@ def trial_config(cfg: Config, cell: Cell, run_dir: Path) -> Config:
     run = mode_config(cfg, cell.mode)
     run = copy.deepcopy(run)
     run.train.output_dir = str(run_dir)
+    run.study.storage = None  # a run needs no storage (and its saved config must hold no password)
     run.train.seed = cell.seed
     run.train.resume_from = None
     run.train.checkpoint_every = None

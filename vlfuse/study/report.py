@@ -9,9 +9,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from vlfuse.card import write_card
+from vlfuse.compare import rewrite_card
 from vlfuse.hub import CONFIG_NAME
 
 COST_COLUMNS = {
@@ -88,6 +86,15 @@ def study_markdown(result: dict[str, Any]) -> str:
         "only: that split chose nothing.",
         f"{result['trials']} finished trials ({len(result['cells'])} cells); train sizes are "
         "nested (a smaller set is part of every larger one).",
+        *(
+            []
+            if result["complete"]
+            else [
+                "",
+                "**Partial**: some trials are still running on other workers, or failed; running the "
+                "command again finishes the study and rewrites this report.",
+            ]
+        ),
         "",
         *results_table(result),
         "",
@@ -173,14 +180,7 @@ def keep_recommended_models(
     for run_dir in keep:
         final = run_dir / "final"
         if (final / CONFIG_NAME).is_file():
-            meta = json.loads((final / CONFIG_NAME).read_text())
-            summary = json.loads((run_dir / "summary.json").read_text())
-            run = {
-                "config": yaml.safe_load((run_dir / "config.yaml").read_text()),
-                "summary": summary,
-                "study": result,
-            }
-            write_card(final, meta["model"], summary["parameters"], run)
+            rewrite_card(final, study=result)
             finals.append(final)
     return finals
 

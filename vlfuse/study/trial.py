@@ -1,0 +1,62 @@
+"""One study trial in processes of its own (``study.launch``): ``<launch> -m vlfuse.study.trial RUN.yaml``
+trains the run config the study wrote, e.g. under ``accelerate launch`` on several processes or GPUs.
+
+Exit status: 0 trained; 3 the run stopped on bad data or NaN losses (``TrainingError``: a result for the
+study, its message in ``error.txt`` beside the config); anything else is a failure (the trial is queued
+again the next time the study runs).
+"""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from vlfuse.schema import Config, to_yaml
+from vlfuse.training import TrainingError, train
+
+TRAINING_STOPPED = 3
+
+
+class LaunchError(RuntimeError):
+    """A launched trial's processes failed (not a training result)."""
+
+
+def launch(command: str, run_cfg: Config, run_dir: Path) -> tuple[dict[str, Any], str | None]:
+    """Runs ``run_cfg`` through ``command`` (e.g. ``accelerate launch --num_processes 2``); returns the last
+    metrics per split and the error of a run that stopped on bad data or NaN losses.
+
+    Raises:
+        LaunchError: the processes failed for another reason (the command and its exit status).
+    """
+    import json
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config = run_dir / "trial.yaml"
+    config.write_text(to_yaml(run_cfg))
+    cmd = [*shlex.split(command), "-m", "vlfuse.study.trial", str(config)]
+    code = subprocess.run(cmd).returncode
+    if code == TRAINING_STOPPED:
+        return {}, (run_dir / "error.txt").read_text()
+    if code != 0:
+        raise LaunchError(f"the trial's launch failed (exit status {code}): {shlex.join(cmd)}")
+    return json.loads((run_dir / "summary.json").read_text())["metrics"], None
+
+
+def main(argv: list[str]) -> int:
+    from vlfuse.config import load_config
+
+    path = Path(argv[0])
+    try:
+        train(load_config(path))
+    except TrainingError as err:
+        (path.parent / "error.txt").write_text(str(err))
+        print(f"error: {err}", file=sys.stderr)
+        return TRAINING_STOPPED
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
