@@ -44,7 +44,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
 
-    def train(cfg):
+    def train(cfg, on_eval=None):
         out = Path(cfg.train.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         cell = out.relative_to(Path(args.output_dir) / "trials").as_posix()

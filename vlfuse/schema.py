@@ -314,6 +314,7 @@ class StudyConfig:
     # (train.eval_every), is behind another rate's finished trial of the same mode, size and seed at that
     # step by more than prune_margin (an Optuna pruner); its rate is then never chosen.
     prune: bool = False
+    # How far behind (in the study's metric) a trial may be before study.prune stops it.
     prune_margin: float = field(default=0.05, metadata={"min": 0})
     # Confidence level of the intervals and of the test that tells modes apart (paired t-test over seeds).
     confidence: float = field(default=0.95, metadata={"min": 0.5})

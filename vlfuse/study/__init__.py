@@ -94,7 +94,7 @@ def run_cell(cfg: Config, cell: Cell, run_dir: Path, first_seed: int, trial=None
     the recommended models, pruned by the report).
     """
     run_cfg = trial_config(cfg, cell, run_dir)
-    metric, selection, report = study_metric(cfg), selection_split(cfg), report_split(cfg)
+    metric, selection = study_metric(cfg), selection_split(cfg)
     print(f"study trial {cell.key} -> {run_dir}", flush=True)
     error, pruned = None, None
 
@@ -115,6 +115,22 @@ def run_cell(cfg: Config, cell: Cell, run_dir: Path, first_seed: int, trial=None
             metrics = train(run_cfg, on_eval=on_eval)
         except TrainingError as err:
             metrics, error = {}, str(err)
+    record = trial_record(cfg, cell, run_dir, metrics, error, pruned)
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # a trial is never resumed
+    if not cfg.study.keep_models and cell.seed != first_seed:
+        shutil.rmtree(run_dir / "final", ignore_errors=True)
+    return record
+
+
+def trial_record(
+    cfg: Config, cell: Cell, run_dir: Path, metrics: dict, error: str | None, pruned: int | None
+) -> dict[str, Any]:
+    """What the report keeps of a trial: its cell, its metrics on both splits, its costs.
+
+    Raises:
+        ConfigError: ``study.metric`` is not one of the task's metrics (naming the ones there are).
+    """
+    metric, selection, report = study_metric(cfg), selection_split(cfg), report_split(cfg)
     for split in (selection, report):
         if metrics and metric not in metrics.get(split, {}):
             available = sorted(k for k in metrics.get(split, {}) if k not in ("step", "epoch", "split"))
@@ -124,7 +140,14 @@ def run_cell(cfg: Config, cell: Cell, run_dir: Path, first_seed: int, trial=None
     summary_file = run_dir / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     final = run_dir / "final"
-    record = {
+    cost = {
+        "trainable": summary.get("trainable_parameters"),
+        "wall_time_s": summary.get("wall_time_s"),
+        "train_samples_per_s": summary.get("train_samples_per_s"),
+        "peak_memory_mb": summary.get("peak_memory_mb"),
+        "final_bytes": folder_size(final) if final.is_dir() else None,
+    }
+    return {
         "cell": cell.key,
         "mode": cell.mode,
         "size": cell.size,
@@ -136,17 +159,6 @@ def run_cell(cfg: Config, cell: Cell, run_dir: Path, first_seed: int, trial=None
         "report": metrics.get(report, {}).get(metric),
         "report_metrics": metrics.get(report, {}),
         "error": error,
-        "cost": {
-            "trainable": summary.get("trainable_parameters"),
-            "wall_time_s": summary.get("wall_time_s"),
-            "train_samples_per_s": summary.get("train_samples_per_s"),
-            "peak_memory_mb": summary.get("peak_memory_mb"),
-            "final_bytes": folder_size(final) if final.is_dir() else None,
-        },
+        "cost": {k: v for k, v in cost.items() if v is not None},
         "run_dir": str(run_dir),
     }
-    record["cost"] = {k: v for k, v in record["cost"].items() if v is not None}
-    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # a trial is never resumed
-    if not cfg.study.keep_models and cell.seed != first_seed:
-        shutil.rmtree(final, ignore_errors=True)
-    return record

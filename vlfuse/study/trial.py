@@ -8,12 +8,14 @@ again the next time the study runs).
 
 from __future__ import annotations
 
+import json
 import shlex
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+from vlfuse.config import load_config
 from vlfuse.schema import Config, to_yaml
 from vlfuse.training import TrainingError, train
 
@@ -31,8 +33,6 @@ def launch(command: str, run_cfg: Config, run_dir: Path) -> tuple[dict[str, Any]
     Raises:
         LaunchError: the processes failed for another reason (the command and its exit status).
     """
-    import json
-
     run_dir.mkdir(parents=True, exist_ok=True)
     config = run_dir / "trial.yaml"
     config.write_text(to_yaml(run_cfg))
@@ -46,8 +46,6 @@ def launch(command: str, run_cfg: Config, run_dir: Path) -> tuple[dict[str, Any]
 
 
 def main(argv: list[str]) -> int:
-    from vlfuse.config import load_config
-
     path = Path(argv[0])
     try:
         train(load_config(path))
