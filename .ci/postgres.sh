@@ -12,10 +12,12 @@ if [ -z "$initdb" ]; then
 fi
 bin=$(dirname "$(readlink -f "$initdb")")
 as_server() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+mkdir -p "$dir"
+dir=$(cd "$dir" && pwd)
+cd "$dir"  # the server's user may not enter the caller's working directory
 case $cmd in
   start)
     port=$3
-    mkdir -p "$dir"
     if [ "$(id -u)" = 0 ]; then chown postgres "$dir"; fi
     as_server "$bin/initdb" -D "$dir/data" -A trust -U postgres --no-sync >"$dir/initdb.log"
     as_server "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w \
