@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,8 +98,7 @@ def study_metric(cfg: Config) -> str:
 def trial_config(cfg: Config, cell: Cell, run_dir: Path) -> Config:
     """The run config of ``cell``: the mode's settings, the nested train subset, the seed and the rate; it
     evaluates the selection split and the report split only, at the end."""
-    run = mode_config(cfg, cell.mode)
-    run = copy.deepcopy(run)
+    run = mode_config(cfg, cell.mode)  # a copy
     run.train.output_dir = str(run_dir)
     run.study.storage = None  # a run needs no storage (and its saved config must hold no password)
     run.train.seed = cell.seed
