@@ -143,10 +143,22 @@ def plot_comparison(result: dict[str, Any], path: Path) -> None:
     for r in result["runs"]:
         curve = r["curve"]
         ax.plot([p["time_s"] for p in curve], [p[metric] for p in curve], marker="o", label=r["mode"])
-    ax.set_xlabel("wall time (s)")
-    ax.set_ylabel(f"{metric} ({result['split']})")
-    ax.set_title(f"{result['task']}: trainable_encoders compared")
+    label_and_save(
+        fig,
+        ax,
+        path,
+        ("wall time (s)", f"{metric} ({result['split']})"),
+        f"{result['task']}: trainable_encoders compared",
+        "trainable_encoders",
+    )
+
+
+def label_and_save(fig, ax, path: Path, labels: tuple[str, str], title: str, legend: str) -> None:
+    """Axis labels (x, y), title, a light grid and the legend of a one-plot figure; then saves it."""
+    ax.set_xlabel(labels[0])
+    ax.set_ylabel(labels[1])
+    ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(title="trainable_encoders")
+    ax.legend(title=legend)
     fig.tight_layout()
     fig.savefig(path)

@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from vlfuse.compare import rewrite_card
+from vlfuse.compare import label_and_save, rewrite_card
 from vlfuse.hub import CONFIG_NAME
 
 COST_COLUMNS = {
@@ -123,14 +123,15 @@ def plot_study(result: dict[str, Any], folder: Path) -> list[Path]:
         ax.plot(x, [r["mean"] for r in mine], marker="o", label=mode)
         ax.fill_between(x, [r["low"] for r in mine], [r["high"] for r in mine], alpha=0.2)
     ax.set_xscale("log")
-    ax.set_xlabel("train rows")
-    ax.set_ylabel(f"{result['metric']} ({result['report_split']})")
-    ax.set_title(f"{result['task']}: mean over seeds, {result['confidence']:.0%} CI band")
-    ax.grid(alpha=0.3)
-    ax.legend(title="mode")
-    fig.tight_layout()
     curves = folder / "study_curves.png"
-    fig.savefig(curves)
+    label_and_save(
+        fig,
+        ax,
+        curves,
+        ("train rows", f"{result['metric']} ({result['report_split']})"),
+        f"{result['task']}: mean over seeds, {result['confidence']:.0%} CI band",
+        "mode",
+    )
 
     largest = max(r["size"] for r in rows)
     at_largest = {r["mode"]: r for r in rows if r["size"] == largest}
