@@ -15,9 +15,11 @@ cost, not their accuracy, is measured; ``--image-encoder`` picks another); the t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -91,11 +93,21 @@ def by_row(dataset, i, pixel_values):
     return ("row", dataset.index[i][0])
 
 
-def build(cfg, root: Path, keyed_by_row: bool) -> dict[str, dict]:
-    real_key = cache_build.image_content_key
+@contextlib.contextmanager
+def keys(keyed_by_row: bool):
+    """With ``keyed_by_row``, the cache as it was before content keys: every row decoded, preprocessed and
+    run through the tower (one entry per row)."""
+    real = cache_build.image_content_key, cache_build.encoded_image_key
     if keyed_by_row:
-        cache_build.image_content_key = by_row
+        cache_build.image_content_key, cache_build.encoded_image_key = by_row, lambda *_: None
     try:
+        yield
+    finally:
+        cache_build.image_content_key, cache_build.encoded_image_key = real
+
+
+def build(cfg, root: Path, keyed_by_row: bool) -> dict[str, dict]:
+    with keys(keyed_by_row):
         task = get_task(cfg.model.task)
         AcceleratorState._reset_state(True)
         task.prepare(cfg, Accelerator(cpu=True))
@@ -103,8 +115,6 @@ def build(cfg, root: Path, keyed_by_row: bool) -> dict[str, dict]:
         dataset = task.build_dataset(cfg, model, "train", train=True)
         cached = cached_dataset(model, dataset, "train", root, "float32", 32, Accelerator(cpu=True))
         return cached.cache_stats
-    finally:
-        cache_build.image_content_key = real_key
 
 
 def main() -> None:
@@ -112,14 +122,25 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=150)
     parser.add_argument("--questions-per-image", type=int, default=4)
     parser.add_argument("--image-size", type=int, default=160)
+    parser.add_argument("--repeats", type=int, default=3, help="builds of each cache (median time)")
     parser.add_argument("--image-encoder", default="resnet18", help="a timm model name (random weights)")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="vlfuse-cache-bench-"))
     try:
         folder = write_split(tmp, args.images, args.questions_per_image)
         cfg = config(folder, args.image_size, args.image_encoder)
-        content = build(cfg, tmp / "content", keyed_by_row=False)
-        per_row = build(cfg, tmp / "per_row", keyed_by_row=True)
+        times: dict[str, list[float]] = {"content": [], "row": []}
+        for r in range(args.repeats):  # alternating, so that neither build always runs first (warm-up)
+            for name in ("content", "row") if r % 2 == 0 else ("row", "content"):
+                stats = build(cfg, tmp / f"{name}_{r}", keyed_by_row=name == "row")
+                times[name].append(stats["image"]["build_time_s"])
+                if name == "content":
+                    content = stats
+                else:
+                    per_row = stats
+        for stats, name in ((content, "content"), (per_row, "row")):
+            stats["image"]["build_time_s"] = statistics.median(times[name])
+        print(f"image build times (s), {args.repeats} alternating repeats: {times}")
         k = args.questions_per_image
         shape = f"{args.images} images x {k} questions, {args.image_encoder} at {args.image_size} px"
         print(f"{shape}, frozen towers")
@@ -137,9 +158,7 @@ def main() -> None:
         )
         metrics = {}
         for name, keyed_by_row in (("content", False), ("row", True)):
-            real_key = cache_build.image_content_key
-            cache_build.image_content_key = by_row if keyed_by_row else real_key
-            try:
+            with keys(keyed_by_row):
                 AcceleratorState._reset_state(True)
                 start = time.perf_counter()
                 run = config(
@@ -155,8 +174,6 @@ def main() -> None:
                 metrics[name] = train(run)["validation"]
                 seconds = time.perf_counter() - start
                 print(f"run on the cache keyed by {name}: {seconds:.1f} s, {metrics[name]}")
-            finally:
-                cache_build.image_content_key = real_key
         same = all(metrics["content"][m] == metrics["row"][m] for m in ("accuracy", "majority_baseline"))
         print(f"metrics identical: {same}")
     finally:

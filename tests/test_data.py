@@ -134,3 +134,26 @@ def test_real_layouts_train_by_config_alone(layout, jxu, lmms, tmp_path):
     for values in metrics.values():
         assert 0.0 <= values["miou"] <= 1.0 and values["count"] > 0
     assert (tmp_path / "final" / "model.safetensors").is_file()
+
+
+def test_a_photos_exif_orientation_is_applied_as_datasets_applies_it(tmp_path):
+    """An image read from a file path or encoded bytes (streamed splits, path columns, the feature cache's
+    build) is the image datasets' own decoding gives: EXIF orientation applied."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    image = Image.new("RGB", (40, 20), (200, 30, 30))
+    image.paste((30, 30, 200), (0, 0, 10, 20))  # a blue left edge
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    path = tmp_path / "rotated.jpg"
+    image.save(path, exif=exif, quality=95)
+    decoded_by_datasets = datasets.Image().decode_example({"path": str(path), "bytes": None})
+    for value in (str(path), {"bytes": path.read_bytes(), "path": None}, path.read_bytes()):
+        ours = load_image(value, None)
+        assert ours.size == (20, 40)
+        assert np.array_equal(np.asarray(ours), np.asarray(decoded_by_datasets.convert("RGB")))
+    with Image.open(io.BytesIO(path.read_bytes())) as plain:
+        assert plain.size == (40, 20)  # the file itself is stored unrotated

@@ -431,15 +431,29 @@ def _repeated_image_split(root, copies: int = 4, images: int = 5):
     return folder
 
 
-def test_each_distinct_input_is_one_entry_and_every_row_reads_its_own_features(tmp_path):
+def _counting_decodes(monkeypatch) -> list:
+    """Patches the cache build's image decoding to record what it decodes (the same decoding runs)."""
+    import vlfuse.data.cache_build as cache_build
+
+    decoded, real = [], cache_build.load_image
+    monkeypatch.setattr(cache_build, "load_image", lambda v, root: decoded.append(v) or real(v, root))
+    return decoded
+
+
+def test_each_distinct_input_is_one_entry_and_every_row_reads_its_own_features(tmp_path, monkeypatch):
     folder = _repeated_image_split(tmp_path)
     cfg = tiny_config(f"data.dataset={folder}", "model.fusion.name=dense", "model.trainable_encoders=none")
     model = VLFuseModel(cfg.model).eval()
     live = GroundingTask().build_dataset(cfg, model, "validation", train=False)
     assert len(live) == 21
+    decoded = _counting_decodes(monkeypatch)
     cached = cached_dataset(
         model, live, "validation", tmp_path / "cache", "float32", 8, Accelerator(cpu=True)
     )
+    assert len(decoded) == 6  # each distinct encoded image decoded once, not once per row
+    for i in range(21):  # labels of rows whose image was not decoded again equal the live ones
+        for name in ("box", "original_box", "meta"):
+            torch.testing.assert_close(getattr(cached[i], name), getattr(live[i], name), atol=0, rtol=0)
     image_stats, text_stats = cached.cache_stats["image"], cached.cache_stats["text"]
     # 5 images x 4 rows, plus one image with one pixel changed: 6 entries for 21 examples
     assert (image_stats["entries"], image_stats["examples"]) == (6, 21)
@@ -486,3 +500,36 @@ def test_the_run_reports_the_cache_entries_and_reads_the_same_metrics_as_without
     entries = sorted((s["entries"], s["examples"]) for s in summary["feature_cache"].values())
     # image and text folders of both splits: 6 images and 12 texts for 21 examples each
     assert entries == [(6, 21), (6, 21), (12, 21), (12, 21)]
+
+
+def test_rows_naming_the_same_image_file_decode_it_once(tmp_path, monkeypatch):
+    """The image-path layout (a folder of files, rows naming them): a file named by several rows is read
+    once, a copy of it under another name is read again but shares its entry (equal pixels)."""
+    import datasets
+    from PIL import Image
+
+    (tmp_path / "images").mkdir()
+    for k in range(3):
+        Image.new("RGB", (40, 32), (60 * k, 90, 30)).save(tmp_path / "images" / f"{k}.png")
+    Image.open(tmp_path / "images" / "0.png").save(tmp_path / "images" / "copy.png")
+    names = ["0.png", "1.png", "0.png", "2.png", "1.png", "copy.png", "0.png"]
+    rows = {"image": names, "text": [f"thing {i}" for i in range(7)], "box": [[2.0, 3.0, 20.0, 30.0]] * 7}
+    folder = tmp_path / "paths"
+    (folder / "data").mkdir(parents=True)
+    for split in ("train", "validation"):
+        datasets.Dataset.from_dict(rows).to_parquet(str(folder / "data" / f"{split}-0.parquet"))
+    cfg = tiny_config(
+        f"data.dataset={folder}", f"data.image_root={tmp_path / 'images'}", "model.trainable_encoders=none"
+    )
+    model = VLFuseModel(cfg.model).eval()
+    live = GroundingTask().build_dataset(cfg, model, "validation", train=False)
+    decoded = _counting_decodes(monkeypatch)
+    cached = cached_dataset(
+        model, live, "validation", tmp_path / "cache", "float32", 4, Accelerator(cpu=True)
+    )
+    assert sorted(decoded) == ["0.png", "1.png", "2.png", "copy.png"]
+    assert cached.cache_stats["image"]["entries"] == 3  # copy.png has 0.png's pixels
+    rows = np.load(cached.folders["image"] / "image_row.npy")
+    assert rows[0] == rows[2] == rows[5] == rows[6] and len(set(rows.tolist())) == 3
+    for i in range(7):
+        torch.testing.assert_close(cached[i].box, live[i].box, atol=0, rtol=0)

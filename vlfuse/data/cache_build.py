@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from vlfuse.data.examples import BadExample, ImageTextDataset
+from vlfuse.data.examples import BadExample, ImageTextDataset, KnownImage
+from vlfuse.data.loading import DataError, load_image
 
 # Example fields that are not labels: the image (replaced by its cached features) and the text.
 _INPUT_FIELDS = ("pixel_values", "text", "features")
@@ -58,6 +59,67 @@ def image_content_key(dataset: ImageTextDataset, i: int, pixel_values: torch.Ten
     return hashlib.blake2b(pixels.numpy().tobytes(), digest_size=16).digest()
 
 
+def encoded_image_key(dataset: ImageTextDataset, i: int, cell: Any) -> Any:
+    """What identifies example ``i``'s image before it is decoded: the dataset's own image id
+    (``data.columns.image_id``), else a hash of the encoded bytes, else the image file's path; None when
+    the cell holds none of these (it is decoded every time). Equal keys mean equal pixels."""
+    if "image_id" in dataset.cfg.columns:
+        return ("id", dataset.image_ids[i])
+    if isinstance(cell, dict):
+        if cell.get("bytes"):
+            cell = cell["bytes"]
+        else:
+            cell = cell.get("path")
+    if isinstance(cell, bytes | bytearray):
+        return hashlib.blake2b(cell, digest_size=16).digest()
+    if isinstance(cell, str) and cell:
+        return ("path", str(Path(dataset.cfg.image_root or "").expanduser() / Path(cell).expanduser()))
+    return None
+
+
+class ImageReader:
+    """Reads a split's examples for the image tower's cache, decoding each distinct encoded image once.
+
+    An image met before (the same bytes, file or ``data.columns.image_id``) is neither decoded nor
+    preprocessed again: its example is made from its size alone (``KnownImage``: the labels, no pixels)
+    and points at the entry already computed. A new one is decoded, preprocessed and keyed by its pixels
+    (``image_content_key``), so that different files with equal pixels still share an entry.
+    """
+
+    def __init__(self, dataset: ImageTextDataset) -> None:
+        self.dataset = dataset
+        self.raw = dataset.undecoded()
+        self.column = dataset.columns["image"]
+        self.known: dict[Any, tuple[int, tuple[int, int]]] = {}  # encoded key -> (entry, image size)
+        self.entries: dict[Any, int] = {}  # content key -> entry
+
+    def read(self, i: int) -> tuple[Any, int | None, bool]:
+        """Example ``i``, its entry (None for a bad example) and whether the entry is new."""
+        row_idx = self.dataset.index[i][0]
+        try:
+            row = self.raw[row_idx]
+        except Exception as err:  # a row datasets cannot read
+            return self.dataset.bad("bad_image", f"row {row_idx}: {err}"), None, False
+        key = encoded_image_key(self.dataset, i, row[self.column])
+        if key is not None and key in self.known:
+            entry, size = self.known[key]
+            row[self.column] = KnownImage(size)
+            return self.dataset.example_from(i, row), entry, False
+        try:
+            row[self.column] = image = load_image(row[self.column], self.dataset.cfg.image_root)
+        except DataError:
+            image = None  # the example says what is wrong (or stops on a configuration error)
+        ex = self.dataset.example_from(i, row)
+        if isinstance(ex, BadExample) or image is None:
+            return ex, None, False
+        content = image_content_key(self.dataset, i, ex.pixel_values)
+        new = content not in self.entries
+        entry = self.entries.setdefault(content, len(self.entries))
+        if key is not None:
+            self.known[key] = (entry, image.size)
+        return ex, entry, new
+
+
 def _open_features(folder: Path, name: str, rows: int, shape: tuple[int, ...], np_dtype, memmap: bool):
     if memmap:  # token features can be large: written to disk as they come
         return np.lib.format.open_memmap(folder / f"{name}.npy", "w+", np_dtype, (rows, *shape))
@@ -85,6 +147,19 @@ def _keep_entries(arrays: dict[str, np.ndarray], names: tuple[str, ...], count: 
             arrays[name] = array[:count]
 
 
+def _run_image_tower(model, todo: list[tuple[int, Any]], arrays: dict, np_dtype, device) -> None:
+    """Runs the image tower on ``todo``'s (entry, example) pairs and stores their features."""
+    if not todo:
+        return
+    pixels = torch.stack([ex.pixel_values for _, ex in todo]).to(device)
+    out = model.image_encoder(pixels, with_pooled=model.fusion.uses_image_pooled)
+    slots = [slot for slot, _ in todo]
+    if "image_tokens" in arrays:
+        arrays["image_tokens"][slots] = out.tokens.float().cpu().numpy().astype(np_dtype)
+    if "image_pooled" in arrays:
+        arrays["image_pooled"][slots] = out.pooled.float().cpu().numpy().astype(np_dtype)
+
+
 @torch.no_grad()
 def compute_image(model, dataset: ImageTextDataset, folder: Path, dtype: str, batch_size: int, device):
     """Runs the frozen image tower once per distinct image (``image_content_key``), and stores the
@@ -106,32 +181,26 @@ def compute_image(model, dataset: ImageTextDataset, folder: Path, dtype: str, ba
         arrays["image_pooled"] = _open_features(
             folder, "image_pooled", most, (enc.pooled_dim,), np_dtype, False
         )
-    entries: dict[Any, int] = {}
+    reader = ImageReader(dataset)
+    todo: list[tuple[int, Any]] = []  # (entry, example) of images not run yet: full tower batches
     for idx in _batches(n, batch_size, f"caching frozen image features ({folder.name[:24]})"):
-        todo = []  # the batch's images not seen before: one tower run per distinct image
         for i in idx:
-            ex = dataset[i]
-            if isinstance(ex, BadExample):
+            ex, entry, new = reader.read(i)
+            if entry is None:
                 continue
             for name in labels:
                 arrays[name][i] = torch.as_tensor(getattr(ex, name)).numpy()
             arrays["valid"][i] = True
-            key = image_content_key(dataset, i, ex.pixel_values)
-            if key not in entries:
-                entries[key] = len(entries)
-                todo.append((entries[key], ex))
-            arrays["image_row"][i] = entries[key]
-        if todo:
-            pixels = torch.stack([ex.pixel_values for _, ex in todo]).to(device)
-            out = enc(pixels, with_pooled=model.fusion.uses_image_pooled)
-            slots = [slot for slot, _ in todo]
-            if "image_tokens" in arrays:
-                arrays["image_tokens"][slots] = out.tokens.float().cpu().numpy().astype(np_dtype)
-            if "image_pooled" in arrays:
-                arrays["image_pooled"][slots] = out.pooled.float().cpu().numpy().astype(np_dtype)
-    _keep_entries(arrays, FEATURES["image"], max(1, len(entries)), folder)
+            arrays["image_row"][i] = entry
+            if new:
+                todo.append((entry, ex))
+        if len(todo) >= batch_size or idx[-1] == n - 1:
+            _run_image_tower(model, todo, arrays, np_dtype, device)
+            todo = []
+    count = len(reader.entries)
+    _keep_entries(arrays, FEATURES["image"], max(1, count), folder)
     _save(arrays, folder)
-    return {"entries": len(entries), "examples": n}
+    return {"entries": count, "examples": n}
 
 
 @torch.no_grad()

@@ -20,7 +20,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from vlfuse.data.loading import DataError, check_columns, load_image
-from vlfuse.data.transforms import letterbox, to_tensor
+from vlfuse.data.transforms import letterbox, letterbox_geometry, to_tensor
 from vlfuse.schema import DataConfig
 
 
@@ -54,6 +54,15 @@ class Source:
     image_id: int
     flip: bool = False
     index: int | None = None
+
+
+@dataclass(frozen=True)
+class KnownImage:
+    """An image whose pixels a feature-cache build has already run through the tower: it stands in a
+    row's image cell so that the example's labels (which may depend on the image's size) are made
+    without decoding it again; such an example's ``pixel_values`` is None."""
+
+    size: tuple[int, int]
 
 
 @dataclass
@@ -211,17 +220,34 @@ class ImageTextDataset(Dataset):
             row = self.ds[row_idx]
         except Exception as err:  # an undecodable embedded image fails inside datasets' decoding
             return self.bad("bad_image", f"row {row_idx}: {err}")
-        flip = self.flips(i)
-        return self.example(Source(row, self.texts[i], f"row {row_idx}", self.image_ids[i], flip, i))
+        return self.example_from(i, row)
 
-    def read_image(self, source: Source) -> Image.Image | BadExample:
-        """The RGB image of ``source``'s row, or a ``BadExample`` for an undecodable or missing image.
+    def example_from(self, i: int, row: dict[str, Any]) -> Any:
+        """Example ``i`` made from its row's cells ``row`` (as read from ``ds`` or ``undecoded()``)."""
+        row_idx = self.index[i][0]
+        return self.example(Source(row, self.texts[i], f"row {row_idx}", self.image_ids[i], self.flips(i), i))
+
+    def undecoded(self) -> datasets.Dataset:
+        """The split with its image column left encoded (``{bytes, path}``), for readers that decode an
+        image once for several rows (the feature cache's build)."""
+        column = self.columns["image"]
+        feature = self.ds.features.get(column)
+        if isinstance(feature, datasets.Image) and feature.decode:
+            return self.ds.cast_column(column, datasets.Image(decode=False))
+        return self.ds
+
+    def read_image(self, source: Source) -> Image.Image | KnownImage | BadExample:
+        """The RGB image of ``source``'s row, or a ``BadExample`` for an undecodable or missing image
+        (a ``KnownImage`` cell is returned as it is).
 
         Raises:
             DataError: a relative image path with no ``data.image_root`` (a config problem, not a bad row).
         """
+        cell = source.row[self.columns["image"]]
+        if isinstance(cell, KnownImage):
+            return cell
         try:
-            return load_image(source.row[self.columns["image"]], self.cfg.image_root)
+            return load_image(cell, self.cfg.image_root)
         except DataError as err:
             if "not found" in str(err) and self.cfg.image_root is None:
                 raise  # a configuration problem, not a bad row: stop with the hint
@@ -236,9 +262,13 @@ class ImageTextDataset(Dataset):
         return random.Random(f"{self.seed}-{epoch}-{key}").random() < self.cfg.hflip_prob
 
     def pixels(
-        self, image: Image.Image, box: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """Letterboxed, normalized pixels ``[3, S, S]``, the moved box (if any) and the letterbox meta."""
+        self, image: Image.Image | KnownImage, box: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+        """Letterboxed, normalized pixels ``[3, S, S]``, the moved box (if any) and the letterbox meta
+        (for a ``KnownImage``: no pixels, the same box and meta)."""
+        if isinstance(image, KnownImage):
+            _, target, meta = letterbox_geometry(*image.size, self.image_size, box)
+            return None, target, meta
         square, target, meta = letterbox(image, self.image_size, box, self.interpolation)
         return to_tensor(square, self.mean, self.std), target, meta
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 
 from vlfuse.data import shapes
 from vlfuse.schema import DataConfig
@@ -231,6 +231,9 @@ def load_image(value: Any, image_root: str | None) -> Image.Image:
 def _open(source: Any, what: str) -> Image.Image:
     try:
         with Image.open(source) as im:
+            # As datasets' own decoding does: a photo's EXIF orientation is applied.
+            if im.getexif().get(ExifTags.Base.Orientation) is not None:
+                return ImageOps.exif_transpose(im).convert("RGB")
             return im.convert("RGB")
     except Exception as err:  # PIL raises several types for damaged data
         raise DataError(f"cannot decode {what}: {err}") from err

@@ -45,6 +45,27 @@ def swap_left_right(text: str) -> str:
     return _LR_PATTERN.sub(repl, text)
 
 
+def letterbox_geometry(
+    width: int, height: int, size: int, box_xyxy: torch.Tensor | None = None
+) -> tuple[tuple[int, int, int, int], torch.Tensor | None, torch.Tensor]:
+    """Where ``letterbox`` puts a ``width x height`` image in its square, without touching pixels.
+
+    Returns:
+        ``(new_w, new_h, pad_x, pad_y)``, the box normalized ``cxcywh`` in the square (or None), and the
+        meta vector (scale_x, scale_y, pad_x, pad_y, size, width, height) that ``boxes_to_pixels`` inverts.
+    """
+    scale = size / max(width, height)
+    new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
+    pad_x, pad_y = (size - new_w) // 2, (size - new_h) // 2
+    sx, sy = new_w / width, new_h / height
+    meta = torch.tensor([sx, sy, pad_x, pad_y, size, width, height], dtype=torch.float32)
+    if box_xyxy is None:
+        return (new_w, new_h, pad_x, pad_y), None, meta
+    b = box_xyxy.float()
+    moved = torch.stack([b[0] * sx + pad_x, b[1] * sy + pad_y, b[2] * sx + pad_x, b[3] * sy + pad_y]) / size
+    return (new_w, new_h, pad_x, pad_y), convert_boxes(moved, "xyxy", "cxcywh"), meta
+
+
 def letterbox(
     image: Image.Image, size: int, box_xyxy: torch.Tensor | None = None, interpolation: str = "bilinear"
 ) -> tuple[Image.Image, torch.Tensor | None, torch.Tensor]:
@@ -60,20 +81,11 @@ def letterbox(
         The square image, the box normalized ``cxcywh`` in it (or None), and the meta vector
         (scale_x, scale_y, pad_x, pad_y, size, width, height) that ``boxes_to_pixels`` inverts.
     """
-    w, h = image.size
-    scale = size / max(w, h)
-    new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
-    pad_x, pad_y = (size - new_w) // 2, (size - new_h) // 2
+    (new_w, new_h, pad_x, pad_y), target, meta = letterbox_geometry(*image.size, size, box_xyxy)
     resized = image.resize((new_w, new_h), _RESAMPLE.get(interpolation, Image.Resampling.BILINEAR))
     canvas = Image.new("RGB", (size, size))
     canvas.paste(resized, (pad_x, pad_y))
-    sx, sy = new_w / w, new_h / h
-    meta = torch.tensor([sx, sy, pad_x, pad_y, size, w, h], dtype=torch.float32)
-    if box_xyxy is None:
-        return canvas, None, meta
-    b = box_xyxy.float()
-    moved = torch.stack([b[0] * sx + pad_x, b[1] * sy + pad_y, b[2] * sx + pad_x, b[3] * sy + pad_y]) / size
-    return canvas, convert_boxes(moved, "xyxy", "cxcywh"), meta
+    return canvas, target, meta
 
 
 def hflip(
