@@ -24,7 +24,7 @@ def test_the_config_reference_page_is_the_schema():
     )
     for key, _, doc in reference(Config()):
         assert f"| `{key}` |" in page
-        assert doc, f"{key} has no documentation in vlfuse/schema.py (a comment above the field)"
+        assert doc, f"{key} has no documentation in vlfuse/schema/ (a comment above the field)"
 
 
 def _nav_pages(node) -> list[str]:

@@ -72,7 +72,9 @@ def test_functions_stay_short():
 SHARED_MODULES = [
     "model.py",
     "config.py",
-    "schema.py",
+    "schema/__init__.py",
+    "schema/fields.py",
+    "schema/study.py",
     "compare.py",
     "hub.py",
     "distributed.py",

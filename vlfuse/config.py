@@ -281,7 +281,7 @@ def load_cli_config(
 REFERENCE_HEADER = """# Config reference
 
 Every key of the config, its default and its documentation, generated from the schema
-(`vlfuse/schema.py`, the comment above each field) by `vlfuse.config.reference_markdown()`;
+(`vlfuse/schema/`, the comment above each field) by `vlfuse.config.reference_markdown()`;
 `tests/test_docs.py` fails when this page and the schema disagree. The defaults are the schema's; each
 recipe's default config sets some of them (`python recipes/<recipe>.py --help` shows that recipe's own).
 Values are YAML on the command line: `key=value`, `key=[a,b]`, `key={a: 1}`, `key=null`.

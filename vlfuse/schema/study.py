@@ -1,0 +1,95 @@
+"""The sections of the commands that train many runs: ``compare`` (``recipes/compare.py``) and ``study``
+(``recipes/study.py``), and their checks beyond one key's range."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vlfuse.schema.fields import COMPARE_MODES, ConfigError, at_least
+
+
+@dataclass
+class CompareConfig:
+    # recipes/compare.py: the runs to train side by side (same data, head, budget): trainable_encoders
+    # values (none, image, text, all; each tower learns as its tuning says), or lora / last_blocks (both
+    # towers trainable, both with that tuning).
+    modes: list[str] = field(default_factory=lambda: ["none", "image", "text", "all"])
+    # The metric to plot against wall time (default: the task's primary metric).
+    metric: str | None = None
+
+
+@dataclass
+class StudyConfig:
+    # recipes/study.py: the modes to study (as compare.modes: trainable_encoders values, lora, last_blocks).
+    modes: list[str] = field(default_factory=lambda: ["none", "lora", "all"])
+    # Train set sizes: row counts, or fractions (at most 1) of the train split's rows left after the
+    # validation rows. Nested: a smaller set is part of every larger one (data.subset_seed orders the rows).
+    train_sizes: list[float] = field(default_factory=lambda: [0.1, 0.3, 1.0])
+    # One run per seed (train.seed) for every mode, size and learning rate.
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    # Learning rates to try, per mode: the head's (train.lr) for none, the encoders' (train.encoder_lr) for
+    # the others. A mode not named gets three rates around the config's: x0.3, x1, x3 (x3, x10, x30 of
+    # train.encoder_lr for lora, whose adapters want larger rates).
+    lr_grid: dict[str, list[float]] = field(default_factory=dict)
+    # Rows of the train split held out to choose the learning rate on (a count, or a fraction of at most 1;
+    # evaluated as the split "holdout"). Ignored with validation_split.
+    validation: float = field(default=0.1, metadata={"min": 0})
+    # A split to choose the learning rate on instead of held-out train rows (e.g. validation).
+    validation_split: str | None = None
+    # The metric rates are chosen and modes compared on (default: the task's primary metric).
+    metric: str | None = None
+    # Where trials are recorded: an SQLAlchemy URL; null = sqlite:///<train.output_dir>/study.db. A
+    # postgresql://user@host/db URL lets workers on many machines run the same command and split the grid.
+    storage: str | None = None
+    # The study's name in the storage; null = the name of train.output_dir's folder.
+    name: str | None = None
+    # Run each trial in processes of its own through this command, e.g. "accelerate launch --config_file
+    # recipes/configs/accelerate/multi_gpu.yaml" (it gets "-m vlfuse.study.trial <run config>"); null = in
+    # this process.
+    launch: str | None = None
+    # Keep every trial's trained model (final/); otherwise only the recommended runs keep theirs.
+    keep_models: bool = False
+    # Frozen towers' features are computed once and shared by every trial that freezes them.
+    cache_features: bool = True
+    # Stop a trial early whose metric on the selection split, at an evaluation during training
+    # (train.eval_every), is behind another rate's finished trial of the same mode, size and seed at that
+    # step by more than prune_margin (an Optuna pruner); its rate is then never chosen.
+    prune: bool = False
+    # How far behind (in the study's metric) a trial may be before study.prune stops it.
+    prune_margin: float = field(default=0.05, metadata={"min": 0})
+    # Confidence level of the intervals and of the test that tells modes apart (paired t-test over seeds).
+    confidence: float = field(default=0.95, metadata={"min": 0.5})
+    # Seconds between a running trial's heartbeats (written to the storage).
+    heartbeat_interval: int = at_least(30, 1)
+    # A trial with no heartbeat for this many seconds (its worker died) is failed and queued again.
+    grace_period: int = at_least(120, 1)
+    # How many times a dead worker's trial is queued again.
+    max_retries: int = at_least(2, 0)
+
+
+def validate_compare(cfg: CompareConfig) -> None:
+    bad = [m for m in cfg.modes if m not in COMPARE_MODES]
+    if bad or not cfg.modes or len(set(cfg.modes)) != len(cfg.modes):
+        raise ConfigError(
+            f"invalid value {cfg.modes!r} for 'compare.modes'; allowed: distinct values of "
+            f"{', '.join(COMPARE_MODES)}"
+        )
+
+
+def validate_study(cfg: StudyConfig) -> None:
+    bad = [m for m in [*cfg.modes, *cfg.lr_grid] if m not in COMPARE_MODES]
+    if bad or not cfg.modes or len(set(cfg.modes)) != len(cfg.modes):
+        raise ConfigError(
+            f"invalid value {cfg.modes!r} for 'study.modes' (or a key of study.lr_grid); allowed: distinct "
+            f"values of {', '.join(COMPARE_MODES)}"
+        )
+    for key, values in (("train_sizes", cfg.train_sizes), ("seeds", cfg.seeds)):
+        if not values or len(set(values)) != len(values):
+            raise ConfigError(f"invalid value {values!r} for 'study.{key}'; needs distinct values")
+    if any(size <= 0 for size in cfg.train_sizes):
+        raise ConfigError(f"invalid value {cfg.train_sizes!r} for 'study.train_sizes'; sizes must be > 0")
+    for mode, rates in cfg.lr_grid.items():
+        if not rates or any(not isinstance(r, int | float) or r <= 0 for r in rates):
+            raise ConfigError(f"invalid value {rates!r} for 'study.lr_grid.{mode}'; needs rates > 0")
+    if not cfg.confidence < 1:
+        raise ConfigError(f"invalid value {cfg.confidence!r} for 'study.confidence'; must be < 1")
