@@ -1,22 +1,32 @@
-"""Train throughput, peak memory and checkpoint size: end-to-end vs frozen vs frozen + feature cache vs a
-bare PyTorch loop, for grounding and retrieval.
+"""Train throughput against the machine's limit, peak memory and checkpoint size: end-to-end, frozen,
+frozen + feature cache and LoRA, with the speed options on and off, and a bare PyTorch loop, for grounding
+and retrieval.
 
     python benchmarks/throughput.py                   # resnet50 @224 px + a 6-layer 384-wide BERT
     python benchmarks/throughput.py --preset default  # the embedded default model (shapes.yaml)
     python benchmarks/throughput.py --steps 20 --warmup 3 --batch-size 32 --tasks grounding
 
-Each measurement runs in its own process (so peak memory is its own): vlfuse's loop (`vlfuse.training.train`,
-Accelerate included) for trainable_encoders=all, none, and none with train.cache_features=true (the one-off
-caching time reported separately), and for grounding the same modules in a bare PyTorch loop (plain
-DataLoader, AdamW, no Accelerate) as the floor. Retrieval (the projection fusion over pooled vectors,
-LiT-style) is measured end-to-end and frozen + cache. Train samples/s are steady state (warm-up steps
-excluded, evaluation excluded); cached runs measure ten times as many steps (they are that much shorter).
-Peak memory is the process's peak RSS on CPU, max_memory_allocated on GPU. The bare loop also splits its
-time into data loading, forward, backward and optimizer. Checkpoint bytes are those of the resumable
-checkpoint each vlfuse run writes at its end (slim: frozen weights are fingerprinted, not saved).
+The machine's limit: the FLOP/s of a large square matmul in float32 with the runs' threads (on a GPU also
+in bfloat16), measured first. Each run's FLOPs per sample are counted on one training step
+(``torch.utils.flop_counter``: forward and backward of the towers that run, the fusion and the head); its
+achieved FLOP/s is that times its samples/s, printed as a fraction of the peak beside samples/s.
 
-Targets (issue 14), printed as ratios at the end: retrieval frozen + cache >= 30x end-to-end samples/s;
-grounding frozen + cache, vlfuse's loop >= 0.95 of the bare loop; checkpoint bytes none <= 12% of all.
+Each measurement runs in its own process (so peak memory is its own): vlfuse's loop (`vlfuse.training.train`,
+Accelerate included) for trainable_encoders=all, none, none with train.cache_features=true (the one-off
+caching time reported separately) and LoRA on both towers; end-to-end and LoRA also with the speed options
+off (train.channels_last, train.fused_optimizer and train.compile off, as before they existed) and on
+(channels_last and the fused optimizer by default, plus train.compile=true with --compile); for grounding
+the same modules in a bare PyTorch loop (plain DataLoader, AdamW, no Accelerate) as the floor. Retrieval
+(the projection fusion over pooled vectors, LiT-style) is measured end-to-end and frozen + cache. Train
+samples/s are steady state (warm-up steps excluded, evaluation excluded); cached runs measure ten times as
+many steps (they are that much shorter). Peak memory is the process's peak RSS on CPU,
+max_memory_allocated on GPU. The bare loop also splits its time into data loading, forward, backward and
+optimizer. Checkpoint bytes are those of the resumable checkpoint each vlfuse run writes at its end (slim:
+frozen weights are fingerprinted, not saved).
+
+Targets, printed as ratios at the end: retrieval frozen + cache >= 30x end-to-end samples/s (issue 14);
+grounding frozen + cache, vlfuse's loop >= 0.95 of the bare loop; checkpoint bytes none <= 12% of all;
+end-to-end and LoRA with the options on >= 1.3x off (issue 25).
 """
 
 from __future__ import annotations
@@ -59,11 +69,30 @@ def _steps(args, cache: bool) -> int:
     return args.steps * (10 if cache else 1)
 
 
-def _config(args, task: str, mode: str, cache: bool, work: Path):
+# What the "options" field of a run means: the speed options as they were before (off), the defaults.
+OPTIONS = {
+    "off": ["train.channels_last=false", "train.fused_optimizer=false", "train.compile=false"],
+    "default": [],
+}
+# LoRA on both towers (the rest of the model trains in full).
+MODES = {
+    "all": ["model.trainable_encoders=all"],
+    "none": ["model.trainable_encoders=none"],
+    "lora": [
+        "model.trainable_encoders=all",
+        "model.image_encoder.tuning=lora",
+        "model.text_encoder.tuning=lora",
+    ],
+}
+
+
+def _config(args, task: str, mode: str, cache: bool, work: Path, options: str = "default"):
     from vlfuse.config import load_config
 
+    on = ["train.compile=true"] if args.compile else []
     overrides = [
-        f"model.trainable_encoders={mode}",
+        *MODES[mode],
+        *(OPTIONS[options] if options in OPTIONS else on),
         f"train.cache_features={str(cache).lower()}",
         f"train.batch_size={args.batch_size}",
         f"train.max_steps={args.warmup + _steps(args, cache)}",
@@ -110,11 +139,38 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_vlfuse(args, task: str, mode: str, cache: bool, work: Path) -> dict:
+def flops_per_sample(cfg, task_name: str, cache: bool) -> float:
+    """The FLOPs of one training step of ``cfg``'s model (forward and backward; frozen towers forward
+    only, cached ones not at all), per sample."""
+    import torch
+
+    from vlfuse.model import VLFuseModel
+    from vlfuse.tasks import get_task
+    from vlfuse.training.speed import count_flops
+
+    torch.manual_seed(cfg.train.seed)
+    task = get_task(task_name)
+    model = VLFuseModel(cfg.model).train()
+    dataset = task.build_dataset(cfg, model, "train", train=True)
+    if cache:  # reads the cache the run built
+        from accelerate import Accelerator
+
+        from vlfuse.data.feature_cache import cached_dataset
+
+        dataset = cached_dataset(
+            model, dataset, "train", cfg.train.cache_dir, cfg.train.cache_dtype, 64, Accelerator()
+        )
+    n = cfg.train.batch_size
+    batch = task.collator(model, train=True)([dataset[i] for i in range(n)])
+    batch.pop("bad_rows")
+    return count_flops(lambda: task.loss(model(**batch), batch)[0].backward()) / n
+
+
+def run_vlfuse(args, task: str, mode: str, cache: bool, work: Path, options: str = "default") -> dict:
     from vlfuse.checkpointing import list_checkpoints
     from vlfuse.training import train
 
-    cfg = _config(args, task, mode, cache, work)
+    cfg = _config(args, task, mode, cache, work, options)
     caching_s = 0.0
     if cache:  # build the cache first, timed on its own; train() then reuses it
         import torch
@@ -136,15 +192,19 @@ def run_vlfuse(args, task: str, mode: str, cache: bool, work: Path) -> dict:
     train(cfg)
     summary = json.loads((Path(cfg.train.output_dir) / "summary.json").read_text())
     checkpoint = list_checkpoints(Path(cfg.train.output_dir) / "checkpoints")[-1]
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
     return {
         "samples_per_s": summary["train_samples_per_s"],
         "peak_mb": _peak_mb(),
         "caching_s": caching_s,
         "checkpoint_bytes": sum(p.stat().st_size for p in checkpoint.iterdir() if p.is_file()),
+        "flops_per_sample": flops_per_sample(cfg, task, cache),
     }
 
 
-def run_bare(args, task_name: str, mode: str, cache: bool, work: Path) -> dict:
+def run_bare(args, task_name: str, mode: str, cache: bool, work: Path, options: str = "default") -> dict:
     """The same model, data and optimizer in a plain loop: the floor for vlfuse's loop."""
     import torch
     from torch.utils.data import DataLoader
@@ -152,7 +212,7 @@ def run_bare(args, task_name: str, mode: str, cache: bool, work: Path) -> dict:
     from vlfuse.model import VLFuseModel
     from vlfuse.tasks import get_task
 
-    cfg = _config(args, task_name, mode, cache, work)
+    cfg = _config(args, task_name, mode, cache, work, options)
     steps = _steps(args, cache)
     torch.manual_seed(cfg.train.seed)
     torch.set_num_threads(os.cpu_count() or 1)
@@ -176,9 +236,14 @@ def run_bare(args, task_name: str, mode: str, cache: bool, work: Path) -> dict:
         drop_last=True,
         collate_fn=task.collator(model, train=True),
     )
-    optimizer = torch.optim.AdamW(
-        model.param_groups(cfg.train.lr, cfg.train.encoder_lr, cfg.train.weight_decay)
-    )
+    # The same speed options as vlfuse's loop (channels-last convolutions, the optimizer's kernel).
+    from vlfuse.training.speed import optimizer_options, use_channels_last
+
+    if cfg.train.channels_last:
+        use_channels_last(model)
+    groups = model.param_groups(cfg.train.lr, cfg.train.encoder_lr, cfg.train.weight_decay)
+    params = [p for group in groups for p in group["params"]]
+    optimizer = torch.optim.AdamW(groups, **optimizer_options(params, cfg.train.fused_optimizer))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     phases = {"data": 0.0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0}
     done, samples, start = 0, 0, None
@@ -220,33 +285,52 @@ def run_bare(args, task_name: str, mode: str, cache: bool, work: Path) -> dict:
     }
 
 
-RUNS = {  # label -> (task, loop, trainable_encoders, cache)
+RUNS = {  # label -> (loop, trainable_encoders or lora, cache, speed options)
     "grounding": [
-        ("end-to-end (all)", "vlfuse", "all", "live"),
-        ("frozen (none)", "vlfuse", "none", "live"),
-        ("frozen + cache", "vlfuse", "none", "cache"),
-        ("bare all", "bare", "all", "live"),
-        ("bare none", "bare", "none", "live"),
-        ("bare none + cache", "bare", "none", "cache"),
+        ("end-to-end (all)", "vlfuse", "all", "live", "on"),
+        ("frozen (none)", "vlfuse", "none", "live", "on"),
+        ("frozen + cache", "vlfuse", "none", "cache", "on"),
+        ("LoRA", "vlfuse", "lora", "live", "on"),
+        ("all, options off", "vlfuse", "all", "live", "off"),
+        ("LoRA, options off", "vlfuse", "lora", "live", "off"),
+        ("bare all", "bare", "all", "live", "default"),
+        ("bare none", "bare", "none", "live", "default"),
+        ("bare none + cache", "bare", "none", "cache", "default"),
     ],
     "retrieval": [
-        ("end-to-end (all)", "vlfuse", "all", "live"),
-        ("frozen + cache", "vlfuse", "none", "cache"),
+        ("end-to-end (all)", "vlfuse", "all", "live", "on"),
+        ("frozen + cache", "vlfuse", "none", "cache", "on"),
     ],
 }
 
 
-def _measure(args, task: str, loop: str, mode: str, cache: str, shared: Path) -> dict:
-    cmd = [sys.executable, __file__, "--one", f"{task}:{loop}:{mode}:{cache}", "--preset", args.preset]
+BARE_TWIN = {
+    "bare all": "end-to-end (all)",
+    "bare none": "frozen (none)",
+    "bare none + cache": "frozen + cache",
+}
+
+
+def _measure(args, task: str, run: tuple[str, str, str, str], shared: Path) -> dict:
+    loop, mode, cache, options = run
+    cmd = [
+        sys.executable,
+        __file__,
+        "--one",
+        f"{task}:{loop}:{mode}:{cache}:{options}",
+        "--preset",
+        args.preset,
+    ]
     for flag in ("steps", "warmup", "batch_size", "train_images"):
         cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
-    work = shared / (f"{task}-{loop}-cache" if cache == "cache" else f"{task}-{loop}-{mode}-{cache}")
+    cmd += ["--compile"] if args.compile else []
+    work = shared / (f"{task}-{loop}-cache" if cache == "cache" else f"{task}-{loop}-{mode}-{options}")
     out = subprocess.run(
         cmd, capture_output=True, text=True, env={**os.environ, "VLFUSE_BENCH_WORK": str(work)}
     )
     line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
     if out.returncode != 0 or not line:
-        sys.exit(f"{task} {loop} {mode} {cache} failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
+        sys.exit(f"{task} {run} failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
     return json.loads(line[0][len("RESULT ") :])
 
 
@@ -273,6 +357,9 @@ def _report_grounding(rows: dict) -> None:
     print(
         f"  checkpoint bytes none / all:           {none_mb / all_mb:.3f} ({none_mb:.1f} / {all_mb:.1f} MiB)"
     )
+    for label, off in (("end-to-end (all)", "all, options off"), ("LoRA", "LoRA, options off")):
+        gain = rows[label]["samples_per_s"] / rows[off]["samples_per_s"]
+        print(f"  {label}, options on / off samples/s: {gain:.2f}x (target >= 1.3x)")
     print("  where a bare step's time goes (ms per step):")
     for bare in ("bare all", "bare none", "bare none + cache"):
         phases = rows[bare]["phases_ms_per_step"]
@@ -296,37 +383,72 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="steps excluded from the measurement")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--train-images", type=int, default=400, help="embedded train images (cache size)")
+    parser.add_argument("--compile", action="store_true", help="options on include train.compile=true")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one measurement, print JSON
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     if args.one:
-        task, loop, mode, cache = args.one.split(":")
+        task, loop, mode, cache, options = args.one.split(":")
         with tempfile.TemporaryDirectory() as tmp:
             work = Path(os.environ.get("VLFUSE_BENCH_WORK", tmp))
             runner = run_vlfuse if loop == "vlfuse" else run_bare
-            result = runner(args, task, mode, cache == "cache", work)
+            result = runner(args, task, mode, cache == "cache", work, options)
         print("RESULT " + json.dumps(result))
         return
-    import torch
-
+    tasks = args.tasks.split(",")
+    if unknown := [t for t in tasks if t not in RUNS]:
+        sys.exit(f"--tasks: unknown task {unknown[0]!r}; choose from {', '.join(RUNS)}")
+    peaks = machine_peak()
+    print("peak matmul: " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in peaks.items()), flush=True)
     shared = Path(tempfile.mkdtemp(prefix="vlfuse-bench-"))  # the cache is shared by the runs that use it
     results = {}
-    for task in args.tasks.split(","):
-        if task not in RUNS:
-            sys.exit(f"--tasks: unknown task {task!r}; choose from {', '.join(RUNS)}")
+    for task in tasks:
         rows = results[task] = {}
-        for label, loop, mode, cache in RUNS[task]:
+        for label, *run in RUNS[task]:
             print(f"running {task}: {label} ...", flush=True)
-            rows[label] = _measure(args, task, loop, mode, cache, shared)
+            rows[label] = _measure(args, task, tuple(run), shared)
+    _print_results(args, results, peaks)
+
+
+def machine_peak() -> dict[str, float]:
+    """The matmul peak in float32 with the threads a run uses (and in bfloat16 on a GPU)."""
+    import torch
+
+    from vlfuse.training.speed import peak_matmul_flops
+
+    if torch.cuda.is_available():
+        device = torch.device("cuda")
+        return {
+            "float32": peak_matmul_flops(device, torch.float32, 8192),
+            "bfloat16": peak_matmul_flops(device, torch.bfloat16, 8192),
+        }
+    torch.set_num_threads(os.cpu_count() or 1)  # what vlfuse's CPU runs use (train.cpu_threads)
+    return {"float32": peak_matmul_flops(torch.device("cpu"), torch.float32, 2048)}
+
+
+def _print_results(args, results: dict, peaks: dict[str, float]) -> None:
+    import torch
+
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
     steps = f"steps={args.steps} (+{args.warmup} warm-up)"
+    peak = peaks["float32"]
     print(f"\npreset={args.preset} batch={args.batch_size} {steps} on {device}")
+    print(f"fraction of peak: achieved FLOP/s over the float32 matmul peak ({peak / 1e9:.1f} GFLOP/s)")
     for task, rows in results.items():
-        print(f"\n{task}\n{'run':<20} {'samples/s':>10} {'peak MiB':>10} {'ckpt MiB':>9}")
+        print(
+            f"\n{task}\n{'run':<20} {'samples/s':>10} {'GFLOP/sample':>13} {'GFLOP/s':>8} {'of peak':>8} "
+            f"{'peak MiB':>9} {'ckpt MiB':>9}"
+        )
         for label, r in rows.items():
+            twin = BARE_TWIN.get(label, label)  # the bare loop runs the same model
+            flops = r.get("flops_per_sample") or rows.get(twin, {}).get("flops_per_sample") or float("nan")
+            achieved = flops * r["samples_per_s"]
             ckpt = f"{r['checkpoint_bytes'] / 2**20:>9.1f}" if "checkpoint_bytes" in r else f"{'-':>9}"
-            print(f"{label:<20} {r['samples_per_s']:>10.1f} {r['peak_mb']:>10.0f} {ckpt}")
+            print(
+                f"{label:<20} {r['samples_per_s']:>10.1f} {flops / 1e9:>13.2f} {achieved / 1e9:>8.1f} "
+                f"{achieved / peak:>8.1%} {r['peak_mb']:>9.0f} {ckpt}"
+            )
         print(f"one-off caching time: {rows['frozen + cache']['caching_s']:.1f} s; ratios:")
         {"grounding": _report_grounding, "retrieval": _report_retrieval}[task](rows)
 

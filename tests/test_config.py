@@ -178,3 +178,12 @@ def test_print_config_prints_the_resolved_config_and_writes_nothing(tmp_path, ca
     assert printed["train"]["lr"] == 3e-4 and printed["model"]["fusion"]["dim"] == 48
     assert printed["train"]["output_dir"] == str(out_dir)
     assert not out_dir.exists()
+
+
+def test_a_mapping_override_without_a_space_after_its_colon_is_refused():
+    # YAML reads {output_stride:16} as the key "output_stride:16" with no value: silently wrong otherwise
+    with pytest.raises(ConfigError, match=r"reads 'output_stride:16' as one key.*\{output_stride: 16\}"):
+        load_config(None, ["model.image_encoder.kwargs={output_stride:16}"])
+    assert load_config(
+        None, ["model.image_encoder.kwargs={output_stride: 16}"]
+    ).model.image_encoder.kwargs == {"output_stride": 16}

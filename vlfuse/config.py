@@ -79,13 +79,30 @@ def _is_empty_mapping(node: Any, override: str) -> bool:
 def _parse_override(override: str) -> Any:
     """One ``key=value`` override as a config node (the value parsed as YAML)."""
     try:
-        return OmegaConf.from_dotlist([override])
+        node = OmegaConf.from_dotlist([override])
     except (OmegaConfBaseException, yaml.YAMLError) as err:
         first = str(err).splitlines()[0]
         raise ConfigError(
             f"could not parse the override {override!r} ({first}); values are YAML: quote one "
             "that holds brackets or colons inside a list, e.g. \"data.eval_split=[val,'test[:500]']\""
         ) from None
+    if glued := _glued_keys(OmegaConf.to_container(node)):
+        raise ConfigError(
+            f"the override {override!r} reads {glued[0]!r} as one key with no value: YAML needs a space "
+            f"after a mapping's colon, e.g. {{{glued[0].replace(':', ': ', 1)}}}"
+        )
+    return node
+
+
+def _glued_keys(value: Any) -> list[str]:
+    """Keys of a parsed mapping written ``{key:value}`` (YAML reads that as the key ``key:value``, valued
+    None): almost always a missing space."""
+    if isinstance(value, dict):
+        own = [k for k, v in value.items() if isinstance(k, str) and ":" in k and v is None]
+        return own + [k for v in value.values() for k in _glued_keys(v)]
+    if isinstance(value, list):
+        return [k for v in value for k in _glued_keys(v)]
+    return []
 
 
 def merge_config(

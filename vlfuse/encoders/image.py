@@ -74,6 +74,8 @@ class ImageEncoder(TunableTower, nn.Module):
     ) -> None:
         super().__init__()
         self.cfg = cfg
+        # Turns the input to channels-last order (``vlfuse.training.speed.use_channels_last`` sets it).
+        self.channels_last = False
         self.model = _create(cfg, cfg.pretrained if pretrained is None else pretrained)
         self.num_prefix_tokens = int(getattr(self.model, "num_prefix_tokens", 0) or 0)
         self.output_fmt = str(getattr(self.model, "output_fmt", "NCHW"))
@@ -112,6 +114,8 @@ class ImageEncoder(TunableTower, nn.Module):
     def forward(self, pixel_values: torch.Tensor, with_pooled: bool = True) -> EncoderOutput:
         """Token features, and the pooled vector when ``with_pooled`` (a fusion head that does not read it
         must not run the pooling head: its parameters would get no gradient, which DDP rejects)."""
+        if self.channels_last:
+            pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
         features = self.model.forward_features(pixel_values)
         pooled = self.model.forward_head(features, pre_logits=True) if with_pooled else None
         if features.ndim == 4:

@@ -271,6 +271,14 @@ class TrainConfig:
     # CPU threads per process when training on the CPU; null = cores / processes on this machine
     # (accelerate launch sets OMP_NUM_THREADS=1 on CPU, which would leave cores idle).
     cpu_threads: int | None = None
+    # Run a CNN image tower and the dense fusion's convolutions in channels-last memory order (faster
+    # convolutions on CPUs and GPUs; values and saved weights unchanged). Not applied under FSDP/DeepSpeed.
+    channels_last: bool = True
+    # torch.compile the towers that run, the fusion and the head (slower start, faster steps); without a
+    # working compiler (no C++ compiler on CPU, no Triton on GPU) the run says so and stays eager.
+    compile: bool = False
+    # AdamW's fused kernel where the device has one (CUDA, CPU), else its multi-tensor (foreach) kernel.
+    fused_optimizer: bool = True
     # Print/log training loss every N steps.
     log_every: int = at_least(10, 1)
     # Upload final/ (weights, config, model card) to the Hub at the end of the run (main process only).

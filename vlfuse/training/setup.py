@@ -24,6 +24,7 @@ from vlfuse.schema import Config, ConfigError, to_yaml
 from vlfuse.tasks import Task, get_task
 from vlfuse.tracking import JsonlWriter, PeakMemory
 from vlfuse.training.data import MapData, StreamData, build_eval_loaders, build_train_data
+from vlfuse.training.speed import compile_parts, compiler_available, optimizer_options, use_channels_last
 
 
 def build_accelerator(cfg: Config) -> Accelerator:
@@ -154,10 +155,29 @@ def build_optimizer_and_scheduler(cfg: Config, model: VLFuseModel, total_steps: 
     """AdamW over the trainable parameters only (frozen towers are left out), and the warm-up + cosine
     schedule, stepped by hand once per optimizer step (its length is in optimizer steps on any number of
     processes; its state travels as JSON in ``trainer_state.json``, no pickle to load back)."""
-    optimizer = torch.optim.AdamW(
-        model.param_groups(cfg.train.lr, cfg.train.encoder_lr, cfg.train.weight_decay)
-    )
+    groups = model.param_groups(cfg.train.lr, cfg.train.encoder_lr, cfg.train.weight_decay)
+    params = [p for group in groups for p in group["params"]]
+    optimizer = torch.optim.AdamW(groups, **optimizer_options(params, cfg.train.fused_optimizer))
     return optimizer, get_cosine_schedule_with_warmup(optimizer, cfg.train.warmup_steps, total_steps)
+
+
+def speed_up(cfg: Config, accelerator: Accelerator, model: VLFuseModel) -> None:
+    """``train.channels_last`` and ``train.compile`` on the model, before it is prepared (neither under
+    FSDP/DeepSpeed, which shard the weights themselves). Towers the feature cache serves are not
+    compiled: they never run."""
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    if cfg.train.channels_last and not sharded and (parts := use_channels_last(model)):
+        accelerator.print(f"channels-last memory order for {', '.join(parts)} (train.channels_last)")
+    if not cfg.train.compile:
+        return
+    why_not = "the model is sharded (FSDP/DeepSpeed)" if sharded else compiler_available(accelerator.device)
+    if why_not:
+        accelerator.print(f"train.compile=true, but torch.compile is not used: {why_not}; running eager")
+        return
+    cached = towers_served_by_cache(cfg, accelerator)
+    parts = [p for p in ("image_encoder", "text_encoder", "fusion", "head") if p.split("_")[0] not in cached]
+    compile_parts(model, parts)
+    accelerator.print(f"torch.compile: {', '.join(parts)} (the first steps compile them)")
 
 
 def set_up_run(cfg: Config) -> Run:
@@ -176,6 +196,7 @@ def set_up_run(cfg: Config) -> Run:
     data = build_train_data(accelerator, cfg, task, model)
     eval_loaders = build_eval_loaders(accelerator, cfg, task, model)
     total_steps = data.total_steps(cfg)
+    speed_up(cfg, accelerator, model)
     optimizer, scheduler = build_optimizer_and_scheduler(cfg, model, total_steps)
     model, optimizer, data.loader = prepare_model(accelerator, cfg, model, optimizer, data.loader)
     eval_loaders = {split: accelerator.prepare(loader) for split, loader in eval_loaders.items()}

@@ -1,0 +1,164 @@
+"""The speed options (``train.channels_last``, ``train.fused_optimizer``, ``train.compile``, DataLoader
+workers) change no result beyond a stated tolerance, and the FLOP count that the benchmarks divide by
+time is right."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState
+from conftest import tiny_config
+from helpers import train_until_crash_after_checkpoint
+from safetensors.torch import load_file
+from test_recipes import SMALL_DATA
+
+from vlfuse.model import VLFuseModel
+from vlfuse.training import train
+from vlfuse.training.speed import convolutional, count_flops, optimizer_options, use_channels_last
+
+LOSS_TOL = 1e-4  # convolutions in another memory order, or another optimizer kernel: same maths, other sums
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
+def _losses(folder: Path) -> list[float]:
+    return [r["loss"] for r in map(json.loads, (folder / "train_log.jsonl").read_text().splitlines())]
+
+
+COMMON = [*SMALL_DATA, "model.fusion.name=dense", "train.log_every=1", "train.max_steps=4"]
+
+
+def _run(tmp_path, name: str, *overrides: str) -> list[float]:
+    AcceleratorState._reset_state(True)
+    train(tiny_config(*COMMON, *overrides, f"train.output_dir={tmp_path / name}"))
+    return _losses(tmp_path / name)
+
+
+def test_the_flop_count_of_a_linear_layer_is_the_hand_count():
+    m, k, n = 16, 32, 8
+    layer = torch.nn.Linear(k, n)
+    x = torch.randn(m, k)
+    assert count_flops(lambda: layer(x)) == 2 * m * k * n
+    # backward: the weight's gradient (2mkn); the input's too (another 2mkn) when it needs one
+    assert count_flops(lambda: layer(x).sum().backward()) == 2 * (2 * m * k * n)
+    x.requires_grad_(True)
+    assert count_flops(lambda: layer(x).sum().backward()) == 3 * (2 * m * k * n)
+    conv, image = torch.nn.Conv2d(3, 4, 3, padding=1, bias=False), torch.randn(2, 3, 5, 5)
+    assert count_flops(lambda: conv(image)) == 2 * (2 * 5 * 5) * 4 * (3 * 3 * 3)
+
+
+def test_channels_last_applies_to_convolutional_parts_only():
+    model = VLFuseModel(tiny_config("model.fusion.name=dense").model)
+    assert use_channels_last(model) == ["image_encoder", "fusion"]
+    conv = model.fusion.blocks[0].conv1.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    vit = VLFuseModel(tiny_config("model.image_encoder.name=test_vit", "model.fusion.name=concat").model)
+    assert not convolutional(vit.image_encoder)  # a ViT's patch embedding is no real convolution
+    assert use_channels_last(vit) == []
+
+
+def test_channels_last_and_the_fused_optimizer_keep_the_losses(tmp_path):
+    plain = _run(tmp_path, "plain", "train.channels_last=false", "train.fused_optimizer=false")
+    fast = _run(tmp_path, "fast", "train.channels_last=true", "train.fused_optimizer=true")
+    assert len(plain) == len(fast) == 4
+    torch.testing.assert_close(torch.tensor(fast), torch.tensor(plain), atol=LOSS_TOL, rtol=0)
+
+
+def test_weights_saved_from_a_channels_last_run_load_strictly_and_predict_alike(tmp_path):
+    from PIL import Image
+
+    _run(tmp_path, "run", "train.channels_last=true")
+    saved = load_file(str(tmp_path / "run" / "final" / "model.safetensors"))
+    assert all(t.is_contiguous() for t in saved.values())
+    loaded = VLFuseModel.from_pretrained(tmp_path / "run" / "final")  # strict: every key, every shape
+    images = [Image.new("RGB", (40, 30), (200, 50, 50)), Image.new("RGB", (30, 50), (20, 150, 50))]
+    texts = ["the red one", "the green one"]
+    eager = loaded.predict(images, texts)
+    use_channels_last(loaded)
+    assert loaded.fusion.blocks[0].conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(loaded.predict(images, texts), eager, atol=1e-5, rtol=1e-5)
+
+
+def test_the_optimizer_kernel_follows_the_devices_and_the_key():
+    p = torch.nn.Parameter(torch.randn(3))
+    assert optimizer_options([p], fused=True) == {"fused": True}
+    assert optimizer_options([p], fused=False) == {"foreach": True}
+
+
+def test_workers_change_nothing_in_the_losses(tmp_path):
+    none = _run(tmp_path, "w0", "data.num_workers=0", "data.hflip_prob=0.5")
+    two = _run(tmp_path, "w2", "data.num_workers=2", "data.hflip_prob=0.5")
+    assert none == two  # bitwise: workers only move where examples are made
+
+
+def test_without_a_compiler_the_run_says_so_and_stays_eager(tmp_path, monkeypatch, capsys):
+    import vlfuse.training.setup as setup
+
+    monkeypatch.setattr(setup, "compiler_available", lambda device: "no C++ compiler found")
+    compiled = []
+    monkeypatch.setattr(setup, "compile_parts", lambda model, parts: compiled.append(parts))
+    eager = _run(tmp_path, "eager", "train.compile=false")
+    asked = _run(tmp_path, "asked", "train.compile=true")
+    assert compiled == [] and asked == eager
+    assert "train.compile=true, but torch.compile is not used: no C++ compiler found; running eager" in (
+        capsys.readouterr().out
+    )
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager_and_resumes_bitwise(tmp_path, monkeypatch, capsys):
+    """torch.compile (inductor, CPU) of the towers, fusion and head: the losses of eager training within
+    the tolerance, and a resumed compiled run bitwise equal to an uninterrupted one.
+
+    Inductor draws dropout masks with its own generator (same distribution, other masks); its
+    ``fallback_random`` (a private setting of torch._inductor) makes it draw them as eager does, so that
+    the two runs see the same masks and their losses can be compared."""
+    import torch._inductor.config as inductor_config
+
+    with inductor_config.patch(fallback_random=True):
+        _compiled_runs(tmp_path, monkeypatch, capsys)
+
+
+def _compiled_runs(tmp_path, monkeypatch, capsys) -> None:
+    common = ["train.checkpoint_every=2", "model.trainable_encoders=all"]
+    eager = _run(tmp_path, "eager", *common)
+    compiled = _run(tmp_path, "compiled", *common, "train.compile=true")
+    assert "torch.compile: image_encoder, text_encoder, fusion, head" in capsys.readouterr().out
+    torch.testing.assert_close(torch.tensor(compiled), torch.tensor(eager), atol=LOSS_TOL, rtol=0)
+    AcceleratorState._reset_state(True)
+    cfg = tiny_config(*COMMON, *common, "train.compile=true", f"train.output_dir={tmp_path / 'resumed'}")
+    train_until_crash_after_checkpoint(monkeypatch, cfg, step=2)
+    monkeypatch.undo()
+    AcceleratorState._reset_state(True)
+    train(
+        tiny_config(
+            *COMMON,
+            *common,
+            "train.compile=true",
+            f"train.output_dir={tmp_path / 'resumed'}",
+            "train.resume_from=latest",
+        )
+    )
+    assert _losses(tmp_path / "resumed")[-2:] == compiled[-2:]
+    straight = load_file(str(tmp_path / "compiled" / "final" / "model.safetensors"))
+    resumed = load_file(str(tmp_path / "resumed" / "final" / "model.safetensors"))
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_every_peak_kernel_is_one_square_product():
+    """The peak divides 2 * size^3 by each kernel's time: each must be exactly that product."""
+    from vlfuse.training.speed import matmul_kernels, peak_matmul_flops
+
+    kernels = matmul_kernels(torch.device("cpu"), torch.float32, 64)
+    assert len(kernels) == 2  # torch.mm and oneDNN's 1x1 convolution
+    for kernel in kernels:
+        with torch.no_grad():
+            assert count_flops(kernel) == 2 * 64**3
+    assert 1e8 < peak_matmul_flops(torch.device("cpu"), size=256, seconds=0.2) < 1e14

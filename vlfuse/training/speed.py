@@ -1,0 +1,124 @@
+"""Speed options of a training run (``train.channels_last``, ``train.compile``, ``train.fused_optimizer``)
+and the measurements that say how close a run is to the machine's limit (FLOPs of a step, the peak
+matmul rate). ``benchmarks/throughput.py`` prints both; ``docs/benchmarks.md`` has the figures."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def convolutional(module: nn.Module) -> bool:
+    """Whether ``module`` does real convolution work: a convolution wider than 1x1 that is not a patch
+    embedding (a ViT's only convolution, whose kernel equals its stride)."""
+    return any(
+        isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1) and m.kernel_size != m.stride
+        for m in module.modules()
+    )
+
+
+def use_channels_last(model: nn.Module) -> list[str]:
+    """Puts the model's convolutional parts (a CNN image tower, the dense fusion's convolutions) in
+    channels-last memory order: oneDNN on CPUs and tensor cores on GPUs run convolutions faster on it.
+    The image tower also turns its input to that order. Values are unchanged; saved weights are
+    contiguous either way (``vlfuse.hub.save_model`` and Accelerate's ``save_state`` make them so).
+
+    Returns:
+        The names of the parts converted (e.g. ``["image_encoder", "fusion"]``).
+    """
+    converted = []
+    for name in ("image_encoder", "fusion"):
+        part = getattr(model, name)
+        if convolutional(part):
+            part.to(memory_format=torch.channels_last)
+            if hasattr(part, "channels_last"):
+                part.channels_last = True
+            converted.append(name)
+    return converted
+
+
+def compiler_available(device: torch.device) -> str | None:
+    """None when ``torch.compile`` works on ``device`` (a tiny function is compiled and run), else why
+    not (e.g. no C++ compiler for the CPU backend, no Triton for the GPU one)."""
+    try:
+        fn = torch.compile(lambda x: torch.sin(x) * 2 + 1, fullgraph=True)
+        fn(torch.ones(4, device=device))
+    except Exception as err:  # inductor raises several types for a missing toolchain
+        return f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+    finally:
+        torch._dynamo.reset()  # private: forget the probe's compiled code (torch 2.x keeps it global)
+    return None
+
+
+def compile_parts(model: nn.Module, parts: list[str]) -> None:
+    """``nn.Module.compile`` (in place: parameter names and state dicts are unchanged) on each of
+    ``parts`` (``image_encoder``, ``text_encoder``, ``fusion``, ``head``)."""
+    for name in parts:
+        getattr(model, name).compile()
+
+
+def optimizer_options(params: list[nn.Parameter], fused: bool) -> dict[str, Any]:
+    """AdamW's implementation for ``params``: the fused kernel (one kernel for every parameter's update)
+    when asked for and every parameter is a float tensor on a device that has one (CUDA, CPU), else
+    the multi-tensor (``foreach``) one."""
+    devices = {p.device.type for p in params}
+    if fused and params and devices <= {"cuda", "cpu"} and all(p.is_floating_point() for p in params):
+        return {"fused": True}
+    return {"foreach": True}
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    """The floating-point operations of running ``fn`` once (``torch.utils.flop_counter``: matmuls,
+    convolutions and attention, forward and backward; a multiply-add counts 2)."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def peak_matmul_flops(
+    device: torch.device, dtype: torch.dtype = torch.float32, size: int = 2048, seconds: float = 1.0
+) -> float:
+    """The FLOP/s a large matrix product reaches on ``device`` in ``dtype`` with the process's threads:
+    the practical peak a training step is compared with (2 * size^3 per product, best of ~``seconds``).
+
+    On a CPU the best of two kernels counts: ``torch.mm`` (MKL or OpenBLAS) and the same product as a 1x1
+    convolution (oneDNN, which runs a model's convolutions). They can differ by 2.5x: on an AMD EPYC with
+    AVX-512, MKL's float32 product reaches about 200 GFLOP/s on 2 cores and oneDNN's about 490.
+    """
+    return max(
+        _best_rate(kernel, 2 * size**3, device, seconds) for kernel in matmul_kernels(device, dtype, size)
+    )
+
+
+def matmul_kernels(device: torch.device, dtype: torch.dtype, size: int) -> list[Callable[[], Any]]:
+    """Ways to run one ``size x size`` by ``size x size`` product (2 * size^3 FLOPs each): ``torch.mm``,
+    and on a CPU a 1x1 convolution over ``size`` positions (oneDNN's kernel)."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    kernels = [lambda: a @ b]
+    if device.type == "cpu":
+        conv = nn.Conv2d(size, size, 1, bias=False).to(dtype).to(memory_format=torch.channels_last)
+        x = a.reshape(1, size, -1, 1).contiguous(memory_format=torch.channels_last)  # size positions
+        kernels.append(lambda: conv(x))
+    return kernels
+
+
+@torch.no_grad()
+def _best_rate(kernel: Callable[[], Any], flops: float, device: torch.device, seconds: float) -> float:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(2):  # warm-up
+        kernel()
+    sync()
+    best, end = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        start = time.perf_counter()
+        kernel()
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return flops / best
