@@ -162,3 +162,21 @@ def test_every_peak_kernel_is_one_square_product():
         with torch.no_grad():
             assert count_flops(kernel) == 2 * 64**3
     assert 1e8 < peak_matmul_flops(torch.device("cpu"), size=256, seconds=0.2) < 1e14
+
+
+def test_unset_workers_are_none_on_the_cpu_and_up_to_four_beside_a_gpu(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    from vlfuse.training.setup import default_workers
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    gpu = SimpleNamespace(device=torch.device("cuda", 0), num_processes=1)
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert default_workers(gpu) == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # 8 processes on 16 cores: 2 each, one left for the loop
+    assert default_workers(gpu) == 1
+    assert default_workers(SimpleNamespace(device=torch.device("cpu"), num_processes=1)) == 0
+    monkeypatch.undo()
+    _run(tmp_path, "run")  # a run with the key unset resolves it, and says so in its config
+    saved = (tmp_path / "run" / "config.yaml").read_text()
+    assert "num_workers: 0" in saved

@@ -38,7 +38,7 @@ def make_loader(dataset, cfg: Config, collate, batch_size: int, shuffle: bool) -
         batch_size=batch_size,
         shuffle=shuffle,
         collate_fn=collate,
-        num_workers=cfg.data.num_workers,
+        num_workers=cfg.data.num_workers or 0,
         drop_last=shuffle,
         # Not persistent: workers get a fresh copy of the dataset, with its epoch, every epoch.
         persistent_workers=False,
@@ -93,7 +93,7 @@ def build_train_data(accelerator: Accelerator, cfg: Config, task: Task, model) -
         with accelerator.main_process_first():
             dataset = build_stream(cfg, task, model, accelerator.process_index, accelerator.num_processes)
         accelerator.print(f"train split {split}: {dataset.describe()}")
-        loader = stream_loader(dataset, cfg.train.batch_size, collate, cfg.data.num_workers)
+        loader = stream_loader(dataset, cfg.train.batch_size, collate, cfg.data.num_workers or 0)
         return StreamData(dataset, loader, accelerator)
     train_set = build_split(accelerator, cfg, task, model, split, train=True)
     if len(train_set) < cfg.train.batch_size:

@@ -50,6 +50,15 @@ def set_cpu_threads(accelerator: Accelerator, threads: int | None) -> None:
     torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // max(local, 1)))
 
 
+def default_workers(accelerator: Accelerator) -> int:
+    """``data.num_workers`` when unset: none when the CPU computes (workers would take the cores of its
+    compute threads; measured in docs/benchmarks.md), else up to 4 per process, leaving it one core."""
+    if accelerator.device.type == "cpu":
+        return 0
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+    return max(0, min(4, (os.cpu_count() or 1) // max(local, 1) - 1))
+
+
 def start_run(cfg: Config, task: Task) -> tuple[Accelerator, Path]:
     """The accelerator (CPU threads set) and the output folder, with the resolved ``config.yaml`` in it
     (after the task's ``prepare``, which may fill in settings from the data, such as the answer
@@ -57,6 +66,8 @@ def start_run(cfg: Config, task: Task) -> tuple[Accelerator, Path]:
     accelerator = build_accelerator(cfg)
     use_fsdp_on_cpu_processes(accelerator)
     set_cpu_threads(accelerator, cfg.train.cpu_threads)
+    if cfg.data.num_workers is None:
+        cfg.data.num_workers = default_workers(accelerator)
     task.prepare(cfg, accelerator)
     output_dir = Path(cfg.train.output_dir)
     if accelerator.is_main_process:
