@@ -51,7 +51,7 @@ def compiler_available(device: torch.device) -> str | None:
     except Exception as err:  # inductor raises several types for a missing toolchain
         return f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
     finally:
-        torch._dynamo.reset()  # private: forget the probe's compiled code (torch 2.x keeps it global)
+        torch.compiler.reset()  # forget the probe's compiled code (kept process-wide)
     return None
 
 
