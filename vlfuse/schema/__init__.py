@@ -243,8 +243,12 @@ class TrainConfig:
     warmup_steps: int = at_least(0, 0)
     # Clip the gradient norm to this; null = no clipping.
     max_grad_norm: float | None = 1.0
-    # Micro-batches per optimizer step.
+    # Micro-batches per optimizer step (each micro-batch's loss sees only its own examples).
     gradient_accumulation_steps: int = at_least(1, 1)
+    # Gradient caching: run the batch through the model in chunks of this many examples (activations of
+    # one chunk at a time) and still get the exact gradient of the loss over the whole batch (a
+    # contrastive loss keeps every negative of the gathered batch). Costs one more forward pass; null = off.
+    contrastive_chunk_size: int | None = field(default=None, metadata={"min": 1})
     # Accelerate's mixed precision: no, fp16 or bf16.
     mixed_precision: str = one_of("no", MIXED_PRECISION)
     # Seed of every random number generator of the run.

@@ -31,6 +31,7 @@ from vlfuse.schema import Config
 from vlfuse.tasks import Task
 from vlfuse.tracking import LossWindow, Progress, Throughput
 from vlfuse.training.evaluation import evaluate
+from vlfuse.training.grad_cache import cached_backward
 from vlfuse.training.report import (
     TrainingError,
     build_summary,
@@ -146,10 +147,14 @@ def train_step(run: Run, batch: dict[str, torch.Tensor], meter: Throughput) -> S
         broadcast_training_buffers(model)
     n_bad = batch.pop("bad_rows")
     n_good = batch["valid"].shape[0]
+    chunk = run.cfg.train.contrastive_chunk_size
     with accelerator.accumulate(model):
-        outputs = model(**batch)
-        loss, _ = run.task.loss(outputs, batch)
-        accelerator.backward(loss)
+        if chunk and chunk < n_good:  # gradient caching: the whole batch's loss, a chunk's activations
+            loss = cached_backward(accelerator, model, run.task.loss, batch, chunk)
+        else:
+            outputs = model(**batch)
+            loss, _ = run.task.loss(outputs, batch)
+            accelerator.backward(loss)
         stepped = False
         loss_ok = torch.isfinite(loss.detach())
         if accelerator.sync_gradients:

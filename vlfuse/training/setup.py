@@ -197,6 +197,11 @@ def set_up_run(cfg: Config) -> Run:
     wall_start = time.perf_counter()
     task = get_task(cfg.model.task)
     accelerator, output_dir = start_run(cfg, task)
+    if cfg.train.contrastive_chunk_size and accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise ConfigError(
+            "train.contrastive_chunk_size: gradient caching back-propagates once per chunk, and DeepSpeed's "
+            "engine steps the optimizer at every backward; use DDP or FSDP, or unset it"
+        )
     memory = PeakMemory(accelerator.device)
     set_seed(cfg.train.seed)
     model = build_model(cfg)

@@ -39,19 +39,28 @@ MAX_LOGIT_SCALE = 100.0  # CLIP's cap on 1 / temperature
 
 
 class RetrievalHead(nn.Module):
-    """L2-normalized image and text embeddings and the learnable temperature (as ``log(1/T)``)."""
+    """L2-normalized image and text embeddings and the learnable temperature (as ``log(1/T)``, a
+    one-element vector: FSDP2 shards no scalar parameter; a saved scalar still loads)."""
 
     def __init__(self, temperature: float = 0.07) -> None:
         super().__init__()
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)))
+        self.logit_scale = nn.Parameter(torch.tensor([math.log(1.0 / temperature)]))
+        self.register_load_state_dict_pre_hook(_scalar_logit_scale_as_vector)
 
     def forward(self, fused: FusionOutput) -> dict[str, torch.Tensor]:
-        out = {"logit_scale": self.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)}
+        out = {"logit_scale": self.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE).squeeze(0)}
         if fused.image is not None:
             out["image_embeds"] = F.normalize(fused.image.float(), dim=-1)
         if fused.text is not None:
             out["text_embeds"] = F.normalize(fused.text.float(), dim=-1)
         return out
+
+
+def _scalar_logit_scale_as_vector(module, state_dict, prefix, *args) -> None:
+    """Models saved with a scalar ``logit_scale`` load into the one-element vector."""
+    key = prefix + "logit_scale"
+    if key in state_dict and state_dict[key].dim() == 0:
+        state_dict[key] = state_dict[key].reshape(1)
 
 
 class RetrievalTask(Task):
