@@ -23,8 +23,9 @@ IDS = [0, 1, 0, 2, 3, 1, 4, 0]  # repeated images within and across ranks (multi
 TEXTS = ["a red circle", "a blue square", "green triangle", "the big red one", "a small square"]
 
 
-def build(dropout: bool):
-    """The tiny retrieval model (a ViT: no batch norm, so rows are independent) and the global batch."""
+def build(dropout: bool, *extra: str):
+    """The tiny retrieval model (a ViT: no batch norm, so rows are independent) and the global batch;
+    ``extra``: more overrides (e.g. LoRA on both towers)."""
     p = 0.2 if dropout else 0.0
     cfg = load_config(
         overrides=[
@@ -40,6 +41,7 @@ def build(dropout: bool):
             "model.text_encoder.pretrained=false",
             "model.text_encoder.max_length=8",
             "model.trainable_encoders=all",
+            *extra,
         ]
     )
     torch.manual_seed(0)
