@@ -75,6 +75,7 @@ SHARED_MODULES = [
     "schema/__init__.py",
     "schema/fields.py",
     "schema/study.py",
+    "schema/mixing.py",
     "compare.py",
     "hub.py",
     "distributed.py",

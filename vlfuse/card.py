@@ -16,6 +16,8 @@ import timm
 from huggingface_hub import EvalResult, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+from vlfuse.schema.mixing import default_name
+
 CARD_NAME = "README.md"
 # Names that are not Hub ids: embedded datasets, bundled encoders.
 _NOT_ON_THE_HUB = re.compile(r"^(shapes|vlfuse:.*)$")
@@ -105,8 +107,8 @@ def card_data(model: dict[str, Any], run: dict[str, Any] | None) -> ModelCardDat
     }
     if run is not None:
         cfg, metrics = run["config"], run["summary"].get("metrics") or {}
-        dataset = _hub_id(cfg["data"]["dataset"])
-        data["datasets"] = [dataset] if dataset else None
+        hub_ids = [_hub_id(source["dataset"]) for source in data_sources(cfg["data"])]
+        data["datasets"] = [d for d in hub_ids if d] or None
         names = sorted({k for values in metrics.values() for k in values if k not in _NOT_METRICS})
         data["metrics"] = names or None
         results = eval_results(model["task"], cfg["data"], metrics)
@@ -116,25 +118,66 @@ def card_data(model: dict[str, Any], run: dict[str, Any] | None) -> ModelCardDat
     return ModelCardData(**data)
 
 
-def eval_results(task: str, data: dict[str, Any], metrics: dict[str, dict[str, Any]]) -> list[EvalResult]:
-    """One ``EvalResult`` per (split, metric) of the run's final evaluation."""
-    dataset = str(data["dataset"])
+def data_sources(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """The data section of each dataset a run read, with its ``name`` and ``weight``: a mixed run's
+    ``data.datasets`` entries over its data section, else the section itself (name None)."""
+    if not data.get("datasets"):
+        return [{**data, "name": None, "weight": None}]
     return [
-        EvalResult(
-            task_type=PIPELINE_TAGS.get(task, task),
-            task_name=task,
-            dataset_type=dataset,
-            dataset_name=dataset,
-            dataset_config=data.get("subset"),
-            dataset_split=split,
-            dataset_revision=data.get("revision"),
-            metric_type=name,
-            metric_value=value,
-        )
-        for split, values in metrics.items()
-        for name, value in values.items()
-        if name not in _NOT_METRICS and isinstance(value, int | float) and not isinstance(value, bool)
+        {
+            **data,
+            **entry,
+            "name": entry.get("name") or default_name(entry["dataset"]),
+            "weight": entry.get("weight", 1.0),
+        }
+        for entry in data["datasets"]
     ]
+
+
+def _where(data: dict[str, Any], key: str) -> tuple[str, str, dict[str, Any]]:
+    """(dataset, split, its data section) of a metrics key: ``<split>`` or, in a mixed run,
+    ``<split>[<name>]`` (that source's own split at the same position; the overall ``<split>`` is named
+    by the sources joined with ``+``)."""
+    sources = data_sources(data)
+    match = re.fullmatch(r"(.*)\[(.+)\]", key)
+    named = {s["name"]: s for s in sources}
+    if match is None or match.group(2) not in named:
+        if sources[0]["name"] is None:
+            return str(data["dataset"]), key, data
+        return " + ".join(str(s["dataset"]) for s in sources), key, data
+    split, source = match.group(1), named[match.group(2)]
+    runs = _splits(data["eval_split"])
+    own = _splits(source["eval_split"])
+    position = runs.index(split) if split in runs else 0
+    return str(source["dataset"]), own[min(position, len(own) - 1)], source
+
+
+def _splits(value: Any) -> list[str]:
+    return list(value) if isinstance(value, list | tuple) else [value]
+
+
+def eval_results(task: str, data: dict[str, Any], metrics: dict[str, dict[str, Any]]) -> list[EvalResult]:
+    """One ``EvalResult`` per (split, metric) of the run's final evaluation (a mixed run's per source
+    with that source's dataset and split, and overall)."""
+    results = []
+    for key, values in metrics.items():
+        dataset, split, section = _where(data, key)
+        results += [
+            EvalResult(
+                task_type=PIPELINE_TAGS.get(task, task),
+                task_name=task,
+                dataset_type=dataset,
+                dataset_name=dataset,
+                dataset_config=section.get("subset"),
+                dataset_split=split,
+                dataset_revision=section.get("revision"),
+                metric_type=name,
+                metric_value=value,
+            )
+            for name, value in values.items()
+            if name not in _NOT_METRICS and isinstance(value, int | float) and not isinstance(value, bool)
+        ]
+    return results
 
 
 def metadata(model: dict[str, Any], run: dict[str, Any] | None) -> dict[str, Any]:
@@ -283,16 +326,24 @@ def _study_section(study: dict[str, Any]) -> list[str]:
 
 
 def _data_section(data: dict[str, Any]) -> list[str]:
-    eval_splits = data["eval_split"] if isinstance(data["eval_split"], list) else [data["eval_split"]]
-    row = [
-        f"`{data['dataset']}`",
-        data.get("revision") or "-",
-        f"`{data['train_split']}`",
-        ", ".join(f"`{s}`" for s in eval_splits),
-        ", ".join(f"{k}: `{v}`" for k, v in data["columns"].items()),
-    ]
+    sources = data_sources(data)
+    mixed = sources[0]["name"] is not None
+    rows = []
+    for source in sources:
+        row = [
+            f"`{source['dataset']}`",
+            source.get("revision") or "-",
+            f"`{source['train_split']}`",
+            ", ".join(f"`{s}`" for s in _splits(source["eval_split"])),
+            ", ".join(f"{k}: `{v}`" for k, v in source["columns"].items()),
+        ]
+        rows.append([source["name"], source["weight"], *row] if mixed else row)
     head = ["dataset", "revision", "train split", "evaluation splits", "columns"]
-    return ["", "## Data", "", *_table(head, [row])]
+    lines = ["", "## Data", ""]
+    if mixed:
+        head = ["source", "weight", *head]
+        lines += [f"Several datasets mixed by weight (`data.mix_stopping={data.get('mix_stopping')}`).", ""]
+    return [*lines, *_table(head, rows)]
 
 
 def _training_section(train: dict[str, Any], summary: dict[str, Any]) -> list[str]:

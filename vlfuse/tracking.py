@@ -112,23 +112,40 @@ class Throughput:
 
 class LossWindow:
     """Sums since the last log line (loss over finite micro-steps, finite micro-steps, examples seen, bad
-    rows), kept on the device and reduced across processes in one collective when logged."""
+    rows, and a mixed run's bad rows per source), kept on the device and reduced across processes in one
+    collective when logged."""
 
     NAMES = ("loss_sum", "finite_steps", "examples", "bad_rows")
 
-    def __init__(self, device: torch.device) -> None:
-        self._sums = torch.zeros(len(self.NAMES), device=device)
+    def __init__(self, device: torch.device, sources: int = 0) -> None:
+        self._sums = torch.zeros(len(self.NAMES) + sources, device=device)
+        self.sources = sources
 
-    def add(self, loss: torch.Tensor, loss_ok: torch.Tensor, examples: int, bad_rows: torch.Tensor) -> None:
-        self._sums += torch.stack(
-            [torch.where(loss_ok, loss.float(), 0.0), loss_ok.float(), bad_rows + examples, bad_rows.float()]
-        )
+    def add(
+        self,
+        loss: torch.Tensor,
+        loss_ok: torch.Tensor,
+        examples: int,
+        bad_rows: torch.Tensor,
+        by_source: torch.Tensor | None = None,
+    ) -> None:
+        sums = [
+            torch.where(loss_ok, loss.float(), 0.0),
+            loss_ok.float(),
+            bad_rows + examples,
+            bad_rows.float(),
+        ]
+        if self.sources:
+            sums.extend(by_source.to(self._sums.device).float().unbind())
+        self._sums += torch.stack(sums)
 
-    def reduce(self, accelerator: Accelerator) -> dict[str, float]:
-        """The sums over all processes since the last call; the window starts again."""
+    def reduce(self, accelerator: Accelerator) -> dict[str, Any]:
+        """The sums over all processes since the last call (``bad_rows_by_source``: a list); the window
+        starts again."""
         totals = accelerator.reduce(self._sums, "sum").tolist()
         self._sums.zero_()
-        return dict(zip(self.NAMES, totals, strict=True))
+        n = len(self.NAMES)
+        return {**dict(zip(self.NAMES, totals[:n], strict=True)), "bad_rows_by_source": totals[n:]}
 
 
 def _clock(seconds: float) -> str:

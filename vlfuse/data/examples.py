@@ -73,11 +73,13 @@ class BadExample:
         reason: ``bad_image``, ``bad_box`` or ``bad_answer``.
         detail: what was wrong, naming the row.
         placeholder: a blank example of the right shapes, standing in for it in evaluation batches.
+        source: the index of its dataset in a mixed run (``data.datasets``).
     """
 
     reason: str
     detail: str
     placeholder: Any
+    source: int = 0  # which dataset of a mixed run (data.datasets) it came from
 
 
 class ImageTextDataset(Dataset):

@@ -58,6 +58,7 @@ class StreamedExamples(IterableDataset):
         buffer_size: examples per shuffled block; 1 reads the stream in order.
         rank: this process's index (keys the shuffle and the examples' image ids).
         seed: ``train.seed``.
+        name: the source's name in a mixed run (``data.datasets``): its image ids are its own.
     """
 
     def __init__(
@@ -67,8 +68,10 @@ class StreamedExamples(IterableDataset):
         buffer_size: int,
         rank: int = 0,
         seed: int = 0,
+        name: str = "",
     ) -> None:
         self.stream = stream
+        self.ids = (name,) if name else ()
         self.template = template
         self.buffer_size = max(1, buffer_size)
         self.rank, self.seed = rank, seed
@@ -146,9 +149,9 @@ class StreamedExamples(IterableDataset):
                 block.append(lambda where=where: template.bad(f"missing_{noun}", f"{where}: no {noun}"))
                 continue
             if self.image_id_column is not None and self.image_id_column in row:
-                image_id = stable_id("image", row[self.image_id_column])
+                image_id = stable_id("image", *self.ids, row[self.image_id_column])
             else:
-                image_id = stable_id("row", *key)
+                image_id = stable_id("row", *self.ids, *key)
             for text in texts:
                 flip = template.flips(f"stream-{self.rank}-{worker_id}-{block_no}-{len(block)}", epoch)
                 source = Source(row, text, where, image_id, flip)

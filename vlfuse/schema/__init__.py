@@ -29,6 +29,7 @@ from vlfuse.schema.fields import (
     at_least,
     one_of,
 )
+from vlfuse.schema.mixing import STOPPING, validate_mixing
 from vlfuse.schema.study import CompareConfig, StudyConfig, validate_compare, validate_study
 
 __all__ = [
@@ -211,6 +212,15 @@ class DataConfig:
     # classification: the answer vocabulary keeps this many most frequent train answers; the rest map to
     # "unknown" (counted, never predicted).
     num_answers: int = at_least(1000, 1)
+    # Several datasets mixed by weight (replaces dataset above for training and evaluation): a list of
+    # {dataset, weight, name, ...} entries, each with any of dataset, revision, subset, train_split,
+    # eval_split, columns, image_root, box_format, box_normalized, max_train_samples, max_eval_samples (the
+    # rest from this section). Training draws each source's share of examples by weight (0 = never read);
+    # evaluation reports every source's split ("<split>[<name>]") and all of them together ("<split>").
+    datasets: Any = None
+    # When a mixed epoch ends: first_exhausted (when the first source with weight > 0 is used up: no
+    # example repeats) or all_exhausted (when every source has been read whole: smaller ones repeat).
+    mix_stopping: str = one_of("first_exhausted", STOPPING)
     # Embedded dataset only: images in the train split.
     shapes_train_size: int = at_least(20000, 1)
     # Embedded dataset only: images in the validation split.
@@ -333,6 +343,7 @@ def validate(cfg: Any, prefix: str = "") -> None:
             )
         if isinstance(cfg.eval_split, tuple):
             cfg.eval_split = list(cfg.eval_split)
+        validate_mixing(cfg)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

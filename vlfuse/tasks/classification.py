@@ -29,6 +29,7 @@ from vlfuse.data.answers import UNKNOWN, answer_scores, answers_of, build_vocabu
 from vlfuse.data.examples import BadExample, ExampleCollator, ImageTextDataset, Source
 from vlfuse.data.loading import DataError, check_columns, stream_head
 from vlfuse.schema import ConfigError
+from vlfuse.schema.mixing import training_sources
 from vlfuse.tasks.base import ClassifierHead, Task, build_image_text_dataset, cross_entropy, load_task_split
 
 FIELDS = ("image", "question", "answer")
@@ -137,16 +138,10 @@ class ClassificationTask(Task):
         """Builds ``model.answers`` from the train split when it is empty and no saved model is loaded."""
         if cfg.model.answers or cfg.model.init_from:
             return
-        split = cfg.data.train_split
-        with accelerator.main_process_first():
-            if cfg.data.streaming:  # the stream's first rows: a stream is not read whole before training
-                rows = cfg.data.stream_vocabulary_rows
-                ds = stream_head(cfg.data, split, rows, columns=[cfg.data.columns.get("answer", "answer")])
-                accelerator.print(f"answer vocabulary from the first {len(ds):,} rows of the stream")
-            else:
-                ds = load_task_split(cfg, split, train=True)
-        check_columns(ds, cfg.data.columns, ("answer",), f"{cfg.data.dataset}[{split}]")
-        vocab, stats = build_vocabulary(ds[cfg.data.columns["answer"]], cfg.data.num_answers)
+        answers = []
+        for source in training_sources(cfg.data):  # a mixed run: every source it trains on
+            answers += self.train_answers(source.config(cfg), accelerator)
+        vocab, stats = build_vocabulary(answers, cfg.data.num_answers)
         if not vocab:
             raise DataError(
                 f"no answers in column {cfg.data.columns['answer']!r} (data.columns.answer) of the train "
@@ -160,6 +155,19 @@ class ClassificationTask(Task):
             f"({unknown / max(questions, 1):.1%}) have no answer in it and train the '{UNKNOWN}' class; "
             f"most frequent: {vocab[:5]}"
         )
+
+    def train_answers(self, cfg, accelerator) -> list:
+        """The answer cells of the train split (a stream's first ``data.stream_vocabulary_rows`` rows)."""
+        split = cfg.data.train_split
+        with accelerator.main_process_first():
+            if cfg.data.streaming:  # the stream's first rows: a stream is not read whole before training
+                rows = cfg.data.stream_vocabulary_rows
+                ds = stream_head(cfg.data, split, rows, columns=[cfg.data.columns.get("answer", "answer")])
+                accelerator.print(f"answer vocabulary from the first {len(ds):,} rows of the stream")
+            else:
+                ds = load_task_split(cfg, split, train=True)
+        check_columns(ds, cfg.data.columns, ("answer",), f"{cfg.data.dataset}[{split}]")
+        return list(ds[cfg.data.columns["answer"]])
 
     def build_head(self, cfg, fusion):
         if not cfg.answers:

@@ -4,7 +4,7 @@ loader and its position in checkpoints; and the evaluation splits' loaders."""
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,9 +17,11 @@ from vlfuse.checkpointing import CheckpointError
 from vlfuse.data.examples import ImageTextDataset
 from vlfuse.data.feature_cache import cached_dataset
 from vlfuse.data.loading import DataError, stream_split
+from vlfuse.data.mixing import ConcatExamples, MixedCollator, MixedDataset, MixedStream
 from vlfuse.data.streaming import StreamedExamples, split_stream, stream_loader
 from vlfuse.data.subsets import HOLDOUT, RowView, example_rows, split_rows
 from vlfuse.schema import Config, ConfigError
+from vlfuse.schema.mixing import Source, sources, training_sources
 from vlfuse.tasks import Task
 
 if TYPE_CHECKING:  # the loop's state, for annotations only
@@ -86,26 +88,54 @@ def split_part(cfg: Config, split: str, train: bool) -> str | None:
 
 def build_train_data(accelerator: Accelerator, cfg: Config, task: Task, model) -> MapData | StreamData:
     """The train split and its loader: map-style (shuffled by a seeded sampler), or with
-    ``data.streaming`` read as a stream, this process's part of it."""
-    split = cfg.data.train_split
+    ``data.streaming`` read as a stream, this process's part of it; with ``data.datasets``, every
+    source's train split mixed by weight (``vlfuse.data.mixing``)."""
     collate = task.collator(model, train=True)
+    mixed = training_sources(cfg.data) if cfg.data.datasets else None
+    if mixed:
+        collate = MixedCollator(collate, len(mixed))
     if cfg.data.streaming:
         with accelerator.main_process_first():
-            dataset = build_stream(cfg, task, model, accelerator.process_index, accelerator.num_processes)
-        accelerator.print(f"train split {split}: {dataset.describe()}")
+            dataset = build_stream_data(
+                cfg, task, model, accelerator.process_index, accelerator.num_processes
+            )
+        accelerator.print(f"train split {cfg.data.train_split}: {dataset.describe()}")
         loader = stream_loader(dataset, cfg.train.batch_size, collate, cfg.data.num_workers or 0)
-        return StreamData(dataset, loader, accelerator)
-    train_set = build_split(accelerator, cfg, task, model, split, train=True)
+        return StreamData(dataset, loader, accelerator, source_names=mixed_names(mixed))
+    if mixed:
+        parts = [
+            (s.name, build_split(accelerator, s.config(cfg), task, model, s.data.train_split, True))
+            for s in mixed
+        ]
+        train_set = MixedDataset(parts, [s.weight for s in mixed], cfg.data.mix_stopping, cfg.train.seed)
+        accelerator.print(f"train split, mixed: {train_set.describe()}")
+    else:
+        train_set = build_split(accelerator, cfg, task, model, cfg.data.train_split, train=True)
     if len(train_set) < cfg.train.batch_size:
         raise ValueError(
             f"the train split has {len(train_set)} examples, "
             f"fewer than train.batch_size={cfg.train.batch_size}"
         )
     loader = make_loader(train_set, cfg, collate, cfg.train.batch_size, shuffle=True)
-    return MapData(train_set, loader, accelerator, cfg.train.gradient_accumulation_steps)
+    return MapData(train_set, loader, accelerator, cfg.train.gradient_accumulation_steps, mixed_names(mixed))
 
 
-def build_stream(cfg: Config, task: Task, model, rank: int, world_size: int) -> StreamedExamples:
+def mixed_names(mixed: list[Source] | None) -> list[str]:
+    return [s.name for s in mixed] if mixed else []
+
+
+def build_stream_data(cfg: Config, task: Task, model, rank: int, world_size: int):
+    """Process ``rank``'s part of the streamed train split, or of every source's mixed by weight."""
+    if not cfg.data.datasets:
+        return build_stream(cfg, task, model, rank, world_size)
+    mixed = training_sources(cfg.data)
+    parts = [(s.name, build_stream(s.config(cfg), task, model, rank, world_size, s.name)) for s in mixed]
+    return MixedStream(parts, [s.weight for s in mixed], cfg.data.mix_stopping, rank, cfg.train.seed)
+
+
+def build_stream(
+    cfg: Config, task: Task, model, rank: int, world_size: int, name: str = ""
+) -> StreamedExamples:
     """Process ``rank``'s part of the streamed train split (``data.streaming``), its examples made by the
     task's dataset over the stream's first rows."""
     split = cfg.data.train_split
@@ -116,7 +146,7 @@ def build_stream(cfg: Config, task: Task, model, rank: int, world_size: int) -> 
     if cfg.data.max_train_samples is not None:
         stream = stream.take(cfg.data.max_train_samples)
     stream = split_stream(stream, rank, world_size)
-    return StreamedExamples(stream, template, cfg.data.shuffle_buffer, rank, cfg.train.seed)
+    return StreamedExamples(stream, template, cfg.data.shuffle_buffer, rank, cfg.train.seed, name)
 
 
 @dataclass
@@ -127,6 +157,7 @@ class MapData:
     loader: DataLoader
     accelerator: Accelerator
     accum: int
+    source_names: list[str] = field(default_factory=list)  # a mixed run's sources (bad rows per source)
 
     def describe(self) -> str:
         return f"{len(self.dataset):,} train examples"
@@ -165,9 +196,10 @@ class StreamData:
     """A streamed train split: passes of unknown length, per process (processes may start a new pass at
     different steps); the position of every process is saved in checkpoints and restored on resume."""
 
-    dataset: StreamedExamples
+    dataset: StreamedExamples | MixedStream
     loader: Any  # torchdata StatefulDataLoader
     accelerator: Accelerator
+    source_names: list[str] = field(default_factory=list)  # a mixed run's sources (bad rows per source)
     epoch: int = 0
     pass_ended: bool = False
     resumed: bool = False  # the next pass continues a checkpoint's
@@ -237,11 +269,33 @@ class StreamData:
 
 
 def build_eval_loaders(accelerator: Accelerator, cfg: Config, task: Task, model) -> dict[str, DataLoader]:
+    """A loader per evaluation split; with ``data.datasets``, per split and source (``<split>[<name>]``)
+    and all sources together (``<split>``)."""
     batch_size = cfg.train.eval_batch_size or cfg.train.batch_size
     collate = task.collator(model, train=False)
-    return {
-        split: make_loader(
-            build_split(accelerator, cfg, task, model, split, False), cfg, collate, batch_size, False
-        )
-        for split in eval_splits(cfg)
-    }
+    datasets = {}
+    for split in eval_splits(cfg):
+        if cfg.data.datasets:
+            datasets.update(build_mixed_eval(accelerator, cfg, task, model, split))
+        else:
+            datasets[split] = build_split(accelerator, cfg, task, model, split, False)
+    return {name: make_loader(ds, cfg, collate, batch_size, False) for name, ds in datasets.items()}
+
+
+def build_mixed_eval(accelerator: Accelerator, cfg: Config, task: Task, model, split: str) -> dict[str, Any]:
+    """Evaluation split ``split`` of every source (a source whose entry sets ``eval_split`` reads its
+    own, by position when the run names several), and all of them together: the task's dataset rebuilt
+    over every source's examples in turn (``ConcatExamples``)."""
+    position = eval_splits(cfg).index(split)
+    per_source, bases = {}, []
+    for s in sources(cfg.data):
+        own = eval_splits(s.config(cfg))
+        name = own[min(position, len(own) - 1)]
+        dataset = build_split(accelerator, s.config(cfg), task, model, name, False)
+        task.over_examples(dataset, lambda base, name=s.name: bases.append((name, base)) or base)
+        per_source[f"{split}[{s.name}]"] = dataset
+    whole = task.over_examples(
+        per_source[f"{split}[{sources(cfg.data)[0].name}]"], lambda _: ConcatExamples(bases)
+    )
+    accelerator.print(f"eval split {split}: {whole.describe()}")
+    return {split: whole, **per_source}

@@ -51,6 +51,7 @@ class StepOutcome:
     stepped: bool
     examples: int
     bad_rows: torch.Tensor
+    bad_rows_by_source: torch.Tensor | None = None
 
 
 def train(
@@ -76,14 +77,16 @@ def train(
     run.on_eval = on_eval
     state = restore_or_start_state(run)
     counts = start_trackers_and_print_plan(run)
-    meter, window = Throughput(), LossWindow(run.accelerator.device)
+    meter, window = Throughput(), LossWindow(run.accelerator.device, len(run.data.source_names))
     progress = Progress(run.total_steps, state.step, enabled=run.accelerator.is_local_main_process)
     run.model.train()
     run.data.start(state)
     while state.step < run.total_steps and not state.stop_requested:
         for batch in meter.batches(run.data.epoch_batches(state)):
             outcome = train_step(run, batch, meter)
-            window.add(outcome.loss, outcome.loss_ok, outcome.examples, outcome.bad_rows)
+            window.add(
+                outcome.loss, outcome.loss_ok, outcome.examples, outcome.bad_rows, outcome.bad_rows_by_source
+            )
             meter.add_samples(outcome.examples * run.accelerator.num_processes)
             if not run.accelerator.sync_gradients:
                 continue
@@ -146,6 +149,7 @@ def train_step(run: Run, batch: dict[str, torch.Tensor], meter: Throughput) -> S
     if accelerator.distributed_type == DistributedType.FSDP:
         broadcast_training_buffers(model)
     n_bad = batch.pop("bad_rows")
+    by_source = batch.pop("bad_rows_by_source", None)  # a mixed run's bad rows per source
     n_good = batch["valid"].shape[0]
     chunk = run.cfg.train.contrastive_chunk_size
     with accelerator.accumulate(model):
@@ -171,7 +175,7 @@ def train_step(run: Run, batch: dict[str, torch.Tensor], meter: Throughput) -> S
                 stepped = True
         run.optimizer.zero_grad(set_to_none=True)
     meter.step += time.perf_counter() - start
-    return StepOutcome(loss.detach(), loss_ok, stepped, n_good, n_bad)
+    return StepOutcome(loss.detach(), loss_ok, stepped, n_good, n_bad, by_source)
 
 
 def divergence_hint(task: Task) -> str:
