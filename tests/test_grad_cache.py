@@ -171,13 +171,15 @@ RETRIEVAL_RUN = [
 
 
 @pytest.mark.slow
-def test_a_resumed_run_with_gradient_caching_is_bitwise_the_uninterrupted_one(tmp_path, monkeypatch):
-    train(tiny_config(*RETRIEVAL_RUN, f"train.output_dir={tmp_path / 'straight'}"))
+@pytest.mark.parametrize("mode", ["all", "text"])  # text: the image tower frozen, run once per step
+def test_a_resumed_run_with_gradient_caching_is_bitwise_the_uninterrupted_one(tmp_path, monkeypatch, mode):
+    run = [*RETRIEVAL_RUN, f"model.trainable_encoders={mode}"]
+    train(tiny_config(*run, f"train.output_dir={tmp_path / 'straight'}"))
     AcceleratorState._reset_state(True)
-    resumed = tiny_config(*RETRIEVAL_RUN, f"train.output_dir={tmp_path / 'resumed'}")
+    resumed = tiny_config(*run, f"train.output_dir={tmp_path / 'resumed'}")
     train_until_crash_after_checkpoint(monkeypatch, resumed, step=3)
     AcceleratorState._reset_state(True)
-    train(tiny_config(*RETRIEVAL_RUN, f"train.output_dir={tmp_path / 'resumed'}", "train.resume_from=latest"))
+    train(tiny_config(*run, f"train.output_dir={tmp_path / 'resumed'}", "train.resume_from=latest"))
     straight = load_file(str(tmp_path / "straight" / "final" / "model.safetensors"))
     again = load_file(str(tmp_path / "resumed" / "final" / "model.safetensors"))
     assert all(torch.equal(straight[k], again[k]) for k in straight)
@@ -259,3 +261,22 @@ def test_under_bf16_autocast_the_cached_gradient_equals_the_full_batch():
         AcceleratorState._reset_state(True)
     assert loss.item() == pytest.approx(reference_loss.item(), abs=1e-6)
     _assert_same_grads(cached, reference)
+
+
+def test_a_frozen_tower_runs_once_per_step_not_in_both_passes():
+    # LiT-style: the image tower frozen (not cached), the text tower learning.
+    accelerator = Accelerator(cpu=True)
+    model, batch = ranks.build(True, "model.trainable_encoders=text")
+    model.train()
+    calls = []
+    model.image_encoder.register_forward_hook(lambda module, inputs, output: calls.append(len(inputs[0])))
+    torch.manual_seed(3)
+    loss = cached_backward(accelerator, model, TASK.loss, batch, ranks.CHUNK)
+    assert calls == [3, 3, 2]  # once per chunk: its features serve both passes
+    cached = _grads(model)
+    torch.manual_seed(3)
+    reference_loss = ranks.reference_backward(accelerator, model, TASK.loss, batch, ranks.CHUNK)
+    reference = _grads(model)
+    assert loss.item() == pytest.approx(reference_loss.item(), abs=1e-6)
+    _assert_same_grads(cached, reference)
+    assert not [n for n in cached if n.startswith("image_encoder.")]

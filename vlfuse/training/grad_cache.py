@@ -17,7 +17,8 @@ so dropout draws the same masks. Buffers a forward pass updates (batch norm's ru
 restored after the first pass, so each chunk updates them once. The gradient is all-reduced once, after
 the last chunk (DDP's ``no_sync`` before it); FSDP reduces each chunk's, the same sum. What stays
 approximate is what is per chunk by nature: batch norm normalises each chunk with that chunk's
-statistics, as DDP does per process. DeepSpeed is refused (its engine steps at every backward).
+statistics, as DDP does per process. DeepSpeed is refused (its engine steps at every backward). A frozen
+tower runs once per step: its features stand in for its inputs in both passes (``encode_frozen_towers``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from contextlib import nullcontext
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 
 Batch = dict[str, torch.Tensor]
 
@@ -75,6 +77,25 @@ def leaf_outputs(chunk_outputs: list[Batch], chunks: list[Batch]) -> tuple[Batch
     return joined, rows_of
 
 
+def encode_frozen_towers(accelerator: Accelerator, model: torch.nn.Module, chunk: Batch) -> Batch:
+    """``chunk`` with a frozen tower's features in place of its raw inputs, so that the tower runs once
+    per step rather than in both passes (its output is the same in both: eval mode, no graph). Towers
+    the feature cache serves have features already; a sharded model (FSDP) runs its towers itself."""
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        return chunk
+    inner = accelerator.unwrap_model(model)
+    out = dict(chunk)
+    with torch.no_grad(), accelerator.autocast():
+        if "pixel_values" in out and not inner.tower_is_trainable("image"):
+            image = inner.encode_image(out.pop("pixel_values"))
+            out.update(image_tokens=image.tokens, image_pooled=image.pooled)
+        if "input_ids" in out and not inner.tower_is_trainable("text"):
+            text = inner.encode_text(out.pop("input_ids"), out.pop("attention_mask"))
+            out.update(text_tokens=text.tokens, text_mask=text.mask, text_pooled=text.pooled)
+    keep_tokens = inner.fusion.uses_tokens  # else only pooled vectors are read: hold no token maps
+    return {k: v for k, v in out.items() if v is not None and (keep_tokens or not k.endswith("_tokens"))}
+
+
 def cached_backward(
     accelerator: Accelerator, model: torch.nn.Module, loss_fn, batch: Batch, chunk_size: int
 ) -> torch.Tensor:
@@ -89,7 +110,7 @@ def cached_backward(
         batch: the training batch on the device (``bad_rows`` already taken out).
         chunk_size: examples per chunk.
     """
-    chunks = chunks_of(batch, chunk_size)
+    chunks = [encode_frozen_towers(accelerator, model, chunk) for chunk in chunks_of(batch, chunk_size)]
     device = batch["valid"].device
     starts, outputs = [], []
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
