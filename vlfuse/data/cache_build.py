@@ -95,11 +95,9 @@ class ImageReader:
 
     def read(self, i: int) -> tuple[Any, int | None, bool]:
         """Example ``i``, its entry (None for a bad example) and whether the entry is new."""
-        row_idx = self.dataset.index[i][0]
-        try:
-            row = self.raw[row_idx]
-        except Exception as err:  # a row datasets cannot read
-            return self.dataset.bad("bad_image", f"row {row_idx}: {err}"), None, False
+        row = self.dataset.read_row(i, self.raw)
+        if isinstance(row, BadExample):
+            return row, None, False
         key = encoded_image_key(self.dataset, i, row[self.column])
         if key is not None and key in self.known:
             entry, size = self.known[key]

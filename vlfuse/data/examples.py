@@ -217,12 +217,18 @@ class ImageTextDataset(Dataset):
         return len(self.index)
 
     def __getitem__(self, i: int) -> Any:
+        row = self.read_row(i)
+        return row if isinstance(row, BadExample) else self.example_from(i, row)
+
+    def read_row(self, i: int, table: datasets.Dataset | None = None) -> dict[str, Any] | BadExample:
+        """The cells of example ``i``'s row in ``table`` (default: the split with its images decoded; the
+        feature cache's build reads ``undecoded()``), or a bad example naming the row when they cannot be
+        read (an undecodable embedded image fails inside datasets' decoding)."""
         row_idx = self.index[i][0]
         try:
-            row = self.ds[row_idx]
-        except Exception as err:  # an undecodable embedded image fails inside datasets' decoding
+            return (self.ds if table is None else table)[row_idx]
+        except Exception as err:
             return self.bad("bad_image", f"row {row_idx}: {err}")
-        return self.example_from(i, row)
 
     def example_from(self, i: int, row: dict[str, Any]) -> Any:
         """Example ``i`` made from its row's cells ``row`` (as read from ``ds`` or ``undecoded()``)."""
