@@ -278,8 +278,19 @@ def _texts(layouts, which):
     return {"the red box", "red rectangle"} if which == "jxu" else {"red box", "the red one"}
 
 
-@pytest.mark.parametrize("config", ["grounding", "retrieval", "vqa", "itm"])
-def test_every_task_trains_on_a_mixed_train_split(config, tmp_path):
+FROZEN_CACHED_CHUNKED = [
+    "model.trainable_encoders=none",
+    "train.cache_features=true",
+    "train.contrastive_chunk_size=3",
+]
+
+
+@pytest.mark.parametrize(
+    "config, extra",
+    [("grounding", []), ("retrieval", []), ("retrieval", FROZEN_CACHED_CHUNKED), ("vqa", []), ("itm", [])],
+    ids=["grounding", "retrieval", "retrieval-cached-chunked", "vqa", "itm"],
+)
+def test_every_task_trains_on_a_mixed_train_split(config, extra, tmp_path):
     recipe = Path(__file__).resolve().parents[1] / "recipes" / "configs" / config / "shapes.yaml"
     out = tmp_path / "run"
     cfg = load_config(
@@ -295,9 +306,13 @@ def test_every_task_trains_on_a_mixed_train_split(config, tmp_path):
             "train.eval_every=2",
             "train.log_every=1",
             f"train.output_dir={out}",
+            f"train.cache_dir={tmp_path / 'cache'}",
+            *extra,
         ],
     )
     metrics = train(cfg)
     assert set(metrics) == {"validation", "validation[a]", "validation[b]"}
+    if config == "retrieval":  # images of the two sources are distinct images overall
+        assert metrics["validation"]["images"] == metrics["validation[a]"]["images"] + 6 == 16
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and "bad_rows[a]" in summary
