@@ -280,3 +280,24 @@ def test_a_frozen_tower_runs_once_per_step_not_in_both_passes():
     assert loss.item() == pytest.approx(reference_loss.item(), abs=1e-6)
     _assert_same_grads(cached, reference)
     assert not [n for n in cached if n.startswith("image_encoder.")]
+
+
+def test_with_gradient_accumulation_each_micro_batch_is_one_cached_batch():
+    AcceleratorState._reset_state(True)
+    try:
+        accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+        model, batch = ranks.build(False)
+        model.train()
+        halves = chunks_of(batch, 4)  # two micro-batches of 4; each cached in chunks of 3 and 1
+        for half in halves:
+            with accelerator.accumulate(model):
+                cached_backward(accelerator, model, TASK.loss, half, ranks.CHUNK)
+        cached = _grads(model)
+        for half in halves:
+            with accelerator.accumulate(model):
+                loss, _ = TASK.loss(model(**half), half)
+                accelerator.backward(loss)
+        plain = _grads(model)
+    finally:
+        AcceleratorState._reset_state(True)
+    _assert_same_grads(cached, plain)
