@@ -2,6 +2,7 @@
 by its own settings, evaluation per source and overall, resume, two processes, bad rows per source,
 streaming, and every task."""
 
+import dataclasses
 import json
 import math
 from collections import Counter
@@ -316,3 +317,23 @@ def test_every_task_trains_on_a_mixed_train_split(config, extra, tmp_path):
         assert metrics["validation"]["images"] == metrics["validation[a]"]["images"] + 6 == 16
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and "bad_rows[a]" in summary
+
+
+def test_two_sources_image_zero_are_two_images():
+    # Retrieval's positives are examples of one image id: a mix must keep ids apart across sources and
+    # equal within one.
+    @dataclasses.dataclass
+    class Caption:
+        tag: str
+        image_id: torch.Tensor
+
+    class Captions(Numbers):
+        def __getitem__(self, i):
+            return Caption(self.tag, torch.tensor(i // 3))  # three captions per image
+
+    dataset = MixedDataset([("a", Captions("a", 9)), ("b", Captions("b", 9))], [1, 1], "first_exhausted", 0)
+    ids = {"a": set(), "b": set()}
+    for j in range(len(dataset)):
+        example = dataset[j]
+        ids[example.tag].add(int(example.image_id))
+    assert len(ids["a"]) == len(ids["b"]) == 3 and not ids["a"] & ids["b"]

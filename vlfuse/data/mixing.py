@@ -67,10 +67,12 @@ def tagged(example: Any, source: int, name: str, id_offset: int) -> Any:
     return example
 
 
-def id_span(dataset: Any) -> int:
-    """How many image ids a source's examples use (0 .. max)."""
-    ids = getattr(dataset, "image_ids", None) or [0]
-    return int(max(ids)) + 1
+ID_STRIDE = 1 << 40  # source k's image ids start at k * ID_STRIDE: no split has 2**40 images
+
+
+def id_offsets(n_sources: int) -> list[int]:
+    """Where each source's image ids start, so that no two sources share one."""
+    return [k * ID_STRIDE for k in range(n_sources)]
 
 
 class MixedDataset(Dataset):
@@ -93,8 +95,7 @@ class MixedDataset(Dataset):
         self.taken = mix_counts(self.sizes, self.weights, stopping)  # examples per source and epoch
         self.ends = np.cumsum(self.taken).tolist()
         self.counts: Counter[str] = sum((Counter(getattr(d, "counts", {})) for d in self.parts), Counter())
-        spans = [id_span(d) for d in self.parts]
-        self.id_offsets = [sum(spans[:k]) for k in range(len(spans))]
+        self.id_offsets = id_offsets(len(self.parts))
         self.seed, self.epoch, self.stopping = seed, 0, stopping
         self._orders: dict[tuple[int, int, int], list[int]] = {}
 
@@ -222,8 +223,7 @@ class ConcatExamples(Dataset):
         self.names = [name for name, _ in parts]
         self.parts = [dataset for _, dataset in parts]
         self.ends = np.cumsum([len(d) for d in self.parts]).tolist()
-        spans = [id_span(d) for d in self.parts]
-        self.id_offsets = [sum(spans[:k]) for k in range(len(spans))]
+        self.id_offsets = id_offsets(len(self.parts))
         self.texts = [t for d in self.parts for t in getattr(d, "texts", [])]
         self.image_ids = [
             i + offset for d, offset in zip(self.parts, self.id_offsets) for i in getattr(d, "image_ids", [])
