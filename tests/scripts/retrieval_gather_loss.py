@@ -5,12 +5,11 @@ With a second argument ``ids``, rows carry image ids with repeats within and acr
 loss is the multi-positive one.
 """
 
-import json
 import sys
 
 import torch
-import torch.distributed as dist
 from accelerate import Accelerator
+from ranks_io import write_records
 
 from vlfuse.tasks.retrieval import contrastive_loss
 
@@ -42,13 +41,7 @@ def main(out: str, with_ids: bool) -> None:
         "grad_texts": local_texts.grad.tolist(),
         "grad_log_scale": log_scale.grad.item(),
     }
-    records = [None] * world
-    dist.all_gather_object(records, record)
-    if accelerator.is_main_process:
-        with open(out, "w") as f:
-            json.dump(records, f)
-    accelerator.wait_for_everyone()
-    dist.destroy_process_group()  # an orderly exit: gloo's threads stopped before the interpreter's
+    write_records(accelerator, record, out)
 
 
 if __name__ == "__main__":

@@ -67,6 +67,17 @@ def tagged(example: Any, source: int, name: str, id_offset: int) -> Any:
     return example
 
 
+def locate(ends: Sequence[int], j: int) -> tuple[int, int]:
+    """(part, position in it) of item ``j`` of parts laid end to end (``ends``: cumulative lengths)."""
+    k = bisect.bisect_right(ends, j)
+    return k, j - (ends[k - 1] if k else 0)
+
+
+def summed_counts(parts: Sequence[Any]) -> Counter[str]:
+    """The parts' counters (rows, examples, dropped texts, ...) added up."""
+    return sum((Counter(getattr(d, "counts", {})) for d in parts), Counter())
+
+
 ID_STRIDE = 1 << 40  # source k's image ids start at k * ID_STRIDE: no split has 2**40 images
 
 
@@ -94,7 +105,7 @@ class MixedDataset(Dataset):
             raise ValueError(f"data.datasets: source {empty[0]!r} has no training examples")
         self.taken = mix_counts(self.sizes, self.weights, stopping)  # examples per source and epoch
         self.ends = np.cumsum(self.taken).tolist()
-        self.counts: Counter[str] = sum((Counter(getattr(d, "counts", {})) for d in self.parts), Counter())
+        self.counts = summed_counts(self.parts)
         self.id_offsets = id_offsets(len(self.parts))
         self.seed, self.epoch, self.stopping = seed, 0, stopping
         self._orders: dict[tuple[int, int, int], list[int]] = {}
@@ -109,8 +120,7 @@ class MixedDataset(Dataset):
 
     def source_of(self, j: int) -> tuple[int, int]:
         """(source, index in that source's dataset) of mixed example ``j`` in this epoch."""
-        k = bisect.bisect_right(self.ends, j)
-        local = j - (self.ends[k - 1] if k else 0)
+        k, local = locate(self.ends, j)
         cycle, at = divmod(local, self.sizes[k])
         key = (self.epoch, k, cycle)
         if key not in self._orders:
@@ -229,21 +239,17 @@ class ConcatExamples(Dataset):
             i + offset for d, offset in zip(self.parts, self.id_offsets) for i in getattr(d, "image_ids", [])
         ]
         self.image_size = getattr(self.parts[0], "image_size", None)
-        self.counts: Counter[str] = sum((Counter(getattr(d, "counts", {})) for d in self.parts), Counter())
+        self.counts = summed_counts(self.parts)
 
     def __len__(self) -> int:
         return self.ends[-1] if self.ends else 0
 
-    def _locate(self, j: int) -> tuple[int, int]:
-        k = bisect.bisect_right(self.ends, j)
-        return k, j - (self.ends[k - 1] if k else 0)
-
     def __getitem__(self, j: int) -> Any:
-        k, i = self._locate(j)
+        k, i = locate(self.ends, j)
         return tagged(self.parts[k][i], k, self.names[k], self.id_offsets[k])
 
     def text_features(self, j: int) -> dict[str, torch.Tensor]:
-        k, i = self._locate(j)
+        k, i = locate(self.ends, j)
         return self.parts[k].text_features(i)
 
     def blank_features(self) -> dict[str, torch.Tensor]:

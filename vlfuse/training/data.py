@@ -288,14 +288,13 @@ def build_mixed_eval(accelerator: Accelerator, cfg: Config, task: Task, model, s
     over every source's examples in turn (``ConcatExamples``)."""
     position = eval_splits(cfg).index(split)
     per_source, bases = {}, []
-    for s in sources(cfg.data):
+    every = sources(cfg.data)
+    for s in every:
         own = eval_splits(s.config(cfg))
         name = own[min(position, len(own) - 1)]
         dataset = build_split(accelerator, s.config(cfg), task, model, name, False)
         task.over_examples(dataset, lambda base, name=s.name: bases.append((name, base)) or base)
         per_source[f"{split}[{s.name}]"] = dataset
-    whole = task.over_examples(
-        per_source[f"{split}[{sources(cfg.data)[0].name}]"], lambda _: ConcatExamples(bases)
-    )
+    whole = task.over_examples(per_source[f"{split}[{every[0].name}]"], lambda _: ConcatExamples(bases))
     accelerator.print(f"eval split {split}: {whole.describe()}")
     return {split: whole, **per_source}
