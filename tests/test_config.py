@@ -131,6 +131,23 @@ def test_another_image_encoder_does_not_inherit_the_default_configs_kwargs():
     assert load_config(SHAPES, ["model.image_encoder.name=convnext_atto"]).model.image_encoder.kwargs == {}
 
 
+def test_another_text_encoder_does_not_inherit_the_default_configs_config_overrides():
+    default = load_cli_config([], SHAPES, task="grounding").model.text_encoder.config_overrides
+    assert default == {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    other = load_cli_config(
+        ["model.text_encoder.name=openai/clip-vit-base-patch32"], SHAPES, task="grounding"
+    )
+    assert other.model.text_encoder.config_overrides == {}
+    given = load_cli_config(
+        ["model.text_encoder.name=some/bert", "model.text_encoder.config_overrides.hidden_dropout_prob=0.2"],
+        SHAPES,
+        task="grounding",
+    )
+    assert given.model.text_encoder.config_overrides == {"hidden_dropout_prob": 0.2}
+    same = load_cli_config(["model.text_encoder.name=vlfuse:tiny-bert"], SHAPES, task="grounding")
+    assert same.model.text_encoder.config_overrides == default
+
+
 def test_an_empty_mapping_on_the_command_line_empties_it():
     emptied = load_cli_config(["model.image_encoder.kwargs={}"], SHAPES, task="grounding")
     assert emptied.model.image_encoder.kwargs == {}

@@ -73,6 +73,25 @@ def test_text_encoder_from_local_folder_loads_weights(bert_folder):
     assert unused == []
 
 
+def test_text_encoder_config_overrides_reach_the_model_and_a_typo_is_named(bert_folder):
+    overrides = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    cfg = TextEncoderConfig(name=str(bert_folder), pretrained=True, max_length=8, config_overrides=overrides)
+    enc = TextEncoder(cfg)
+    assert enc.model.config.hidden_dropout_prob == 0.0
+    dropouts = [m.p for m in enc.model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert dropouts and set(dropouts) == {0.0}
+    # Without dropout, training mode computes what eval mode does.
+    tokens = enc.tokenize(["the red circle", "the lowest blue shape"])
+    enc.train()
+    a = enc(**tokens).pooled
+    enc.eval()
+    assert torch.allclose(a, enc(**tokens).pooled, atol=1e-6)
+    plain = TextEncoder(TextEncoderConfig(name=str(bert_folder), pretrained=True, max_length=8))
+    assert {m.p for m in plain.model.modules() if isinstance(m, torch.nn.Dropout)} != {0.0}
+    with pytest.raises(ValueError, match=r"config_overrides.*hiden_dropout_prob"):
+        TextEncoder(TextEncoderConfig(name=str(bert_folder), config_overrides={"hiden_dropout_prob": 0.0}))
+
+
 def test_text_encoder_bad_name_is_clear():
     with pytest.raises(OSError, match="model.text_encoder.name"):
         TextEncoder(TextEncoderConfig(name="/definitely/not/here", pretrained=False))

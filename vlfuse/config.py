@@ -37,20 +37,25 @@ def _describe_allowed(schema: Any, key: str) -> str:
     return ""
 
 
+# Each tower's mapping that is written for one encoder (dropped when another encoder is named).
+ENCODER_SPECIFIC = {"model.image_encoder": "kwargs", "model.text_encoder": "config_overrides"}
+
+
 def _replaced(base: Any, layer: Any, emptied: Sequence[str] = ()) -> Any:
     """``base`` prepared for merging ``layer``: the mappings ``layer`` replaces are emptied first.
 
-    - ``model.image_encoder.kwargs`` are encoder-specific (e.g. a tiny CNN's ``output_stride``): when a
-      layer names another image encoder without giving its kwargs, the earlier kwargs are dropped rather
-      than handed to an encoder they were not written for.
+    - ``model.image_encoder.kwargs`` and ``model.text_encoder.config_overrides`` are encoder-specific (a
+      tiny CNN's ``output_stride``, a BERT config's ``hidden_dropout_prob``): when a layer names another
+      encoder, the earlier ones are dropped rather than handed to an encoder they were not written for
+      (what the layer gives for the new encoder is kept).
     - ``key={}`` on the command line empties that mapping (a non-empty ``key={...}`` merges entry by
       entry, as a config file does).
     """
-    name = OmegaConf.select(layer, "model.image_encoder.name")
-    kwargs_given = OmegaConf.select(layer, "model.image_encoder.kwargs") is not None
-    if name is not None and name != OmegaConf.select(base, "model.image_encoder.name") and not kwargs_given:
-        base = base.copy()
-        OmegaConf.update(base, "model.image_encoder.kwargs", {}, merge=False)
+    for tower, specific in ENCODER_SPECIFIC.items():
+        name = OmegaConf.select(layer, f"{tower}.name")
+        if name is not None and name != OmegaConf.select(base, f"{tower}.name"):
+            base = base.copy()
+            OmegaConf.update(base, f"{tower}.{specific}", {}, merge=False)
     for key in emptied:
         if isinstance(OmegaConf.select(base, key), DictConfig):
             base = base.copy()

@@ -53,9 +53,29 @@ def _text_model_class(config: PretrainedConfig, name: str, remote: bool) -> type
     return cls
 
 
-def _load_text_model(path: str, name: str, pretrained: bool, remote: bool) -> PreTrainedModel:
+def override_config(config: PretrainedConfig, overrides: dict) -> PretrainedConfig:
+    """``config`` with the attributes in ``overrides`` set (``model.text_encoder.config_overrides``).
+
+    Raises:
+        ValueError: an override names an attribute the config does not have (a typo would otherwise be
+            stored and silently ignored by the model).
+    """
+    unknown = sorted(k for k in overrides if not hasattr(config, k))
+    if unknown:
+        raise ValueError(
+            f"model.text_encoder.config_overrides: {type(config).__name__} has no attribute(s) {unknown}"
+        )
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+def _load_text_model(
+    path: str, name: str, pretrained: bool, remote: bool, overrides: dict | None = None
+) -> PreTrainedModel:
     """The text model at ``path``; of a dual-tower checkpoint, its text tower only (with its weights)."""
     config = text_tower_config(AutoConfig.from_pretrained(path, trust_remote_code=remote))
+    config = override_config(config, overrides or {})
     cls = _text_model_class(config, name, remote)
     if pretrained:
         if cls is not None:
@@ -131,7 +151,7 @@ class TextEncoder(TunableTower, nn.Module):
         remote = cfg.trust_remote_code
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=remote)
-            model = _load_text_model(path, cfg.name, pretrained, remote)
+            model = _load_text_model(path, cfg.name, pretrained, remote, cfg.config_overrides)
         except OSError as err:
             raise OSError(
                 f"model.text_encoder.name={cfg.name!r}: could not load a tokenizer and model from it "

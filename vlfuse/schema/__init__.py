@@ -107,6 +107,9 @@ class TextEncoderConfig:
     max_length: int = at_least(40, 2)
     # Allow custom model code from the Hub (off unless you trust the repository).
     trust_remote_code: bool = False
+    # Attributes of the model's transformers config to change before it is built (each must exist),
+    # e.g. {hidden_dropout_prob: 0.0, attention_probs_dropout_prob: 0.0}.
+    config_overrides: dict[str, Any] = field(default_factory=dict)
     # How the tower learns when model.trainable_encoders includes it: full, lora or last_blocks.
     tuning: str = _tuning()
     lora: LoraSettings = field(default_factory=LoraSettings)
