@@ -6,6 +6,7 @@ and the grounding task (loss, metrics, decoding) can import it.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -43,7 +44,7 @@ def paired_giou(a_xyxy: torch.Tensor, b_xyxy: torch.Tensor) -> torch.Tensor:
 def to_absolute_xyxy(box: Any, box_format: str, normalized: bool, width: int, height: int) -> torch.Tensor:
     """A dataset box as absolute ``xyxy`` pixels of its image."""
     values = torch.as_tensor(box, dtype=torch.float32).flatten()
-    if values.numel() != 4 or not torch.isfinite(values).all():
+    if values.numel() != 4 or not all(math.isfinite(v) for v in values.tolist()):
         raise DataError(f"box {box!r} is not 4 finite numbers")
     xyxy = convert_boxes(values, box_format, "xyxy")
     if normalized:
