@@ -3,7 +3,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from vlfuse.data.boxes import clip_box, convert_boxes, paired_giou, paired_iou, to_absolute_xyxy
-from vlfuse.data.transforms import hflip, letterbox, swap_left_right
+from vlfuse.data.transforms import hflip, letterbox, letterbox_geometry, swap_left_right
 from vlfuse.tasks.grounding import boxes_to_pixels, grounding_metrics
 
 
@@ -64,6 +64,24 @@ def test_box_follows_image_through_letterbox(size_wh):
     # And decoding goes back to the original pixels.
     back = boxes_to_pixels(target.unsqueeze(0), meta.unsqueeze(0))[0]
     assert back.tolist() == pytest.approx(box.tolist(), abs=1e-3)
+
+
+def test_letterbox_geometry_moves_each_coordinate_as_written_out_one_by_one():
+    # The geometry works on whole boxes for speed; it must give exactly what moving each coordinate
+    # by its scale and offset, then converting to cxcywh, gives.
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(500):
+        w, h = (int(v) for v in torch.randint(1, 2000, (2,), generator=gen))
+        size = int(torch.randint(16, 400, (1,), generator=gen))
+        x0, y0 = float(torch.rand(1, generator=gen)) * w, float(torch.rand(1, generator=gen)) * h
+        box = torch.tensor([x0, y0, x0 + float(torch.rand(1, generator=gen)) * (w - x0), h * 0.99])
+        (new_w, new_h, px, py), moved, meta = letterbox_geometry(w, h, size, box)
+        sx, sy = new_w / w, new_h / h
+        one_by_one = (
+            torch.stack([box[0] * sx + px, box[1] * sy + py, box[2] * sx + px, box[3] * sy + py]) / size
+        )
+        assert torch.equal(moved, convert_boxes(one_by_one, "xyxy", "cxcywh")), (w, h, size, box)
+        assert meta.tolist() == pytest.approx([sx, sy, px, py, size, w, h])
 
 
 def test_hflip_moves_box_and_swaps_words():
