@@ -102,6 +102,17 @@ def test_key_changes_recompute_and_same_key_reuses(tmp_path):
     assert other_size.folders["image"] != first.folders["image"]
     key = json.loads((other_size.folders["image"] / "cache.json").read_text())
     assert key["encoder"]["image_size"] == 48 and key["split"] == "validation" and key["tower"] == "image"
+    # Settings that change what the same weights compute: the timm kwargs, the text config overrides.
+    for override, tower in [
+        ("model.image_encoder.kwargs.output_stride=16", "image"),
+        ("model.text_encoder.config_overrides.hidden_act=relu", "text"),
+    ]:
+        AcceleratorState._reset_state(True)
+        torch.manual_seed(0)
+        _, _, other = _cached(tmp_path, "none", "float32", override)
+        other_tower = {"image": "text", "text": "image"}[tower]
+        assert other.folders[tower] != first.folders[tower], override
+        assert other.folders[other_tower] == first.folders[other_tower], override
     AcceleratorState._reset_state(True)
     torch.manual_seed(1)  # other weights: both towers
     _, _, other_weights = _cached(tmp_path)

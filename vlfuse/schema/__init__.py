@@ -295,6 +295,11 @@ class TrainConfig:
     # torch.compile the towers that run, the fusion and the head (slower start, faster steps); without a
     # working compiler (no C++ compiler on CPU, no Triton on GPU) the run says so and stays eager.
     compile: bool = False
+    # Deterministic algorithms only (torch.use_deterministic_algorithms, process-wide, through Accelerate's
+    # set_seed): what makes a compiled run bitwise reproducible and resumable (compiled embedding
+    # gradients are otherwise summed in a varying order). Can slow training; on CUDA also set
+    # CUBLAS_WORKSPACE_CONFIG=:4096:8.
+    deterministic: bool = False
     # AdamW's fused kernel where the device has one (CUDA, CPU), else its multi-tensor (foreach) kernel.
     fused_optimizer: bool = True
     # Print/log training loss every N steps.

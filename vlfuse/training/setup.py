@@ -188,7 +188,8 @@ def speed_up(cfg: Config, accelerator: Accelerator, model: VLFuseModel) -> None:
     cached = towers_served_by_cache(cfg, accelerator)
     parts = [p for p in ("image_encoder", "text_encoder", "fusion", "head") if p.split("_")[0] not in cached]
     compile_parts(model, parts)
-    accelerator.print(f"torch.compile: {', '.join(parts)} (the first steps compile them)")
+    exact = "" if cfg.train.deterministic else "; not bitwise reproducible without train.deterministic=true"
+    accelerator.print(f"torch.compile: {', '.join(parts)} (the first steps compile them{exact})")
 
 
 def set_up_run(cfg: Config) -> Run:
@@ -203,7 +204,7 @@ def set_up_run(cfg: Config) -> Run:
             "engine steps the optimizer at every backward; use DDP or FSDP, or unset it"
         )
     memory = PeakMemory(accelerator.device)
-    set_seed(cfg.train.seed)
+    set_seed(cfg.train.seed, deterministic=cfg.train.deterministic)
     model = build_model(cfg)
     if cfg.train.gradient_checkpointing:
         model.set_gradient_checkpointing(True)
