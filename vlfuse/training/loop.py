@@ -146,8 +146,7 @@ def train_step(run: Run, batch: dict[str, torch.Tensor], meter: Throughput) -> S
     optimizer step, unless the gradient is not finite."""
     start = time.perf_counter()
     accelerator, model = run.accelerator, run.model
-    if accelerator.distributed_type == DistributedType.FSDP:
-        broadcast_training_buffers(model)
+    share_buffers(run)
     n_bad = batch.pop("bad_rows")
     by_source = batch.pop("bad_rows_by_source", None)  # a mixed run's bad rows per source
     n_good = batch["valid"].shape[0]
@@ -198,9 +197,18 @@ def count_skipped_step(run: Run, state: TrainState, outcome: StepOutcome) -> Non
         )
 
 
+def share_buffers(run: Run) -> None:
+    """Under FSDP, process 0's BatchNorm statistics to every process (``broadcast_training_buffers``):
+    before each forward, each checkpoint and each evaluation (else each process would evaluate its part
+    of the data with the statistics of its own last batches, and not the model that is saved)."""
+    if run.accelerator.distributed_type == DistributedType.FSDP:
+        broadcast_training_buffers(run.model)
+
+
 def evaluate_during_training(run: Run, state: TrainState, meter: Throughput) -> None:
     """Evaluates every eval split, appends the records to ``metrics.jsonl`` and the tracker."""
     start = time.perf_counter()
+    share_buffers(run)  # while the modules are still in training mode (what it broadcasts)
     for split, loader in run.eval_loaders.items():
         metrics = evaluate(run.accelerator, run.model, run.task, loader)
         state.last_metrics[split] = metrics
@@ -218,8 +226,7 @@ def evaluate_during_training(run: Run, state: TrainState, meter: Throughput) -> 
 
 
 def checkpoint(run: Run, state: TrainState) -> None:
-    if run.accelerator.distributed_type == DistributedType.FSDP:
-        broadcast_training_buffers(run.model)  # one copy is saved: make it every process's
+    share_buffers(run)  # one copy is saved: make it every process's
     trainer_state = {
         "step": state.step,
         "epoch": state.epoch,
