@@ -95,6 +95,8 @@ def tower_key(model, dataset: ImageTextDataset, split: str, dtype: str, tower: s
         key["encoder"] = {
             "name": enc.cfg.name,
             "weights": module_fingerprint(enc),
+            # timm kwargs can change what the same weights compute (e.g. output_stride).
+            "kwargs": _plain(enc.cfg.kwargs),
             "image_size": dataset.image_size,
             "mean": list(dataset.mean),
             "std": list(dataset.std),
@@ -107,11 +109,18 @@ def tower_key(model, dataset: ImageTextDataset, split: str, dtype: str, tower: s
         key["encoder"] = {
             "name": enc.cfg.name,
             "weights": module_fingerprint(enc),
+            # config overrides can change what the same weights compute (e.g. hidden_act).
+            "config_overrides": _plain(enc.cfg.config_overrides),
             "tokenizer": type(enc.tokenizer).__name__,
             "vocab": hashlib.sha256(vocab).hexdigest(),
             "max_length": enc.max_length,
         }
     return key
+
+
+def _plain(mapping: Mapping[str, Any]) -> dict[str, Any]:
+    """A config mapping as plain JSON values (sorted keys; anything else as its repr)."""
+    return json.loads(json.dumps(dict(mapping), sort_keys=True, default=repr))
 
 
 def _digest(key: dict[str, Any]) -> str:
