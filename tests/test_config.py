@@ -114,38 +114,39 @@ def test_split_slices(tmp_path):
 SHAPES = "recipes/configs/grounding/shapes.yaml"
 
 
-def test_another_image_encoder_does_not_inherit_the_default_configs_kwargs():
-    # shapes.yaml's tiny CNN runs at output_stride 8; a user's encoder must not get it by accident
-    assert load_cli_config([], SHAPES, task="grounding").model.image_encoder.kwargs == {"output_stride": 8}
-    other = load_cli_config(["model.image_encoder.name=resnet18"], SHAPES, task="grounding")
-    assert other.model.image_encoder.kwargs == {}
-    given = load_cli_config(
-        ["model.image_encoder.name=resnet18", "model.image_encoder.kwargs.output_stride=16"],
-        SHAPES,
-        task="grounding",
-    )
-    assert given.model.image_encoder.kwargs == {"output_stride": 16}
-    same = load_cli_config(["model.image_encoder.name=test_resnet"], SHAPES, task="grounding")
-    assert same.model.image_encoder.kwargs == {"output_stride": 8}  # the same encoder keeps them
+@pytest.mark.parametrize(
+    "tower, mapping, default, other, given",
+    [
+        # shapes.yaml's tiny CNN runs at output_stride 8; a user's encoder must not get it by accident
+        ("image_encoder", "kwargs", {"output_stride": 8}, "resnet18", ("output_stride", 16)),
+        # its tiny BERT has no dropout; another text encoder's config may not even have these attributes
+        (
+            "text_encoder",
+            "config_overrides",
+            {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0},
+            "openai/clip-vit-base-patch32",
+            ("hidden_dropout_prob", 0.2),
+        ),
+    ],
+)
+def test_another_encoder_does_not_inherit_the_default_configs_encoder_settings(
+    tower, mapping, default, other, given
+):
+    def settings(*overrides):
+        return getattr(
+            getattr(load_cli_config(list(overrides), SHAPES, task="grounding").model, tower), mapping
+        )
+
+    assert settings() == default
+    assert settings(f"model.{tower}.name={other}") == {}
+    key, value = given
+    assert settings(f"model.{tower}.name={other}", f"model.{tower}.{mapping}.{key}={value}") == {key: value}
+    same = load_config(SHAPES).model
+    assert (
+        settings(f"model.{tower}.name={getattr(same, tower).name}") == default
+    )  # the same encoder keeps them
     # a file naming another encoder drops them too (the schema default has none, shapes.yaml has some)
-    assert load_config(SHAPES, ["model.image_encoder.name=convnext_atto"]).model.image_encoder.kwargs == {}
-
-
-def test_another_text_encoder_does_not_inherit_the_default_configs_config_overrides():
-    default = load_cli_config([], SHAPES, task="grounding").model.text_encoder.config_overrides
-    assert default == {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
-    other = load_cli_config(
-        ["model.text_encoder.name=openai/clip-vit-base-patch32"], SHAPES, task="grounding"
-    )
-    assert other.model.text_encoder.config_overrides == {}
-    given = load_cli_config(
-        ["model.text_encoder.name=some/bert", "model.text_encoder.config_overrides.hidden_dropout_prob=0.2"],
-        SHAPES,
-        task="grounding",
-    )
-    assert given.model.text_encoder.config_overrides == {"hidden_dropout_prob": 0.2}
-    same = load_cli_config(["model.text_encoder.name=vlfuse:tiny-bert"], SHAPES, task="grounding")
-    assert same.model.text_encoder.config_overrides == default
+    assert getattr(getattr(load_config(SHAPES, [f"model.{tower}.name={other}"]).model, tower), mapping) == {}
 
 
 def test_an_empty_mapping_on_the_command_line_empties_it():

@@ -11,6 +11,7 @@ from safetensors.torch import load_file, load_model
 from test_recipes import SMALL_DATA, launch, read_metrics
 
 from vlfuse.checkpointing import list_checkpoints
+from vlfuse.config import load_config
 from vlfuse.model import VLFuseModel
 from vlfuse.training import train
 
@@ -43,8 +44,10 @@ def test_two_processes_keep_ranks_identical_and_frozen_towers_untouched(tmp_path
         assert torch.equal(rank0[k], rank1[k]), f"ranks differ at {k}"
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["num_processes"] == 2
+    # The run's own config (the recipe's defaults under these overrides), as the run wrote it.
+    run_model = load_config(str(tmp_path / "config.yaml")).model
     set_seed(3)
-    start = VLFuseModel(tiny_config(*args).model).state_dict()
+    start = VLFuseModel(run_model).state_dict()
     trainable = {"none": (), "image": ("image",), "text": ("text",), "all": ("image", "text")}[mode]
     for tower in ("image", "text"):
         keys = [k for k in start if k.startswith(f"{tower}_encoder.")]
@@ -57,7 +60,7 @@ def test_two_processes_keep_ranks_identical_and_frozen_towers_untouched(tmp_path
     # The 2-process (slim) checkpoint holds exactly what trains, unwrapped names, equal to rank 0's weights;
     # with the frozen weights it leaves out it loads into a plain single-process model; final/ is whole.
     (checkpoint,) = list_checkpoints(tmp_path / "checkpoints")
-    plain = VLFuseModel(tiny_config(*args).model)
+    plain = VLFuseModel(run_model)
     frozen = {n for names in plain.frozen_state_names().values() for n in names}
     saved = load_file(str(checkpoint / "model.safetensors"))
     assert set(saved) == set(plain.state_dict()) - frozen
