@@ -108,12 +108,23 @@ def test_a_dotted_hub_id_reaches_the_hub_with_the_callers_arguments(saved, monke
     assert calls[-1][0] == "Qwen2.5-0.5B"
 
 
-def test_a_missing_path_that_is_no_hub_id_names_both_readings(tmp_path):
-    missing = tmp_path / "runs" / "grounding" / "final"
-    with pytest.raises(FileNotFoundError, match=r"it is not a folder .* and not a Hub model id"):
-        VLFuseModel.from_pretrained(missing)
+def test_a_missing_path_that_is_no_hub_id_names_both_readings(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no runs/ folder here
     with pytest.raises(FileNotFoundError, match=r"not a folder .*runs/grounding/final.*not a Hub model id"):
         VLFuseModel.from_pretrained("runs/grounding/final")
+
+
+def test_a_path_that_looks_local_is_never_a_hub_id(saved, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(hub, "snapshot_download", lambda repo_id, **kw: calls.append(repo_id))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs").mkdir()  # a typo'd run folder whose first part exists
+    for name in ("outputs/final", "./final", "~/no-such-vlfuse-model", tmp_path / "runs" / "final"):
+        with pytest.raises(
+            FileNotFoundError, match=r"does not exist \(a path that looks local is never read"
+        ):
+            VLFuseModel.from_pretrained(name)
+    assert calls == []  # nothing asked of the Hub
 
 
 def test_an_unreachable_hub_id_says_so(tmp_path, monkeypatch):

@@ -428,5 +428,5 @@ def test_a_storage_password_is_never_printed_or_saved(tmp_path):
 
     cfg = tiny_config(*STUDY, "study.storage=postgresql://me:s3cret@db-host/studies")
     assert storage_url(cfg).startswith("postgresql+psycopg://me:s3cret@")  # psycopg 3, as installed
-    assert shown_url(storage_url(cfg)) == "postgresql+psycopg://me:***@db-host/studies"
+    assert shown_url(storage_url(cfg)) == "postgresql+psycopg://***:***@db-host/studies"
     assert trial_config(cfg, cells(cfg)[0], tmp_path).study.storage is None  # a run's config.yaml

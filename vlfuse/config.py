@@ -21,7 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from vlfuse.data.subsets import HOLDOUT
-from vlfuse.schema import Config, ConfigError, to_yaml, validate
+from vlfuse.schema import Config, ConfigError, shown_yaml, validate
+from vlfuse.schema.trust import refuse_interpolation, refuse_resolvers
 from vlfuse.tasks import TASKS, check_task_fusion, get_task, task_name
 
 
@@ -130,6 +131,7 @@ def merge_config(
         if not path.is_file():
             raise FileNotFoundError(f"config file not found: {path}")
         loaded = OmegaConf.load(path)
+        refuse_resolvers(OmegaConf.to_container(loaded, resolve=False), str(path))
         cfg = _merge(cfg, loaded, str(path))
     bad = [o for o in overrides if "=" not in o or o.startswith("=")]
     if bad:
@@ -142,15 +144,23 @@ def merge_config(
             if _is_empty_mapping(node, o)
         ]
         dotlist = OmegaConf.merge(*parsed)
+        refuse_resolvers(OmegaConf.to_container(dotlist, resolve=False), "command line")
         cfg = _merge(cfg, dotlist, "command line", emptied)
     obj = OmegaConf.to_object(cfg)
     validate(obj)
     return obj
 
 
-def section_from_dict(cls: type, values: dict[str, Any]) -> Any:
-    """Builds a config section (e.g. ``ModelConfig``) from a plain dict, validated like a file."""
-    merged = _merge(OmegaConf.structured(cls()), OmegaConf.create(values), cls.__name__)
+def section_from_dict(cls: type, values: dict[str, Any], source: str, prefix: str = "") -> Any:
+    """Builds a config section (e.g. ``ModelConfig``) from a plain dict read from the file ``source``,
+    validated like a config file; nothing in it is interpolated.
+
+    Raises:
+        ConfigError: a ``${`` anywhere in ``values`` (``refuse_interpolation``), or a key or value the
+            schema refuses, naming the key (under ``prefix``) and ``source``.
+    """
+    refuse_interpolation(values, source, prefix)
+    merged = _merge(OmegaConf.structured(cls()), OmegaConf.create(values), source)
     obj = OmegaConf.to_object(merged)
     validate(obj)
     return obj
@@ -295,7 +305,7 @@ def load_cli_config(
             f"command line) has model.task={cfg.model.task}: run {get_task(cfg.model.task).recipe} for it"
         )
     if print_only:  # the resolved config, and nothing written or trained
-        print(to_yaml(cfg), end="")
+        print(shown_yaml(cfg), end="")
         raise SystemExit(0)
     return cfg
 

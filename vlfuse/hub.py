@@ -44,21 +44,60 @@ from torch import nn
 
 from vlfuse.card import write_card
 from vlfuse.config import section_from_dict
-from vlfuse.schema import ModelConfig, to_dict
+from vlfuse.encoders.image import SOURCE_PREFIXES, check_saved_kwargs, timm_config
+from vlfuse.schema import ConfigError, ModelConfig, to_dict
+from vlfuse.schema.trust import refuse_interpolation
 
 CONFIG_NAME = "vlfuse_config.json"
 WEIGHTS_NAME = "model.safetensors"
 TEXT_ENCODER_DIR = "text_encoder"
 ADAPTERS_DIR = "adapters"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+IMAGE_ENCODER_DIR = "image_encoder"  # the timm config of a tower named hf-hub:... or local-dir:...
+TIMM_CONFIG = "config.json"
 TOWERS = ("image_encoder", "text_encoder")
-# The files a saved model consists of: a Hub download fetches these and nothing else (no pickles).
-SAVED_FILES = [CONFIG_NAME, WEIGHTS_NAME, "README.md", f"{TEXT_ENCODER_DIR}/*", f"{ADAPTERS_DIR}/*/*"]
+FORMAT_VERSION = 1  # what save_model writes and load_pretrained reads
+# The text tower's files, by name: its transformers config and the tokenizer files transformers writes
+# (fast tokenizer, vocabularies, merges, SentencePiece models). No code, no pickles, nothing nested.
+TEXT_TOWER_FILES = (
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "tokenizer.model",
+)
+ADAPTER_FILES = ("adapter_config.json", ADAPTER_WEIGHTS)
+# Exactly the files save_model can write: a Hub download fetches these names and nothing else. Each is an
+# exact name (huggingface_hub matches patterns with fnmatch, whose ``*`` also matches ``/``: a pattern such
+# as ``text_encoder/*`` would fetch nested files of any kind).
+SAVED_FILES = [
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    "README.md",
+    f"{IMAGE_ENCODER_DIR}/{TIMM_CONFIG}",
+    *(f"{TEXT_ENCODER_DIR}/{name}" for name in TEXT_TOWER_FILES),
+    *(f"{ADAPTERS_DIR}/{tower}/{name}" for tower in TOWERS for name in ADAPTER_FILES),
+]
 # peft's adapter files name each weight as PeftModel does: the base model sits at ``base_model.model``.
 PEFT_PREFIX = "base_model.model."
 
 
 # ------------------------------------------------------------------------------------------------ load
+def looks_local(name: str) -> bool:
+    """Whether ``name`` reads as a path rather than a Hub id: it starts with ``.``, ``/``, ``~`` or ``\\``,
+    or its first part is a folder here (``outputs/final`` with an ``outputs/`` folder)."""
+    if name.startswith((".", "/", "~", "\\")):
+        return True
+    first = Path(name).parts[0] if Path(name).parts else ""
+    return bool(first) and Path(first).is_dir()
+
+
 def resolve_folder(
     path_or_hub_id: str | Path,
     *,
@@ -67,18 +106,27 @@ def resolve_folder(
     cache_dir: str | Path | None = None,
     local_files_only: bool = False,
     force_download: bool = False,
+    log: Callable[[str], None] = print,
 ) -> Path:
     """The local folder of a saved model: ``path_or_hub_id`` itself if it is a folder; otherwise the Hub
-    repository of that id, downloaded (or found in the cache) by ``huggingface_hub.snapshot_download``.
+    repository of that id, downloaded (or found in the cache) by ``huggingface_hub.snapshot_download``,
+    exactly the files ``save_model`` writes (``SAVED_FILES``); the repository and the commit it resolved
+    are printed.
 
     Raises:
-        FileNotFoundError: no such folder and no valid Hub id (both readings named), or the repository
-            could not be fetched.
+        FileNotFoundError: no such folder and no valid Hub id (both readings named), a path that looks
+            local (``looks_local``) and does not exist (never read as a Hub id), or the repository could
+            not be fetched.
     """
     folder = Path(path_or_hub_id).expanduser()
     if folder.is_dir():
         return folder
     name = str(path_or_hub_id)
+    if isinstance(path_or_hub_id, Path) or looks_local(name):
+        raise FileNotFoundError(
+            f"no saved vlfuse model at {name!r}: {folder.resolve()} does not exist (a path that looks local "
+            "is never read as a Hub model id)"
+        )
     try:
         validate_repo_id(name)
     except HFValidationError as err:
@@ -101,6 +149,8 @@ def resolve_folder(
             f"no saved vlfuse model at {name!r}: no folder of that name here, and the Hub model repository "
             f"{name} (revision {revision or 'main'}) could not be fetched: {type(err).__name__}: {err}"
         ) from err
+    # A snapshot folder is named by the commit it holds.
+    log(f"{name}: Hub model repository at commit {Path(downloaded).name} (revision {revision or 'main'})")
     return Path(downloaded)
 
 
@@ -130,6 +180,68 @@ def _report_trust(folder: Path, saved: bool, trust_remote_code: bool, log: Calla
         )
 
 
+def read_saved_config(folder: Path) -> tuple[dict[str, Any], ModelConfig]:
+    """``vlfuse_config.json`` of a saved folder as data: its format version checked, nothing interpolated
+    (``section_from_dict``), the image tower's timm keyword arguments limited to those that shape the
+    network (``check_saved_kwargs``), the text tower's config overrides to public attributes.
+
+    Returns:
+        The file's content and its model section.
+
+    Raises:
+        FileNotFoundError: the file is missing.
+        ConfigError: a format this version does not read, or a value refused above, naming the key.
+    """
+    config_file = folder / CONFIG_NAME
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{folder} is not a saved vlfuse model: {CONFIG_NAME} is missing")
+    try:
+        meta = json.loads(config_file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{config_file}: not a JSON file ({err})") from None
+    version = meta.get("format_version") if isinstance(meta, dict) else None
+    if version != FORMAT_VERSION:
+        raise ConfigError(
+            f"{config_file}: saved by vlfuse format {version!r}; this vlfuse reads format {FORMAT_VERSION}"
+            + (
+                " (upgrade vlfuse to load it)"
+                if isinstance(version, int) and version > FORMAT_VERSION
+                else ""
+            )
+        )
+    if not isinstance(meta.get("model"), dict):
+        raise ConfigError(f"{config_file}: has no 'model' section")
+    refuse_interpolation(meta, str(config_file))
+    cfg = section_from_dict(ModelConfig, meta["model"], str(config_file), prefix="model")
+    check_saved_kwargs(cfg.image_encoder.kwargs, str(config_file))
+    private = [k for k in cfg.text_encoder.config_overrides if k.startswith("_") or k == "auto_map"]
+    if private:
+        raise ConfigError(
+            f"{config_file}: model.text_encoder.config_overrides.{private[0]} is not taken from a saved "
+            "folder (only public attributes of the text config are)"
+        )
+    return meta, cfg
+
+
+def _image_source(folder: Path, cfg: ModelConfig) -> str | None:
+    """``local-dir:`` of the folder's copy of the image tower's timm config (an ``hf-hub:`` or
+    ``local-dir:`` tower), its model arguments checked as saved keyword arguments are."""
+    if not cfg.image_encoder.name.startswith(SOURCE_PREFIXES):
+        return None
+    path = folder / IMAGE_ENCODER_DIR / TIMM_CONFIG
+    if not path.is_file():
+        print(
+            f"warning: {folder}: the image tower {cfg.image_encoder.name!r} is built from a timm config "
+            f"and the folder has no {IMAGE_ENCODER_DIR}/{TIMM_CONFIG} (saved by an earlier vlfuse): timm "
+            "reads it from where the name says; save the model again to make the folder self-contained"
+        )
+        return None
+    timm_cfg = json.loads(path.read_text())
+    refuse_interpolation(timm_cfg, str(path))
+    check_saved_kwargs(timm_cfg.get("model_args") or {}, str(path), key="model_args")
+    return f"local-dir:{path.parent}"
+
+
 def load_pretrained(
     cls: type,
     path_or_hub_id: str | Path,
@@ -139,14 +251,10 @@ def load_pretrained(
     **hub_kwargs: Any,
 ):
     """Rebuilds a model written by ``save_model`` (``HubMixin.from_pretrained`` documents the arguments;
-    ``hub_kwargs`` are ``resolve_folder``'s); weights are loaded strictly, and the model is returned in
-    eval mode."""
-    folder = resolve_folder(path_or_hub_id, **hub_kwargs)
-    config_file = folder / CONFIG_NAME
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{folder} is not a saved vlfuse model: {CONFIG_NAME} is missing")
-    meta = json.loads(config_file.read_text())
-    cfg = section_from_dict(ModelConfig, meta["model"])
+    ``hub_kwargs`` are ``resolve_folder``'s); the folder's config is read as data
+    (``read_saved_config``), weights are loaded strictly, and the model is returned in eval mode."""
+    folder = resolve_folder(path_or_hub_id, log=log, **hub_kwargs)
+    meta, cfg = read_saved_config(folder)
     _report_trust(folder, cfg.text_encoder.trust_remote_code, trust_remote_code, log)
     cfg.text_encoder.trust_remote_code = trust_remote_code
     model = cls(
@@ -155,6 +263,7 @@ def load_pretrained(
         image_data_config=meta.get("image_data_config"),
         text_source=str(folder / TEXT_ENCODER_DIR),
         adapters=not meta.get("lora_merged"),
+        image_source=_image_source(folder, cfg),
     )
     weights = folder / WEIGHTS_NAME
     try:
@@ -182,12 +291,22 @@ def save_model(
     meta = {
         "model": to_dict(model.config),
         "image_data_config": model.image_encoder.data_config,
-        "format_version": 1,
+        "format_version": FORMAT_VERSION,
         # LoRA adapters are merged into these towers' weights: they load as plain layers.
         "lora_merged": lora_towers,
     }
     (folder / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
     model.text_encoder.save_source(folder / TEXT_ENCODER_DIR)
+    unlisted = sorted(p.name for p in (folder / TEXT_ENCODER_DIR).iterdir() if p.name not in TEXT_TOWER_FILES)
+    if unlisted:
+        print(
+            f"warning: {folder / TEXT_ENCODER_DIR}: the tokenizer also wrote {unlisted}, which a Hub "
+            f"download of this model does not fetch (it fetches {', '.join(TEXT_TOWER_FILES)})"
+        )
+    timm_cfg = timm_config(model.config.image_encoder.name)
+    if timm_cfg is not None:
+        (folder / IMAGE_ENCODER_DIR).mkdir(exist_ok=True)
+        (folder / IMAGE_ENCODER_DIR / TIMM_CONFIG).write_text(json.dumps(timm_cfg, indent=2))
     if state_dict is None and not lora_towers:  # safetensors' own writer: shared (tied) tensors once
         save_safetensors_model(model, str(folder / WEIGHTS_NAME))
         return folder

@@ -50,6 +50,8 @@ class VLFuseModel(HubMixin, nn.Module):
         pretrained: overrides both towers' ``pretrained`` (False when rebuilding a saved model).
         image_data_config: saved preprocessing settings of the image tower.
         text_source: a folder with the text tower's config and tokenizer (a saved model).
+        image_source: a timm name to build the image tower from instead of its configured name (a saved
+            model's ``local-dir:`` copy of an ``hf-hub:`` tower's config).
         adapters: add the LoRA adapters of ``lora`` towers (False for a saved model, whose adapters
             are merged into its weights).
     """
@@ -61,6 +63,7 @@ class VLFuseModel(HubMixin, nn.Module):
         image_data_config: dict | None = None,
         text_source: str | None = None,
         adapters: bool = True,
+        image_source: str | None = None,
     ) -> None:
         super().__init__()
         cfg.task = task_name(cfg.task)  # a former name (classification, matching) of a saved model
@@ -69,7 +72,11 @@ class VLFuseModel(HubMixin, nn.Module):
         self.task = get_task(cfg.task)
         check_task_fusion(cfg.task, cfg.fusion.name)
         self.image_encoder = ImageEncoder(
-            cfg.image_encoder, pretrained=pretrained, data_config=image_data_config, adapters=adapters
+            cfg.image_encoder,
+            pretrained=pretrained,
+            data_config=image_data_config,
+            adapters=adapters,
+            source=image_source,
         )
         self.text_encoder = TextEncoder(
             cfg.text_encoder, pretrained=pretrained, source=text_source, adapters=adapters

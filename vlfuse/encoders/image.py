@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +14,56 @@ from torch import nn
 
 from vlfuse.encoders.base import EncoderOutput
 from vlfuse.encoders.tuning import TunableTower
-from vlfuse.schema import ImageEncoderConfig
+from vlfuse.schema import ConfigError, ImageEncoderConfig
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+SOURCE_PREFIXES = ("hf-hub:", "hf_hub:", "local-dir:")  # timm names whose architecture is read from a file
+# The ``timm.create_model`` keyword arguments that only shape the network: all that a saved folder (someone
+# else's file) may pass. Keywords that name a file, a URL or a loader (``checkpoint_path``,
+# ``pretrained_cfg``, ``pretrained_cfg_overlay``, ``cache_dir``, ...) are refused there: timm would read
+# the file they name (before timm 1.0.26, ``checkpoint_path`` was unpickled). A user's own config may
+# still pass any keyword.
+SHAPE_KWARGS = frozenset(
+    {
+        # regularisation
+        "drop_rate", "drop_path_rate", "drop_block_rate", "proj_drop_rate", "attn_drop_rate",
+        "pos_drop_rate", "patch_drop_rate",
+        # geometry and pooling
+        "output_stride", "img_size", "in_chans", "patch_size", "global_pool", "dynamic_img_size",
+        "dynamic_img_pad", "strict_img_size", "class_token", "no_embed_class", "reg_tokens", "pos_embed",
+        # widths, depths and block settings
+        "embed_dim", "depth", "depths", "dims", "num_heads", "mlp_ratio", "qkv_bias", "qk_norm",
+        "init_values", "layer_scale_init_value", "fc_norm", "pre_norm", "final_norm", "act_layer",
+        "norm_layer", "stem_type", "stem_width", "width_factor", "channel_multiplier", "depth_multiplier",
+        "head_hidden_size", "conv_mlp", "use_rel_pos", "window_size",
+    }
+)  # fmt: skip
 
 
-def _create(cfg: ImageEncoderConfig, pretrained: bool) -> nn.Module:
+def check_saved_kwargs(kwargs: dict[str, Any], source: str, key: str = "model.image_encoder.kwargs") -> None:
+    """Refuses timm keyword arguments read from a file (``source``) that do more than shape the network:
+    any key not in ``SHAPE_KWARGS``, or a value that is not a number, a string, a bool or a list of them.
+
+    Raises:
+        ConfigError: one line naming the key and the file.
+    """
+    for name, value in kwargs.items():
+        plain = (bool, int, float, str, type(None))
+        if name not in SHAPE_KWARGS:
+            raise ConfigError(
+                f"{source}: {key}.{name} is not passed to timm from a saved folder (only keywords that shape "
+                f"the network are: {', '.join(sorted(SHAPE_KWARGS))}); one that names a file, URL or loader "
+                "is never taken from someone else's files"
+            )
+        if not (
+            isinstance(value, plain) or (isinstance(value, list) and all(isinstance(v, plain) for v in value))
+        ):
+            raise ConfigError(
+                f"{source}: {key}.{name} must be a number, string or list of them, not {value!r}"
+            )
+
+
+def _create(cfg: ImageEncoderConfig, pretrained: bool, source: str | None = None) -> nn.Module:
     kwargs: dict[str, Any] = {"num_classes": 0, **cfg.kwargs}
     if cfg.checkpoint and pretrained:
         path = Path(cfg.checkpoint).expanduser()
@@ -30,20 +75,36 @@ def _create(cfg: ImageEncoderConfig, pretrained: bool) -> nn.Module:
                 f"{', '.join(WEIGHT_SUFFIXES)})"
             )
         # timm's own loader: drops the classifier for num_classes=0, resamples ViT position embeddings,
-        # reads safetensors directly and .pth with weights_only=True.
+        # reads safetensors directly and .pth with weights_only=True (timm >= 1.0.26, as pyproject asks).
         kwargs["pretrained_cfg_overlay"] = {"file": str(path)}
-    hub_prefixed = cfg.name.startswith(("hf-hub:", "hf_hub:", "local-dir:"))
-    if not hub_prefixed and not timm.is_model(cfg.name.split(".")[0]):
-        raise ValueError(
-            f"model.image_encoder.name: unknown timm model {cfg.name!r} (see timm.list_models())"
-        )
+    name = source or cfg.name
+    if not name.startswith(SOURCE_PREFIXES) and not timm.is_model(name.split(".")[0]):
+        raise ValueError(f"model.image_encoder.name: unknown timm model {name!r} (see timm.list_models())")
     try:
         # ViT-like models build their position embeddings for image_size; CNNs take any size.
-        return timm.create_model(cfg.name, pretrained=pretrained, img_size=cfg.image_size, **kwargs)
+        return timm.create_model(name, pretrained=pretrained, img_size=cfg.image_size, **kwargs)
     except TypeError as err:
         if "img_size" not in str(err):
             raise
-        return timm.create_model(cfg.name, pretrained=pretrained, **kwargs)
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+
+
+def timm_config(name: str) -> dict[str, Any] | None:
+    """The timm config (``config.json``: architecture, pretrained config, model arguments) of a tower named
+    ``hf-hub:<repo>[@revision]`` or ``local-dir:<folder>``, read where timm read it (the Hub cache, the
+    folder); None for a plain timm name. A saved model carries it, so that loading contacts nothing."""
+    prefix = next((p for p in SOURCE_PREFIXES if name.startswith(p)), None)
+    if prefix is None:
+        return None
+    target = name[len(prefix) :]
+    if prefix == "local-dir:":
+        path = Path(target).expanduser() / "config.json"
+    else:
+        from huggingface_hub import hf_hub_download
+
+        repo, _, revision = target.partition("@")
+        path = Path(hf_hub_download(repo, "config.json", revision=revision or None))
+    return json.loads(path.read_text())
 
 
 class ImageEncoder(TunableTower, nn.Module):
@@ -61,6 +122,8 @@ class ImageEncoder(TunableTower, nn.Module):
         pretrained: overrides ``cfg.pretrained`` (``from_pretrained`` rebuilds without downloading).
         data_config: preprocessing settings to use instead of timm's (restored from a saved model).
         adapters: with ``tuning: lora``, add the adapters now (a saved model's merged weights have none).
+        source: a timm name to build from instead of ``cfg.name`` (a saved model's ``local-dir:`` copy of
+            an ``hf-hub:`` tower's config).
     """
 
     KEY = "model.image_encoder"
@@ -71,12 +134,13 @@ class ImageEncoder(TunableTower, nn.Module):
         pretrained: bool | None = None,
         data_config: dict | None = None,
         adapters: bool = True,
+        source: str | None = None,
     ) -> None:
         super().__init__()
         self.cfg = cfg
         # Turns the input to channels-last order (``vlfuse.training.speed.use_channels_last`` sets it).
         self.channels_last = False
-        self.model = _create(cfg, cfg.pretrained if pretrained is None else pretrained)
+        self.model = _create(cfg, cfg.pretrained if pretrained is None else pretrained, source)
         self.num_prefix_tokens = int(getattr(self.model, "num_prefix_tokens", 0) or 0)
         self.output_fmt = str(getattr(self.model, "output_fmt", "NCHW"))
         if data_config is None:

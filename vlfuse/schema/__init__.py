@@ -31,6 +31,7 @@ from vlfuse.schema.fields import (
 )
 from vlfuse.schema.mixing import STOPPING, validate_mixing
 from vlfuse.schema.study import CompareConfig, StudyConfig, validate_compare, validate_study
+from vlfuse.schema.trust import mask_url
 
 __all__ = [
     "BOX_FORMATS",
@@ -52,6 +53,8 @@ __all__ = [
     "TrainConfig",
     "to_dict",
     "to_yaml",
+    "shown_dict",
+    "shown_yaml",
     "validate",
 ]
 
@@ -361,3 +364,18 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 def to_yaml(cfg: Any) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def shown_dict(cfg: Any) -> dict[str, Any]:
+    """``to_dict(cfg)`` as it may be printed or written (``config.yaml``, ``summary.json``, trackers, cards,
+    ``study.json``): the study storage URL's user, password and secret query parameters masked."""
+    values = to_dict(cfg)
+    study = values.get("study")
+    if isinstance(study, dict) and study.get("storage"):
+        study["storage"] = mask_url(study["storage"])
+    return values
+
+
+def shown_yaml(cfg: Any) -> str:
+    """``shown_dict(cfg)`` as YAML."""
+    return OmegaConf.to_yaml(OmegaConf.create(shown_dict(cfg)))

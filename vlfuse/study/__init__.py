@@ -20,7 +20,7 @@ from typing import Any
 from accelerate.state import PartialState
 
 from vlfuse.data.feature_cache import folder_size
-from vlfuse.schema import Config, ConfigError, to_dict
+from vlfuse.schema import Config, ConfigError, shown_dict
 from vlfuse.study.engine import StudyError, finished_records, open_study, run_worker, shown_url, storage_url
 from vlfuse.study.grid import Cell, cells, report_split, selection_split, study_metric, trial_config
 from vlfuse.study.report import write_report
@@ -75,7 +75,10 @@ def run_study(cfg: Config) -> dict[str, Any]:
         "cells": [c.key for c in grid],
         "trials": len(records),
         "complete": len(records) == len(grid),
-        "config": {**to_dict(cfg), "study": {**to_dict(cfg.study), "storage": shown_url(storage_url(cfg))}},
+        "config": {
+            **shown_dict(cfg),
+            "study": {**shown_dict(cfg)["study"], "storage": shown_url(storage_url(cfg))},
+        },
         "summary": summarize(records, cfg.study.confidence),
     }
     if records:

@@ -29,6 +29,7 @@ import optuna
 from optuna.trial import TrialState
 
 from vlfuse.schema import Config
+from vlfuse.schema.trust import mask_url
 from vlfuse.study.grid import Cell
 from vlfuse.study.pruning import HopelessRatePruner
 
@@ -53,13 +54,9 @@ def storage_url(cfg: Config) -> str:
 
 
 def shown_url(url: str) -> str:
-    """A storage URL as it may be printed or saved: its password replaced by ``***``."""
-    import sqlalchemy.engine
-
-    try:
-        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not a URL SQLAlchemy can read: say nothing of it
-        return "<storage>"
+    """A storage URL as it may be printed or saved: user, password and secret query parameters masked
+    (``vlfuse.schema.trust.mask_url``)."""
+    return mask_url(url)
 
 
 def study_name(cfg: Config) -> str:

@@ -15,7 +15,7 @@ from accelerate.utils import DistributedType
 from vlfuse.checkpointing import CheckpointError
 from vlfuse.data.loading import DataError
 from vlfuse.hub import push_folder
-from vlfuse.schema import Config, ConfigError, to_dict
+from vlfuse.schema import Config, ConfigError, shown_dict
 from vlfuse.tracking import PeakMemory, Progress, Throughput
 from vlfuse.training.data import MapData
 from vlfuse.training.setup import Run, TrainState, towers_served_by_cache
@@ -48,7 +48,7 @@ def tracker_config(cfg: Config, per_part: dict[str, dict[str, int]]) -> dict[str
         else:
             flat[prefix] = json.dumps(value)
 
-    walk("", to_dict(cfg))
+    walk("", shown_dict(cfg))
     walk("parameters", per_part)
     return flat
 
@@ -193,7 +193,7 @@ def save_final_model_and_summary(
         accelerator.get_state_dict(run.model) if sharded else None
     )  # a collective: every rank calls it
     if accelerator.is_main_process:
-        card = {"config": to_dict(cfg), "summary": summary}
+        card = {"config": shown_dict(cfg), "summary": summary}
         final = accelerator.unwrap_model(run.model).save_pretrained(
             run.output_dir / "final", state_dict=full_state, run=card
         )

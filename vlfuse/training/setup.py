@@ -20,7 +20,7 @@ from transformers import get_cosine_schedule_with_warmup
 from vlfuse.checkpointing import FrozenWeights
 from vlfuse.distributed import ignore_in_ddp, use_fsdp_on_cpu_processes
 from vlfuse.model import TRAINABLE_TOWERS, VLFuseModel
-from vlfuse.schema import Config, ConfigError, to_yaml
+from vlfuse.schema import Config, ConfigError, shown_yaml
 from vlfuse.tasks import Task, get_task
 from vlfuse.tracking import JsonlWriter, PeakMemory
 from vlfuse.training.data import MapData, StreamData, build_eval_loaders, build_train_data
@@ -72,7 +72,7 @@ def start_run(cfg: Config, task: Task) -> tuple[Accelerator, Path]:
     output_dir = Path(cfg.train.output_dir)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "config.yaml").write_text(to_yaml(cfg))
+        (output_dir / "config.yaml").write_text(shown_yaml(cfg))
     return accelerator, output_dir
 
 
