@@ -4,9 +4,11 @@ saved folder's format is checked, storage URLs are masked wherever they are writ
 
 import json
 import pickle
+import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from accelerate.state import AcceleratorState
@@ -283,3 +285,149 @@ def test_a_saved_hf_hub_image_tower_loads_without_contacting_anything(tmp_path, 
     assert loaded.config.image_encoder.name == "hf-hub:someone/tiny-timm"
     assert loaded.image_encoder.mean == (0.5, 0.5, 0.5)
     torch.testing.assert_close(loaded.predict(IMAGES, TEXTS), model.eval().predict(IMAGES, TEXTS))
+
+
+# ------------------------------------------------------------------ 4. the study derives paths, never reads
+def test_a_study_record_cannot_make_the_report_delete_or_write_outside_the_output_folder(tmp_path):
+    """Records as anyone who can write to a shared storage could plant them: one whose ``run_dir`` points
+    at a folder outside ``train.output_dir``, one whose cell climbs out of it, one with a path in a
+    metric. The report deletes the non-recommended ``final/`` of this study's own cells only, and writes
+    no card outside."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution
+    from optuna.trial import create_trial
+
+    from vlfuse.study.engine import finished_records
+    from vlfuse.study.grid import Cell, cell_dir
+    from vlfuse.study.report import write_report
+    from vlfuse.study.stats import summarize
+
+    root, victim = tmp_path / "study", tmp_path / "victim"
+    (victim / "final").mkdir(parents=True)
+    (victim / "final" / "vlfuse_config.json").write_text("{}")
+    (victim / "final" / "README.md").write_text("the victim's card")
+    keys = [Cell(mode, 10.0, 0, 0.001).key for mode in ("none", "all")]
+    for key in keys:  # each cell's own model, as a first-seed trial leaves it
+        (cell_dir(root, Cell.parse(key)) / "final").mkdir(parents=True)
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    climbing = "none|10|0|0.001/../../../../victim"
+    planted = [
+        (keys[0], {"run_dir": str(victim)}),  # the best mode: recommended
+        (keys[1], {"run_dir": str(victim), "report_metrics": {"acc": 0.1, "path": str(victim)}}),
+        (climbing, {}),
+        ("all|10|0|nan", {}),
+    ]
+    every_cell = CategoricalDistribution([cell for cell, _ in planted])
+    for i, (cell, extra) in enumerate(planted):
+        record = {"cell": cell, "selection": 0.9 - i / 10, "report": 0.9 - i / 10, "cost": {"trainable": 1}}
+        study.add_trial(
+            create_trial(
+                params={"cell": cell},
+                distributions={"cell": every_cell},
+                value=0.5,
+                user_attrs={"record": {**record, **extra}},
+            )
+        )
+    records = finished_records(optuna.load_study(study_name="s", storage=storage), keys)
+    assert sorted(r["cell"] for r in records) == sorted(keys)  # the two bad cells are skipped
+    assert all("run_dir" not in r for r in records)
+    assert records[1]["report_metrics"] == {"acc": 0.1}  # numbers only
+    result = {"summary": summarize(records, 0.95), "confidence": 0.95, "metric": "acc", "task": "grounding"}
+    result.update(selection_split="holdout", report_split="validation", cells=keys, trials=2, complete=True)
+    write_report(result, records, root, keep_all=False)
+    assert (victim / "final" / "README.md").read_text() == "the victim's card"  # untouched
+    assert not (cell_dir(root, Cell.parse(keys[1])) / "final").exists()  # its own cell's model: deleted
+    assert (cell_dir(root, Cell.parse(keys[0])) / "final").is_dir()  # the recommended one: kept
+    shown = json.loads((root / "study.json").read_text())["records"]
+    assert all(Path(r["run_dir"]).is_relative_to(root / "trials") for r in shown)
+
+
+# -------------------------------------------------------------------- 6. a cache folder is verified first
+def _path_split(root: Path) -> tuple[Path, Path]:
+    """A grounding dataset in Hub layout whose rows name image files (the RefCOCO-on-the-Hub layout)."""
+    import datasets
+    from PIL import ImageDraw
+
+    images = root / "images"
+    images.mkdir()
+    for k in range(4):
+        image = Image.new("RGB", (48, 40), (40 * k, 60, 90))
+        ImageDraw.Draw(image).rectangle([4 + 3 * k, 5, 20 + 3 * k, 30], fill=(220, 30, 30))
+        image.save(images / f"{k}.png")
+    names = [f"{k % 4}.png" for k in range(12)]
+    boxes = [[4.0 + 3 * (k % 4), 5.0, 21.0 + 3 * (k % 4), 31.0] for k in range(12)]
+    rows = {"image": names, "text": [f"the red box {k % 3}" for k in range(12)], "box": boxes}
+    folder = root / "paths"
+    (folder / "data").mkdir(parents=True)
+    for split in ("train", "validation"):
+        datasets.Dataset.from_dict(rows).to_parquet(str(folder / "data" / f"{split}-0.parquet"))
+    return folder, images
+
+
+def _tamper_key(folders):
+    meta = json.loads((folders["image"] / "cache.json").read_text())
+    meta["encoder"]["weights"] = "0" * 64
+    (folders["image"] / "cache.json").write_text(json.dumps(meta))
+
+
+def _plant_valid(folders):
+    valid = np.load(folders["image"] / "valid.npy")
+    np.save(folders["text"] / "valid.npy", np.zeros_like(valid))  # would mark every row bad
+
+
+def _negative_index(folders):
+    rows = np.load(folders["image"] / "image_row.npy")
+    rows[0] = -1
+    np.save(folders["image"] / "image_row.npy", rows)
+
+
+def test_a_tampered_or_stale_cache_folder_is_rebuilt_saying_why_and_metrics_equal_an_uncached_run(
+    tmp_path, capsys
+):
+    import os
+
+    from vlfuse.training import train
+
+    folder, images = _path_split(tmp_path)
+    common = [
+        f"data.dataset={folder}",
+        f"data.image_root={images}",
+        "model.fusion.name=concat",
+        "model.trainable_encoders=none",
+        "train.batch_size=4",
+        "train.max_steps=3",
+    ]
+    cache = [f"train.cache_dir={tmp_path / 'cache'}", "train.cache_features=true"]
+
+    def run(name: str, *extra: str) -> dict:
+        AcceleratorState._reset_state(True)
+        torch.manual_seed(0)
+        try:
+            return train(tiny_config(*common, *extra, f"train.output_dir={tmp_path / name}"))["validation"]
+        finally:
+            AcceleratorState._reset_state(True)
+
+    uncached = run("live")
+    assert run("cached", *cache) == pytest.approx(uncached, abs=1e-5)
+    capsys.readouterr()
+    folders = {t: next((tmp_path / "cache").glob(f"validation-{t}-*")) for t in ("image", "text")}
+    for tamper, tower, reason in [
+        (_tamper_key, "image", "its key differs in encoder.weights"),
+        (_plant_valid, "text", r"its files are not this tower's \(unexpected: \['valid.npy'\]"),
+        (_negative_index, "image", r"image_row.npy has indices outside \[0, 4\)"),
+    ]:
+        tamper(folders)
+        metrics = run(tamper.__name__, *cache)
+        out = capsys.readouterr().out
+        assert re.search(rf"feature cache rebuilt \({tower} tower\): .*validation-{tower}-.*: {reason}", out)
+        assert metrics == pytest.approx(uncached, abs=1e-5), tamper.__name__
+    # A file behind the same path changes (same name, other pixels): rebuilt; metrics as uncached on it.
+    stat = (images / "1.png").stat()
+    Image.new("RGB", (48, 40), (250, 250, 0)).save(images / "1.png")
+    os.utime(images / "1.png", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    changed = run("changed", *cache)
+    out = capsys.readouterr().out
+    assert re.search(r"feature cache rebuilt \(image tower\): .*: its key differs in image_files", out)
+    assert changed == pytest.approx(run("changed-live"), abs=1e-5)
+    assert changed != pytest.approx(uncached, abs=1e-5)  # the new pixels did change the metrics

@@ -83,15 +83,57 @@ def dataset_key(dataset: ImageTextDataset, split: str, dtype: str) -> dict[str, 
     }
 
 
+def image_files_key(dataset: ImageTextDataset) -> str | None:
+    """A digest of the image files the split names by path (cells with no embedded bytes): each file's
+    path, size and modification time (``st_mtime_ns``), or ``missing``. None when no cell names a file.
+
+    Size and modification time, not the bytes: hashing every image file at each start would cost as much
+    as decoding them. A file replaced by one of the same size within the file system's time resolution
+    (or with its time set back) goes unnoticed. The image column is read as Arrow data (paths only; no
+    image bytes are copied into Python).
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    column = dataset.columns["image"]
+    root = Path(dataset.cfg.image_root or "").expanduser()
+    digest, count = hashlib.sha256(), 0
+    table = dataset.undecoded().select_columns([column]).with_format("arrow")
+    for batch in table.iter(batch_size=4096):
+        cells = batch.column(column)
+        if pa.types.is_struct(cells.type):
+            paths = pc.if_else(
+                pc.is_valid(pc.struct_field(cells, "bytes")), None, pc.struct_field(cells, "path")
+            )
+        elif pa.types.is_string(cells.type) or pa.types.is_large_string(cells.type):
+            paths = cells
+        else:
+            continue
+        for path in paths.to_pylist():
+            if not path:
+                continue
+            try:
+                stat = (root / Path(path).expanduser()).stat()
+                stamp = f"{stat.st_size}:{stat.st_mtime_ns}"
+            except OSError:
+                stamp = "missing"
+            digest.update(f"{path}\0{stamp}\n".encode())
+            count += 1
+    return digest.hexdigest() if count else None
+
+
 def tower_key(model, dataset: ImageTextDataset, split: str, dtype: str, tower: str) -> dict[str, Any]:
     """Everything that changes one frozen tower's cached features (and the examples they belong to).
 
     The key names nothing about the other tower or what trains, so every run that freezes this tower
-    (e.g. each of ``recipes/compare.py``'s modes) reads the same folder.
+    (e.g. each of ``recipes/compare.py``'s modes) reads the same folder. The image tower's key holds the
+    state of the image files the split names by path (``image_files_key``); that part is left out of the
+    folder's name, so a changed file rebuilds the folder in place, saying why.
     """
     key = {**dataset_key(dataset, split, dtype), "tower": tower, "tokens": bool(model.fusion.uses_tokens)}
     if tower == "image":
         enc = model.image_encoder
+        key["image_files"] = image_files_key(dataset)
         key["encoder"] = {
             "name": enc.cfg.name,
             "weights": module_fingerprint(enc),
@@ -123,8 +165,85 @@ def _plain(mapping: Mapping[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(dict(mapping), sort_keys=True, default=repr))
 
 
+# Key parts left out of a folder's name (checked against the folder's cache.json instead).
+VOLATILE_KEYS = ("image_files",)
+
+
 def _digest(key: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    named = {k: v for k, v in key.items() if k not in VOLATILE_KEYS}
+    return hashlib.sha256(json.dumps(named, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def expected_arrays(model, dataset: ImageTextDataset, tower: str, dtype: str) -> dict[str, tuple]:
+    """The arrays a tower's cache folder holds: name -> (rows: ``examples`` or ``entries``, the shape of
+    one row, the numpy dtype kind). What ``compute_image`` / ``compute_text`` write, and nothing else."""
+    feature = "f"  # float16 or float32, as the key's dtype says (checked by the itemsize below)
+    if tower == "image":
+        enc = model.image_encoder
+        arrays = {
+            name: ("examples", tuple(value.shape), value.numpy().dtype.kind)
+            for name, value in label_fields(dataset).items()
+        }
+        arrays["valid"] = ("examples", (), "b")
+        arrays["image_row"] = ("examples", (), "i")
+        if model.fusion.uses_tokens:
+            arrays["image_tokens"] = ("entries", (enc.num_tokens, enc.token_dim), feature)
+        if model.fusion.uses_image_pooled:
+            arrays["image_pooled"] = ("entries", (enc.pooled_dim,), feature)
+        return arrays
+    enc = model.text_encoder
+    arrays = {"text_row": ("examples", (), "i"), "text_pooled": ("entries", (enc.dim,), feature)}
+    if model.fusion.uses_tokens:
+        arrays["text_tokens"] = ("entries", (enc.max_length, enc.dim), feature)
+        arrays["text_mask"] = ("entries", (enc.max_length,), "b")
+    return arrays
+
+
+def _key_differences(stored: Any, key: Any, prefix: str = "") -> list[str]:
+    if isinstance(stored, dict) and isinstance(key, dict):
+        return [
+            d
+            for k in sorted(set(stored) | set(key), key=str)
+            for d in _key_differences(stored.get(k), key.get(k), f"{prefix}{k}.")
+        ]
+    return [] if stored == key else [prefix.rstrip(".")]
+
+
+def cache_problem(folder: Path, key: dict[str, Any], arrays: dict[str, tuple], examples: int) -> str | None:
+    """Why the cache folder cannot serve ``key`` (None when it can): ``cache.json`` unreadable or its key
+    differing (the fields named), a file missing or one not written for this tower, an array whose rows,
+    row shape or dtype differ from the dataset's and the tower's (``expected_arrays``), or an index outside
+    the stored entries. A folder is someone's files like any other: it is verified before it is read."""
+    try:
+        meta = json.loads((folder / META_FILE).read_text())
+        stats = meta.pop("stats")
+        entries = int(stats["entries"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        return f"its {META_FILE} is unreadable ({type(err).__name__}: {err})"
+    if differences := _key_differences(meta, key):
+        return f"its key differs in {', '.join(differences[:5])}"
+    files = {p.name for p in folder.iterdir()} - {META_FILE}
+    wanted = {f"{name}.npy" for name in arrays}
+    if files != wanted:
+        extra, missing = sorted(files - wanted), sorted(wanted - files)
+        return f"its files are not this tower's (unexpected: {extra}; missing: {missing})"
+    itemsize = 2 if key["dtype"] == "float16" else 4
+    for name, (rows, shape, kind) in arrays.items():
+        try:
+            array = np.load(folder / f"{name}.npy", mmap_mode="r")  # allow_pickle=False: never an object
+        except (OSError, ValueError) as err:
+            return f"{name}.npy is unreadable ({err})"
+        count = examples if rows == "examples" else max(1, entries)
+        if array.shape != (count, *shape) or array.dtype.kind != kind:
+            return f"{name}.npy holds {array.dtype}{list(array.shape)}, not {kind}{[count, *shape]}"
+        if kind == "f" and array.dtype.itemsize != itemsize:
+            return f"{name}.npy is {array.dtype}, not the key's {key['dtype']}"
+        if name.endswith("_row") and array.size:
+            valid = np.load(folder / "valid.npy") if name == "image_row" else np.ones(len(array), bool)
+            used = np.asarray(array)[valid]
+            if used.size and (used.min() < 0 or used.max() >= max(1, entries)):
+                return f"{name}.npy has indices outside [0, {max(1, entries)})"
+    return None
 
 
 def folder_size(folder: Path) -> int:
@@ -141,12 +260,13 @@ class CachedDataset(Dataset):
 
     base: ImageTextDataset
     folders: dict[str, Path]  # tower -> its cache folder
+    names: dict[str, list[str]]  # tower -> the arrays it reads from its own folder (``expected_arrays``)
 
     def __post_init__(self) -> None:
         self.arrays = {
-            p.stem: np.load(p, mmap_mode="r")
-            for folder in self.folders.values()
-            for p in sorted(folder.glob("*.npy"))
+            name: np.load(folder / f"{name}.npy", mmap_mode="r")
+            for tower, folder in self.folders.items()
+            for name in self.names[tower]
         }
         self.counts = self.base.counts
         self.labels = list(label_fields(self.base))
@@ -248,15 +368,21 @@ def cached_dataset(
     """The cached version of ``dataset``: each frozen tower's features from the folder with its key,
     computed first if there is none (on the main process; the others wait and then read it)."""
     root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    folders = {}
+    folders, names = {}, {}
     for tower in ("image", "text"):
         if model.tower_is_trainable(tower):
             continue
         key = tower_key(model, dataset, split, dtype, tower)
+        arrays = expected_arrays(model, dataset, tower, dtype)
         folder = root / f"{split}-{tower}-{_digest(key)}"
-        folders[tower] = folder
+        folders[tower], names[tower] = folder, list(arrays)
         with accelerator.main_process_first():
-            if accelerator.is_main_process and not (folder / META_FILE).is_file():
+            problem = None
+            if accelerator.is_main_process and (folder / META_FILE).is_file():
+                problem = cache_problem(folder, key, arrays, len(dataset))
+                if problem:
+                    accelerator.print(f"feature cache rebuilt ({tower} tower): {folder}: {problem}")
+            if accelerator.is_main_process and (problem or not (folder / META_FILE).is_file()):
                 tmp = root / f".tmp-{folder.name}-{os.getpid()}"
                 shutil.rmtree(tmp, ignore_errors=True)
                 tmp.mkdir(parents=True)
@@ -282,7 +408,7 @@ def cached_dataset(
             f"{stats['entries']:,} distinct inputs for {stats['examples']:,} examples; built in "
             f"{stats['build_time_s']:.1f} s)"
         )
-    return CachedDataset(dataset, folders)
+    return CachedDataset(dataset, folders, names)
 
 
 def cache_stats(folder: Path) -> dict[str, Any]:

@@ -61,7 +61,7 @@ def run_study(cfg: Config) -> dict[str, Any]:
     trained = run_worker(
         cfg, study, grid, lambda cell, run_dir, trial: run_cell(cfg, cell, run_dir, first_seed, trial)
     )
-    records = finished_records(study)
+    records = finished_records(study, [c.key for c in grid])
     print(
         f"study {study.study_name!r} ({shown_url(storage_url(cfg))}): this worker trained {trained} "
         f"trial(s) in {time.perf_counter() - start:.0f} s; {len(records)} of {len(grid)} cells finished"
@@ -163,5 +163,4 @@ def trial_record(
         "report_metrics": metrics.get(report, {}),
         "error": error,
         "cost": {k: v for k, v in cost.items() if v is not None},
-        "run_dir": str(run_dir),
     }

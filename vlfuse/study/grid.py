@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from vlfuse.compare import mode_config
 from vlfuse.data.subsets import HOLDOUT
-from vlfuse.schema import Config, ConfigError
+from vlfuse.schema import COMPARE_MODES, Config, ConfigError
 from vlfuse.tasks import get_task
 from vlfuse.training.data import eval_splits
 
@@ -33,12 +34,35 @@ class Cell:
 
     @classmethod
     def parse(cls, key: str) -> Cell:
-        mode, size, seed, lr = key.split("|")
-        return cls(mode, float(size), int(seed), float(lr))
+        """The cell of a key (``mode|size|seed|lr``).
+
+        Raises:
+            ValueError: not a key of a known mode with finite numbers (a key read from a shared storage
+                is checked before it names a folder).
+        """
+        mode, size, seed, lr = str(key).split("|")
+        cell = cls(mode, float(size), int(seed), float(lr))
+        if mode not in COMPARE_MODES or not (math.isfinite(cell.size) and math.isfinite(cell.lr)):
+            raise ValueError(f"not a study cell: {key!r}")
+        return cell
 
     @property
     def folder(self) -> str:
         return f"{self.mode}/size_{self.size:g}/lr_{self.lr:.6g}/seed_{self.seed}"
+
+
+def cell_dir(root: Path, cell: Cell) -> Path:
+    """The run folder of ``cell``: ``<train.output_dir>/trials/<mode>/size_<s>/lr_<r>/seed_<k>``, derived
+    from the cell (never read from a trial record) and checked to lie inside ``root``.
+
+    Raises:
+        ValueError: the folder would lie outside ``root``.
+    """
+    base = (Path(root) / "trials").resolve()
+    folder = (base / cell.folder).resolve()
+    if not folder.is_relative_to(base):
+        raise ValueError(f"the run folder of cell {cell.key!r} would lie outside {base}")
+    return folder
 
 
 def lr_key(mode: str) -> str:

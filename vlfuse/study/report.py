@@ -11,6 +11,7 @@ from typing import Any
 
 from vlfuse.compare import label_and_save, rewrite_card
 from vlfuse.hub import CONFIG_NAME
+from vlfuse.study.grid import Cell, cell_dir
 
 COST_COLUMNS = {
     "trainable": "trainable params",
@@ -151,8 +152,8 @@ def plot_study(result: dict[str, Any], folder: Path) -> list[Path]:
     return [curves, cost]
 
 
-def recommended_dirs(result: dict[str, Any], records: list[dict[str, Any]]) -> list[Path]:
-    """The run folder of each size's recommended (mode, rate), first seed."""
+def recommended_dirs(result: dict[str, Any], records: list[dict[str, Any]], root: Path) -> list[Path]:
+    """The run folder of each size's recommended (mode, rate), first seed (derived from the cell)."""
     first_seed = min(r["seed"] for r in records)
     keep = []
     for rec in result["summary"]["recommendation"]:
@@ -163,20 +164,25 @@ def recommended_dirs(result: dict[str, Any], records: list[dict[str, Any]]) -> l
                 rec["lr"],
                 first_seed,
             ):
-                keep.append(Path(r["run_dir"]))
+                keep.append(cell_dir(root, Cell.parse(r["cell"])))
     return keep
 
 
 def keep_recommended_models(
-    result: dict[str, Any], records: list[dict[str, Any]], keep_all: bool
+    result: dict[str, Any], records: list[dict[str, Any]], root: Path, keep_all: bool
 ) -> list[Path]:
     """Deletes the trained models of the runs not recommended (unless ``keep_all``); writes the study's
-    table into the recommended runs' model cards. Returns the recommended runs' ``final/`` folders."""
-    keep = recommended_dirs(result, records)
+    table into the recommended runs' model cards. Returns the recommended runs' ``final/`` folders.
+
+    Every folder deleted or rewritten is a cell's run folder under ``root`` (``cell_dir``): derived from
+    the cell, never a path read from a trial record (which another worker, or anyone who can write to a
+    shared storage, wrote)."""
+    keep = recommended_dirs(result, records, root)
     if not keep_all:
         for r in records:
-            if Path(r["run_dir"]) not in keep:
-                shutil.rmtree(Path(r["run_dir"]) / "final", ignore_errors=True)
+            run_dir = cell_dir(root, Cell.parse(r["cell"]))
+            if run_dir not in keep:
+                shutil.rmtree(run_dir / "final", ignore_errors=True)
     finals = []
     for run_dir in keep:
         final = run_dir / "final"
@@ -187,8 +193,12 @@ def keep_recommended_models(
 
 
 def write_report(result: dict[str, Any], records: list[dict[str, Any]], folder: Path, keep_all: bool) -> None:
+    """Writes ``study.json`` (each record with its run folder, derived from its cell), ``study.md`` and the
+    plots to ``folder`` (``train.output_dir``), and keeps only the recommended runs' models."""
     folder.mkdir(parents=True, exist_ok=True)
-    result["recommended_models"] = [str(p) for p in keep_recommended_models(result, records, keep_all)]
-    (folder / "study.json").write_text(json.dumps({**result, "records": records}, indent=2))
+    finals = keep_recommended_models(result, records, folder, keep_all)
+    result["recommended_models"] = [str(p) for p in finals]
+    shown = [{**r, "run_dir": str(cell_dir(folder, Cell.parse(r["cell"])))} for r in records]
+    (folder / "study.json").write_text(json.dumps({**result, "records": shown}, indent=2))
     (folder / "study.md").write_text(study_markdown(result))
     plot_study(result, folder)
