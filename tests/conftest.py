@@ -12,6 +12,9 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("HF_HOME", _HF_HOME)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# vlfuse's own cache (features, the checkpoint signing key): a temporary folder, shared by the processes
+# the tests launch.
+os.environ.setdefault("VLFUSE_CACHE", tempfile.mkdtemp(prefix="vlfuse-test-cache-"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

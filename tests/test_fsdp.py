@@ -86,20 +86,34 @@ def test_fsdp2_shards_trains_resumes_and_final_loads_strictly_and_predicts_alike
         assert one[key] == pytest.approx(fsdp_metrics[key], abs=1e-4), key
     if mode == "lora":
         return
-    resumed = tmp_path / "resumed"
-    launch(
-        "grounding.py",
-        *_args(resumed, mode, f"train.resume_from={out / 'checkpoints' / 'step_2'}"),
-        processes=2,
-        config=FSDP,
-    )
     a = load_file(str(out / "final" / "model.safetensors"))
+    if mode == "none":
+        # A damaged shard of the newest (sharded) checkpoint: resume_from=latest falls back to step 2
+        # with one line, and ends where the uninterrupted run did.
+        shards = sorted((out / "checkpoints" / "step_4").rglob("*.distcp"))
+        assert shards and (out / "checkpoints" / "step_4" / "pytorch_model_fsdp_0" / ".metadata").is_file()
+        data = bytearray(shards[0].read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        shards[0].write_bytes(bytes(data))
+        resumed = out
+        run = launch("grounding.py", *_args(out, mode, "train.resume_from=latest"), processes=2, config=FSDP)
+        name = shards[0].relative_to(out / "checkpoints" / "step_4").as_posix()
+        assert f"skipping checkpoint step_4: {shards[0]} is truncated or corrupted" in run.stdout, name
+        assert f"resumed from {out / 'checkpoints' / 'step_2'} at step 2" in run.stdout
+    else:
+        resumed = tmp_path / "resumed"
+        launch(
+            "grounding.py",
+            *_args(resumed, mode, f"train.resume_from={out / 'checkpoints' / 'step_2'}"),
+            processes=2,
+            config=FSDP,
+        )
     b = load_file(str(resumed / "final" / "model.safetensors"))
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k  # bitwise, as the one-process resume tests
     steps = [r["step"] for r in read_metrics(resumed / "metrics.jsonl")]
-    assert steps == [4]  # it started at step 2
+    assert steps[-1:] == [4] and steps.count(2) == (1 if resumed == out else 0)  # it started at step 2
     if mode == "all":  # sharded training computes what DDP computes (float summation order aside)
         ddp = tmp_path / "ddp"
         # FSDP leaves convolutions in their usual memory order (train.channels_last applies to unsharded

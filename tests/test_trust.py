@@ -431,3 +431,100 @@ def test_a_tampered_or_stale_cache_folder_is_rebuilt_saying_why_and_metrics_equa
     assert re.search(r"feature cache rebuilt \(image tower\): .*: its key differs in image_files", out)
     assert changed == pytest.approx(run("changed-live"), abs=1e-5)
     assert changed != pytest.approx(uncached, abs=1e-5)  # the new pixels did change the metrics
+
+
+# ------------------------------------------------------------- 5. every checkpoint is verified before use
+@pytest.fixture
+def two_checkpoints(tmp_path):
+    from vlfuse.checkpointing import list_checkpoints
+    from vlfuse.training import train
+
+    AcceleratorState._reset_state(True)
+    try:
+        train(
+            tiny_config(
+                *SMALL_DATA, f"train.output_dir={tmp_path}", "train.max_steps=4", "train.checkpoint_every=2"
+            )
+        )
+    finally:
+        AcceleratorState._reset_state(True)
+    return list_checkpoints(tmp_path / "checkpoints")
+
+
+def _relist(folder: Path) -> None:
+    """Rewrites a checkpoint's checksum list to cover what is in it now (as someone planting a file
+    would); the signature is left as it was."""
+    from vlfuse.checkpointing import TRAINER_STATE, _sha256, checkpoint_files
+
+    state = json.loads((folder / TRAINER_STATE).read_text())
+    state["files"] = {name: _sha256(folder / name) for name in checkpoint_files(folder)}
+    (folder / TRAINER_STATE).write_text(json.dumps(state, indent=2))
+
+
+def test_a_file_added_to_a_checkpoint_or_a_missing_checksum_list_is_refused(
+    two_checkpoints, tmp_path, capsys
+):
+    from vlfuse.checkpointing import CheckpointError, resolve_resume
+
+    step2, step4 = two_checkpoints
+    (step4 / "sub").mkdir()
+    (step4 / "sub" / "extra.bin").write_bytes(b"planted")
+    with pytest.raises(CheckpointError, match=r"sub/extra.bin is not one of the files the run wrote"):
+        resolve_resume(str(step4), tmp_path)
+    assert resolve_resume("latest", tmp_path, warn=print) == step2
+    assert "skipping checkpoint step_4: " in capsys.readouterr().out
+    state = json.loads((step2 / "trainer_state.json").read_text())
+    del state["files"]
+    (step2 / "trainer_state.json").write_text(json.dumps(state))
+    with pytest.raises(CheckpointError, match=r"has no checksum list in trainer_state.json .*: not loaded"):
+        resolve_resume(str(step2), tmp_path)
+
+
+def test_a_checkpoint_that_needs_unpickling_loads_only_with_this_users_signature(two_checkpoints, tmp_path):
+    """A DCP ``.metadata`` (or a DeepSpeed ``.pt``) is read by unpickling: a checkpoint holding one is
+    loaded only if vlfuse signed it under this user's key; a forged checksum list does not help."""
+    from vlfuse.checkpointing import SIGNATURE, CheckpointError, _signature, key_file, verify_checkpoint
+
+    _, step4 = two_checkpoints
+    assert (step4 / SIGNATURE).is_file() and key_file().is_file()
+    shard = step4 / "pytorch_model_fsdp_0"
+    shard.mkdir()
+    (shard / ".metadata").write_bytes(pickle.dumps({"planted": 1}))
+    _relist(step4)  # the attacker lists the planted file with its checksum
+    with pytest.raises(CheckpointError, match=r"only unpickling can read \(pytorch_model_fsdp_0/.metadata\)"):
+        verify_checkpoint(step4)
+    state = (step4 / "trainer_state.json").read_bytes()
+    (step4 / SIGNATURE).write_text(_signature(b"someone else's key" * 2, state))
+    with pytest.raises(CheckpointError, match=r"was not signed by a run of yours"):
+        verify_checkpoint(step4)
+    (step4 / SIGNATURE).write_text(_signature(key_file().read_bytes(), state))  # as a run of ours signs it
+    assert verify_checkpoint(step4)["step"] == 4
+
+
+def test_the_text_tower_revision_pins_the_commit_read(bert_folder, capsys):
+    """``model.text_encoder.revision`` reaches transformers' loading: in a Hub-cache layout whose main
+    branch points at another commit, the pinned commit's config is the one built."""
+    from huggingface_hub import constants
+
+    from vlfuse.encoders.text import TextEncoder
+    from vlfuse.schema import TextEncoderConfig
+
+    repo = Path(constants.HF_HUB_CACHE) / "models--someone--pinned-bert"
+    pinned, newest = "a" * 40, "b" * 40
+    try:
+        for commit, width in ((pinned, 64), (newest, 48)):
+            snapshot = repo / "snapshots" / commit
+            shutil.copytree(bert_folder, snapshot)
+            config = json.loads((snapshot / "config.json").read_text())
+            (snapshot / "config.json").write_text(json.dumps({**config, "intermediate_size": width}))
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text(newest)
+        cfg = TextEncoderConfig(name="someone/pinned-bert", pretrained=False)
+        assert TextEncoder(cfg).model.config.intermediate_size == 48  # main
+        cfg.revision = pinned
+        assert TextEncoder(cfg).model.config.intermediate_size == 64
+        cfg.revision, cfg.trust_remote_code = None, True
+        TextEncoder(cfg)
+        assert "pin model.text_encoder.revision to the commit you reviewed" in capsys.readouterr().out
+    finally:
+        shutil.rmtree(repo, ignore_errors=True)

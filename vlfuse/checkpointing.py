@@ -2,9 +2,12 @@
 
 A checkpoint is ``output_dir/checkpoints/step_<N>/``: Accelerate's state (model, optimizer, RNG states,
 data position) plus ``trainer_state.json`` (step, scheduler state as JSON, counters and every file's
-SHA-256). It is written to ``.tmp_step_<N>`` and published by rename, and old checkpoints are pruned only
-after that, so a crash at any point leaves the previous checkpoint intact. Resuming verifies every file
-against its checksum; ``latest`` falls back past damaged checkpoints with a warning.
+SHA-256, sub-folders included) and ``trainer_state.sig`` (an HMAC of it under the user's key). It is
+written to ``.tmp_step_<N>`` and published by rename, and old checkpoints are pruned only after that, so a
+crash at any point leaves the previous checkpoint intact. Resuming verifies every file against its
+checksum and refuses a file not in the list; ``latest`` falls back past damaged checkpoints with a
+warning. A checkpoint holding files only unpickling can read (FSDP's sharded state, DeepSpeed) is loaded
+only with a valid signature: written by a run of the same user (``verify_checkpoint``).
 
 Checkpoints are slim: the model file holds what training can change (trainable parameters, and the
 buffers of modules that train), not the frozen weights, which the run rebuilds from their source (timm,
@@ -16,8 +19,10 @@ whole. (Under FSDP and DeepSpeed, Accelerate saves sharded states its own way, a
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
+import secrets
 import shutil
 import time
 from collections.abc import Callable
@@ -29,7 +34,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from safetensors import safe_open
 
-from vlfuse.data.feature_cache import state_fingerprint
+from vlfuse.data.feature_cache import default_cache_dir, state_fingerprint
 from vlfuse.schema import TrainConfig
 
 CHECKPOINT_PREFIX = "step_"
@@ -40,8 +45,17 @@ MODEL_FILE = "model.safetensors"  # Accelerate's name for the first model's weig
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
+SIGNATURE = "trainer_state.sig"  # HMAC of trainer_state.json under this user's key (``signing_key``)
+KEY_FILE = "checkpoint.key"
+# Files that only unpickling can read: torch.distributed.checkpoint's ``.metadata`` (FSDP's sharded state
+# dict) and DeepSpeed's ``.pt`` states. Every other file of a checkpoint is safetensors, JSON, or read by
+# Accelerate with ``torch.load(weights_only=True)``.
+UNPICKLED_NAMES = (".metadata",)
+UNPICKLED_SUFFIXES = (".pt",)
+
+
 class CheckpointError(RuntimeError):
-    """A checkpoint is incomplete or damaged; the message names the file."""
+    """A checkpoint is incomplete, damaged or not this run's; the message names the file."""
 
 
 def _sha256(path: Path) -> str:
@@ -50,6 +64,47 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def checkpoint_files(path: Path) -> list[str]:
+    """Every file of a checkpoint folder, sub-folders included (a sharded state's shards), as relative
+    POSIX paths, except the trainer state and its signature."""
+    return sorted(
+        p.relative_to(path).as_posix()
+        for p in path.rglob("*")
+        if p.is_file() and p.name not in (TRAINER_STATE, SIGNATURE)
+    )
+
+
+def needs_unpickling(names: list[str]) -> list[str]:
+    """The files of a checkpoint that only unpickling can read (``UNPICKLED_NAMES``/``_SUFFIXES``)."""
+    return [n for n in names if Path(n).name in UNPICKLED_NAMES or Path(n).suffix in UNPICKLED_SUFFIXES]
+
+
+def key_file() -> Path:
+    """``$VLFUSE_CACHE`` (or ``~/.cache/vlfuse``) ``/checkpoint.key``: this user's checkpoint signing key."""
+    return default_cache_dir().parent / KEY_FILE
+
+
+def signing_key(create: bool = False) -> bytes | None:
+    """This user's random 32-byte key (created, readable by the user only, when ``create``), with which
+    vlfuse signs the checkpoints it writes; None when there is none and ``create`` is false."""
+    path = key_file()
+    if not path.is_file():
+        if not create:
+            return None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:  # O_EXCL: two processes creating it at once keep the first one's key
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(secrets.token_bytes(32))
+        except FileExistsError:
+            pass
+    return path.read_bytes()
+
+
+def _signature(key: bytes, state_bytes: bytes) -> str:
+    return hmac.new(key, state_bytes, hashlib.sha256).hexdigest()
 
 
 def list_checkpoints(checkpoint_dir: Path) -> list[Path]:
@@ -68,25 +123,48 @@ def list_checkpoints(checkpoint_dir: Path) -> list[Path]:
 
 
 def verify_checkpoint(path: Path) -> dict[str, Any]:
-    """Checks every file of a checkpoint against the SHA-256 recorded when it was saved.
+    """Checks a checkpoint before anything of it is loaded: it has a checksum list, every file in the
+    folder (sub-folders included) is in it, every listed file is present with the SHA-256 recorded when
+    it was saved; and one holding files that only unpickling can read (``needs_unpickling``) carries
+    vlfuse's signature under this user's key (``signing_key``): it was written by a run of this user's.
 
     Returns:
         The checkpoint's trainer state.
 
     Raises:
-        CheckpointError: naming the missing, truncated or corrupted file.
+        CheckpointError: naming the missing, unlisted, truncated or corrupted file, or saying why the
+            checkpoint is not this user's.
     """
     state_file = path / TRAINER_STATE
     try:
-        state = json.loads(state_file.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        state_bytes = state_file.read_bytes()
+        state = json.loads(state_bytes)
+    except (OSError, ValueError) as err:
         raise CheckpointError(f"{state_file} is missing or unreadable: {err}") from None
-    for name, expected in state.get("files", {}).items():
+    listed = state.get("files") if isinstance(state, dict) else None
+    if not isinstance(listed, dict) or not listed:
+        raise CheckpointError(
+            f"{path} has no checksum list in {TRAINER_STATE} (not written by vlfuse, or by a version that "
+            "did not list every file): not loaded"
+        )
+    present = checkpoint_files(path)
+    if unlisted := sorted(set(present) - set(listed)):
+        raise CheckpointError(f"{path / unlisted[0]} is not one of the files the run wrote: not loaded")
+    for name, expected in listed.items():
         file = path / name
-        if not file.is_file():
+        if not file.is_relative_to(path) or ".." in Path(name).parts or not file.is_file():
             raise CheckpointError(f"{file} is missing")
         if _sha256(file) != expected:
             raise CheckpointError(f"{file} is truncated or corrupted (its checksum does not match)")
+    if pickled := needs_unpickling(present):
+        key, sig_file = signing_key(), path / SIGNATURE
+        signed = sig_file.is_file() and key is not None
+        if not signed or not hmac.compare_digest(sig_file.read_text().strip(), _signature(key, state_bytes)):
+            raise CheckpointError(
+                f"{path} holds files that only unpickling can read ({', '.join(pickled[:3])}) and was not "
+                f"signed by a run of yours (key {key_file()}): not loaded. Resume only from checkpoints your "
+                "own runs wrote; processes on several machines need the same key (a shared VLFUSE_CACHE)"
+            )
     return state
 
 
@@ -204,8 +282,10 @@ def save_checkpoint(
         per_process(tmp)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-        (tmp / TRAINER_STATE).write_text(json.dumps({**state, "files": files}, indent=2))
+        files = {name: _sha256(tmp / name) for name in checkpoint_files(tmp)}
+        state_bytes = json.dumps({**state, "files": files}, indent=2).encode()
+        (tmp / SIGNATURE).write_text(_signature(signing_key(create=True), state_bytes))
+        (tmp / TRAINER_STATE).write_bytes(state_bytes)  # written last: it marks a complete checkpoint
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

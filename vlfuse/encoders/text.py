@@ -71,16 +71,21 @@ def override_config(config: PretrainedConfig, overrides: dict) -> PretrainedConf
 
 
 def _load_text_model(
-    path: str, name: str, pretrained: bool, remote: bool, overrides: dict | None = None
+    path: str,
+    name: str,
+    pretrained: bool,
+    remote: bool,
+    overrides: dict | None = None,
+    revision: str | None = None,
 ) -> PreTrainedModel:
     """The text model at ``path``; of a dual-tower checkpoint, its text tower only (with its weights)."""
-    config = text_tower_config(AutoConfig.from_pretrained(path, trust_remote_code=remote))
+    config = text_tower_config(AutoConfig.from_pretrained(path, trust_remote_code=remote, revision=revision))
     config = override_config(config, overrides or {})
     cls = _text_model_class(config, name, remote)
     if pretrained:
         if cls is not None:
-            return cls.from_pretrained(path, config=config)
-        return AutoModel.from_pretrained(path, config=config, trust_remote_code=remote)
+            return cls.from_pretrained(path, config=config, revision=revision)
+        return AutoModel.from_pretrained(path, config=config, trust_remote_code=remote, revision=revision)
     if cls is not None:
         return cls(config)
     return AutoModel.from_config(config, trust_remote_code=remote)
@@ -149,9 +154,17 @@ class TextEncoder(TunableTower, nn.Module):
         path = source or resolve_text_encoder_name(cfg.name)
         pretrained = cfg.pretrained if pretrained is None else pretrained
         remote = cfg.trust_remote_code
+        revision = (
+            None if source else cfg.revision
+        )  # a saved model's folder holds the files it was built from
+        if remote and not source and revision is None and not Path(path).is_dir():
+            print(
+                f"warning: model.text_encoder.trust_remote_code=true runs {cfg.name}'s code at the newest "
+                "commit; pin model.text_encoder.revision to the commit you reviewed"
+            )
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=remote)
-            model = _load_text_model(path, cfg.name, pretrained, remote, cfg.config_overrides)
+            self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=remote, revision=revision)
+            model = _load_text_model(path, cfg.name, pretrained, remote, cfg.config_overrides, revision)
         except OSError as err:
             raise OSError(
                 f"model.text_encoder.name={cfg.name!r}: could not load a tokenizer and model from it "

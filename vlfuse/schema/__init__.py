@@ -110,6 +110,9 @@ class TextEncoderConfig:
     max_length: int = at_least(40, 2)
     # Allow custom model code from the Hub (off unless you trust the repository).
     trust_remote_code: bool = False
+    # Hub revision (branch, tag or commit) of the text tower; pin a commit when trust_remote_code is on, so
+    # the code that runs is the code you reviewed.
+    revision: str | None = None
     # Attributes of the model's transformers config to change before it is built (each must exist),
     # e.g. {hidden_dropout_prob: 0.0, attention_probs_dropout_prob: 0.0}.
     config_overrides: dict[str, Any] = field(default_factory=dict)
