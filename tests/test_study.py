@@ -12,6 +12,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pytest
 from conftest import tiny_config
@@ -19,7 +20,7 @@ from test_recipes import ROOT, SMALL_DATA
 
 from vlfuse.study import run_study
 from vlfuse.study.grid import Cell, cells, lr_grid
-from vlfuse.study.stats import choose_rates, mean_ci, paired_p_value, summarize
+from vlfuse.study.stats import choose_rates, difference_posterior, mean_ci, summarize
 
 WORKER = Path(__file__).parent / "study_worker.py"
 
@@ -34,18 +35,130 @@ def test_the_interval_is_students_t_over_seeds():
     assert math.isnan(mean_ci([0.5], 0.95)["low"])  # one seed: no interval
 
 
-def test_the_paired_test_against_a_hand_computation():
-    a, b = [0.5, 0.6, 0.7], [0.45, 0.50, 0.71]
-    # differences 0.05, 0.10, -0.01: mean d, sample std s, t = d / (s / sqrt(3)) with 2 degrees of freedom,
-    # whose two-sided p-value has the closed form 1 - |t| / sqrt(2 + t^2)
-    d = [x - y for x, y in zip(a, b)]
-    mean = sum(d) / 3
-    s = math.sqrt(sum((x - mean) ** 2 for x in d) / 2)
-    t = mean / (s / math.sqrt(3))
-    assert paired_p_value(a, b) == pytest.approx(1 - abs(t) / math.sqrt(2 + t * t), rel=1e-9)
-    assert paired_p_value(a, a) == 1.0  # identical runs: indistinguishable
-    assert paired_p_value([0.5, 0.6], [0.4, 0.5]) == 0.0  # a constant gap: told apart
-    assert math.isnan(paired_p_value([0.5], [0.4]))
+def test_the_equivalence_probabilities_against_a_hand_computation_and_baycomp():
+    """Two seeds: the posterior of the mean difference is Student's t with 1 degree of freedom (Cauchy),
+    whose CDF is 1/2 + atan(z)/pi. Differences 0.002, 0.006: mean 0.004, sample std 0.002*sqrt(2), scale
+    std/sqrt(2) = 0.002. P(worse) = P(d < -0.01) = 1/2 + atan(-7)/pi = 0.045167; P(better) = P(d > 0.01)
+    = 1/2 - atan(3)/pi = 0.102416; P(equivalent) = 0.852416."""
+    from baycomp.single import Posterior  # Benavoli et al.'s posterior, as baycomp computes it
+
+    post = difference_posterior([0.002, 0.006], rope=0.01, confidence=0.95, resolution=1e-6)
+    assert post["p_worse"] == pytest.approx(0.5 + math.atan(-7) / math.pi, abs=1e-9)
+    assert post["p_better"] == pytest.approx(0.5 - math.atan(3) / math.pi, abs=1e-9)
+    assert post["p_equivalent"] == pytest.approx(1 - post["p_worse"] - post["p_better"], abs=1e-12)
+    # more seeds, against baycomp's posterior with no correlation correction (independent seeds)
+    diffs = [0.004, -0.002, 0.006, 0.011, -0.004]
+    mine = difference_posterior(diffs, rope=0.01, confidence=0.95, resolution=1e-6)
+    theirs = Posterior(np.mean(diffs), np.var(diffs, ddof=1) / 5, 4, rope=0.01).probs()
+    assert (mine["p_worse"], mine["p_equivalent"], mine["p_better"]) == pytest.approx(theirs, abs=1e-9)
+    # the interval is the t interval of the mean difference (scipy.stats.t, as mean_ci)
+    ci = mean_ci(diffs, 0.95)
+    assert (mine["low"], mine["high"]) == pytest.approx((ci["low"], ci["high"]), abs=1e-12)
+
+
+def _seeds(mode, size, values, trainable, selection_count=1000, lr=1e-3, rows=None):
+    return [
+        {
+            **_record(mode, size, seed, lr, value, value, trainable),
+            "selection_count": selection_count,
+            "train_rows": rows if rows is not None else size,
+        }
+        for seed, value in enumerate(values)
+    ]
+
+
+def _decision(records, rope=0.01):
+    (decision,) = summarize(records, 0.95, rope)["decisions"]
+    return decision
+
+
+def test_a_practically_equivalent_cheaper_mode_is_recommended():
+    frozen = [0.800, 0.812, 0.790, 0.805, 0.797]
+    tuned = [0.802, 0.815, 0.791, 0.806, 0.800]  # differences -0.002 -0.003 -0.001 -0.001 -0.003
+    d = _decision(_seeds("none", 100, frozen, 10) + _seeds("all", 100, tuned, 100))
+    assert d["best"] == "all" and d["status"] == "decided" and d["recommended"] == "none"
+    assert d["modes"]["none"]["decision"] == "equivalent"
+    assert d["modes"]["none"]["selection"]["p_equivalent"] > 0.999
+
+
+def test_a_large_noisy_gap_on_two_seeds_is_undecided_with_the_seeds_that_would_decide():
+    from baycomp.single import Posterior
+
+    d = _decision(_seeds("none", 100, [0.50, 0.60], 10) + _seeds("all", 100, [0.60, 0.62], 100))
+    info = d["modes"]["none"]
+    # differences -0.10, -0.02: mean -0.06, scale 0.04; P(worse) = 1/2 + atan(1.25)/pi = 0.7855 < 0.95
+    assert info["selection"]["p_worse"] == pytest.approx(0.5 + math.atan(1.25) / math.pi, abs=1e-9)
+    assert d["status"] == "undecided" and d["recommended"] is None and d["provisional"] == "all"
+    assert info["decision"] == "undecided" and d["undecided"] == ["none"]
+    n = info["seeds_to_decide"]
+    std = info["selection"]["std_used"]
+
+    def decided(k):  # the same mean and spread over k seeds, by baycomp's posterior
+        return max(Posterior(-0.06, std**2 / k, k - 1, rope=0.01).probs()) >= 0.95
+
+    assert n is not None and decided(n) and not decided(n - 1)
+
+
+def test_identical_differences_claim_no_certainty_and_one_seed_is_never_equivalent():
+    # Every seed 2 points apart on 100 examples: a paired t-test's p would be 0. The spread used is at
+    # least 0.01/sqrt(6) (the rounding of two values to a hundredth), so two seeds stay undecided.
+    d = _decision(_seeds("none", 100, [0.70, 0.75], 10, 100) + _seeds("all", 100, [0.72, 0.77], 100, 100))
+    post = d["modes"]["none"]["selection"]
+    assert post["std"] == pytest.approx(0.0, abs=1e-12) and post["std_used"] == pytest.approx(
+        0.01 / math.sqrt(6)
+    )
+    assert 0 < post["p_worse"] < 0.95 and post["p_equivalent"] > 0
+    assert d["status"] == "undecided"
+    # one seed: equal values, still no claim of equivalence
+    one = _decision(_seeds("none", 100, [0.80], 10) + _seeds("all", 100, [0.801], 100))
+    assert one["modes"]["none"]["decision"] == "undecided" and one["status"] == "undecided"
+    assert one["modes"]["none"]["seeds_to_decide"] is None
+
+
+def test_the_report_split_decides_nothing():
+    records = _seeds("none", 100, [0.800, 0.812, 0.790], 10) + _seeds("all", 100, [0.802, 0.815, 0.791], 100)
+    before = _decision(records)
+    # the report split's values only: frozen 0.2 behind there
+    changed = [{**r, "report": r["report"] - (0.2 if r["mode"] == "none" else 0.0)} for r in records]
+    after = _decision(changed)
+    keep = ("best", "recommended", "provisional", "lr", "status", "undecided")
+    assert before["recommended"] == "none"
+    assert {k: after[k] for k in keep} == {k: before[k] for k in keep}
+    assert after["modes"]["none"]["selection"] == before["modes"]["none"]["selection"]
+    assert before["report_disagrees"] is None
+    assert after["report_disagrees"].startswith("none is behind all by 0.20")  # said, not acted on
+
+
+def test_sizes_mixing_counts_and_fractions_are_ordered_by_rows_everywhere():
+    # [1000, 0.5, 1.0, 5000] on a 12,000-row split: 1,000, 6,000, 12,000 and 5,000 rows
+    rows = {1000.0: 1000, 0.5: 6000, 1.0: 12000, 5000.0: 5000}
+    records = []
+    for size, n in rows.items():
+        gain = n / 12000
+        records += _seeds("none", size, [0.5 + 0.01 * s for s in range(3)], 10, rows=n)
+        records += _seeds("all", size, [0.45 + 0.3 * gain + 0.01 * s for s in range(3)], 100, rows=n)
+    result = summarize(records, 0.95, 0.01)
+    assert [r["train_rows"] for r in result["rows"]] == [1000, 1000, 5000, 5000, 6000, 6000, 12000, 12000]
+    assert [d["size"] for d in result["decisions"]] == [1000.0, 5000.0, 0.5, 1.0]
+    # all: 0.475 at 1,000 rows, 0.575 at 5,000, 0.6 at 6,000, 0.75 at 12,000; none: 0.51. Better by more
+    # than the margin from 5,000 rows on (checked at every larger size), worse at 1,000.
+    assert result["overtakes_frozen"]["all"]["size"] == 5000.0
+    assert result["overtakes_frozen"]["all"]["upper_bound"] is False
+    grid = result["curves"]["modes"]["all"]["grid_rows"]
+    assert grid == sorted(grid) and grid[0] == pytest.approx(1000)
+
+
+def test_overtaking_at_the_smallest_size_is_an_upper_bound_and_a_dip_is_not_overtaking():
+    records = []
+    for size, tuned in [(100, 0.7), (200, 0.5), (400, 0.8)]:
+        records += _seeds("none", size, [0.6, 0.61, 0.6], 10) + _seeds(
+            "all", size, [tuned, tuned + 0.01, tuned], 100
+        )
+    info = summarize(records, 0.95, 0.01)["overtakes_frozen"]["all"]
+    assert info["size"] == 400.0 and info["better_at"] == [100.0, 400.0] and not info["upper_bound"]
+    records = [r for r in records if r["size"] != 200]
+    info = summarize(records, 0.95, 0.01)["overtakes_frozen"]["all"]
+    assert info["size"] == 100.0 and info["upper_bound"]
 
 
 def _record(mode, size, seed, lr, selection, report, trainable=10):
@@ -72,37 +185,15 @@ def test_the_rate_is_chosen_on_the_selection_split_and_never_on_the_report_split
     chosen = choose_rates(records)[("none", 100)]
     assert chosen["lr"] == 1e-3  # mean 0.70 against 0.6667 (3e-3 has the best single seed, not the best mean)
     assert chosen["rates"] == pytest.approx({1e-3: 0.7, 3e-3: 2 / 3})
-    row = summarize(records, 0.95)["rows"][0]
+    row = summarize(records, 0.95, 0.01)["rows"][0]
     assert row["lr"] == 1e-3 and row["mean"] == pytest.approx(0.1)  # the report split, at the chosen rate
     # changing only the report split's numbers changes no choice
     swapped = [{**r, "report": 1.0 - r["report"]} for r in records]
     assert choose_rates(swapped) == choose_rates(records)
-    assert summarize(swapped, 0.95)["rows"][0]["lr"] == 1e-3
+    assert summarize(swapped, 0.95, 0.01)["rows"][0]["lr"] == 1e-3
     # a diverged seed (no metric) sinks its rate
     diverged = [{**r, "selection": None} if (r["lr"], r["seed"]) == (1e-3, 0) else r for r in records]
     assert choose_rates(diverged)[("none", 100)]["lr"] == 3e-3
-
-
-def test_the_recommendation_is_the_cheapest_mode_not_told_apart_from_the_best():
-    records = []
-    for seed, (frozen, small_all, big_all) in enumerate(
-        [(0.50, 0.52, 0.80), (0.55, 0.50, 0.86), (0.52, 0.56, 0.83)]
-    ):
-        records += [
-            _record("none", 100, seed, 1e-3, 0.5, frozen, trainable=10),
-            _record("all", 100, seed, 1e-4, 0.5, small_all, trainable=100),
-            _record("none", 1000, seed, 1e-3, 0.5, frozen, trainable=10),
-            _record("all", 1000, seed, 1e-4, 0.5, big_all, trainable=100),
-        ]
-    result = summarize(records, 0.95)
-    small, big = result["recommendation"]
-    # at 100 rows end-to-end's mean is higher (0.5267 vs 0.5233) but the paired test cannot tell them
-    # apart: the cheaper frozen mode is recommended
-    assert small["best"] == "all" and small["recommended"] == "none"
-    assert small["p_values"]["none"] > 0.05 and sorted(small["indistinguishable"]) == ["all", "none"]
-    # at 1000 rows end-to-end is told apart (differences 0.30, 0.31, 0.31)
-    assert big["best"] == big["recommended"] == "all" and big["p_values"]["none"] < 0.05
-    assert result["overtakes_frozen"] == {"all": 1000}
 
 
 # ------------------------------------------------------------------------------------------------ grid
@@ -214,7 +305,7 @@ def _worker(out: Path, storage: str, *args: str) -> subprocess.Popen:
 def _two_workers_complete_the_grid_once(out: Path, storage: str) -> None:
     workers = [_worker(out, storage, "--seconds", "0.5") for _ in range(2)]
     logs = [w.communicate(timeout=300)[0] for w in workers]
-    assert [w.returncode for w in workers] == [0, 0], logs
+    assert [w.returncode for w in workers] == [0, 0], "\n\n".join(logs)  # whole logs: a worker's traceback
     starts = _events(out)
     assert len(starts) == 8 and set(starts.values()) == {1}, starts  # every cell, each once
     workers_seen = {json.loads(line)["worker"] for line in (out / "trials.jsonl").read_text().splitlines()}
@@ -222,7 +313,7 @@ def _two_workers_complete_the_grid_once(out: Path, storage: str) -> None:
     study = optuna.load_study(study_name=out.name, storage=_sqlalchemy(storage))
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(complete) == 8
-    assert json.loads((out / "study.json").read_text())["summary"]["overtakes_frozen"] == {"all": 10.0}
+    assert json.loads((out / "study.json").read_text())["summary"]["overtakes_frozen"]["all"]["size"] == 10.0
 
 
 def _sqlalchemy(url: str) -> str:
@@ -430,3 +521,33 @@ def test_a_storage_password_is_never_printed_or_saved(tmp_path):
     assert storage_url(cfg).startswith("postgresql+psycopg://me:s3cret@")  # psycopg 3, as installed
     assert shown_url(storage_url(cfg)) == "postgresql+psycopg://***:***@db-host/studies"
     assert trial_config(cfg, cells(cfg)[0], tmp_path).study.storage is None  # a run's config.yaml
+
+
+# ---------------------------------------------------------------------------------------- learning curves
+def test_the_curve_fit_recovers_a_noisy_power_law_and_the_rows_a_target_needs():
+    """y = 0.9 - 0.5 * n^-0.4 with noise of sd 0.002, 7 sizes from 50 to 3,200 rows, 5 seeds each. The
+    power law is chosen by its error at the largest size, its parameters come back within 0.01 (a), 0.05
+    (b) and 0.03 (c), and the rows needed for 0.88 (truth: (0.5 / 0.02)^(1 / 0.4) = 3,125) within 10%;
+    for 0.89 (truth (0.5 / 0.01)^2.5 = 17,678, 5.5x beyond the largest size: an extrapolation) within 1.5x."""
+    from vlfuse.study.curves import fit_mode
+
+    a, b, c = 0.9, 0.5, 0.4
+    rng = np.random.default_rng(0)
+    points = [
+        (n, a - b * n**-c + rng.normal(0, 0.002))
+        for n in (50, 100, 200, 400, 800, 1600, 3200)
+        for _ in range(5)
+    ]
+    fit = fit_mode(points, target=0.88)
+    assert fit["model"] == "power_law" and fit["validated"]
+    fa, fb_scaled, fc = fit["params"]
+    assert fa == pytest.approx(a, abs=0.01) and fc == pytest.approx(c, abs=0.03)
+    assert fb_scaled * fit["scale"] ** fc == pytest.approx(b, abs=0.05)
+    assert fit["target"]["rows"] == pytest.approx(3125, rel=0.1) and not fit["target"]["extrapolated"]
+    assert fit["target"]["low"] < fit["target"]["rows"] < fit["target"]["high"]
+    far = fit_mode(points, target=0.89)["target"]
+    assert far["extrapolated"] and 17678 / 1.5 < far["rows"] < 17678 * 1.5
+    assert fit_mode(points, target=0.95)["target"]["rows"] is None  # above the asymptote: never reached
+    # two sizes: only a two-parameter curve fits, and it is not validated
+    two = fit_mode([p for p in points if p[0] in (400, 3200)], target=None)
+    assert two["model"] == "logarithmic" and not two["validated"]

@@ -125,3 +125,140 @@ def test_retrieval_evaluates_its_holdout_per_image(tmp_path):
     )
     assert metrics["holdout"]["images"] == 4  # four held-out rows, one image each, with all their captions
     assert metrics["holdout"]["texts"] == 16
+
+
+# ----------------------------------------------------------------------- per-seed subsets, by image
+def test_each_seed_draws_its_own_nested_subset_and_the_held_out_rows_stay_fixed():
+    def parts(seed, n):
+        return split_rows(DataConfig(holdout=30, train_subset=n, subset_seed=4, train_subset_seed=seed), 200)
+
+    held = {tuple(parts(seed, n)["holdout"]) for seed in (0, 1, 2) for n in (10, 40, 170)}
+    assert len(held) == 1  # one held-out part for every seed and size
+    for seed in (0, 1, 2):
+        small, mid, whole = (set(parts(seed, n)["train"]) for n in (10, 40, 170))
+        assert small < mid < whole and len(small) == 10 and len(mid) == 40  # nested within a seed
+    assert len({tuple(parts(seed, 10)["train"]) for seed in (0, 1, 2)}) == 3  # each seed its own rows
+    assert len({tuple(parts(seed, 170)["train"]) for seed in (0, 1, 2)}) == 1  # the whole pool: the same
+    # no train_subset_seed: the held-out order's next rows, as before per-seed draws existed
+    assert (
+        split_rows(DataConfig(holdout=30, train_subset=10, subset_seed=4), 200)["train"]
+        != parts(0, 10)["train"]
+    )
+
+
+def _refcoco_rows(root, embedded: bool, images: int = 12, per_image: int = 3):
+    """A grounding train split in RefCOCO's layout: one row per expression, ``per_image`` rows per image
+    (the image as a file path under an image root, or embedded bytes repeated in each row)."""
+    import datasets
+    from PIL import Image, ImageDraw
+
+    (root / "images").mkdir()
+    rows = {"image": [], "text": [], "box": []}
+    for k in range(images):
+        image = Image.new("RGB", (48, 40), (15 * k, 90, 60))
+        ImageDraw.Draw(image).rectangle([4 + k, 5, 20 + k, 30], fill=(220, 30, 30))
+        image.save(root / "images" / f"{k}.png")
+        for e in range(per_image):
+            rows["image"].append(
+                {"bytes": (root / "images" / f"{k}.png").read_bytes(), "path": None}
+                if embedded
+                else f"{k}.png"
+            )
+            rows["text"].append(f"object {e} of image {k}")
+            rows["box"].append([4.0 + k, 5.0, 21.0 + k, 31.0])
+    features = datasets.Features(
+        {
+            "image": datasets.Image() if embedded else datasets.Value("string"),
+            "text": datasets.Value("string"),
+            "box": datasets.Sequence(datasets.Value("float32")),
+        }
+    )
+    folder = root / "refcoco"
+    (folder / "data").mkdir(parents=True)
+    for split in ("train", "validation"):
+        datasets.Dataset.from_dict(rows, features=features).to_parquet(
+            str(folder / "data" / f"{split}-0.parquet")
+        )
+    return folder, [r // per_image for r in range(images * per_image)]  # each row's image
+
+
+@pytest.mark.parametrize("embedded", [False, True], ids=["paths", "embedded"])
+def test_no_image_of_the_held_out_rows_is_in_any_trials_training_rows(tmp_path, embedded):
+    folder, image_of = _refcoco_rows(tmp_path, embedded)
+    task = get_task("grounding")
+    seen_held = set()
+    for seed in (0, 1, 2):
+        for size in (5, 16):
+            cfg = tiny_config(
+                f"data.dataset={folder}",
+                f"data.image_root={tmp_path / 'images'}",
+                "data.holdout=7",
+                f"data.train_subset={size}",
+                f"data.train_subset_seed={seed}",
+            )
+            model = VLFuseModel(cfg.model)
+            held = build_split(Accelerator(cpu=True), cfg, task, model, "holdout", train=False)
+            trained = build_split(Accelerator(cpu=True), cfg, task, model, "train", train=True)
+            held_images = {image_of[r] for r in _rows(held)}
+            train_images = {image_of[r] for r in _rows(trained)}
+            assert not held_images & train_images
+            assert len(_rows(held)) == 9  # whole images (3 rows each) until at least 7 rows
+            assert len(set(_rows(trained))) >= size
+            seen_held.add(frozenset(held_images))
+    assert len(seen_held) == 1  # the held-out images are the study's, whatever the seed
+
+
+def test_the_vqa_vocabulary_of_a_trial_holds_no_answer_found_only_in_held_out_rows(tmp_path):
+    import datasets
+
+    from vlfuse.data.subsets import image_groups
+
+    folder = tmp_path / "vqa"
+    (folder / "data").mkdir(parents=True)
+    from PIL import Image
+
+    data = {"image": [], "question": [], "answers": []}
+    for i in range(16):
+        data["image"].append(Image.new("RGB", (40, 32), (10 * i, 20, 200)))
+        data["question"].append("what is it?")
+        data["answers"].append([f"only-{i}", "box"])
+    datasets.Dataset.from_dict(data).to_parquet(str(folder / "data" / "train-0.parquet"))
+    cfg = tiny_config(
+        "model.task=vqa",
+        "model.fusion.name=concat",
+        f"data.dataset={folder}",
+        "data.columns={image: image, question: question, answer: answers}",
+        "data.holdout=4",
+        "data.train_subset=8",
+        "data.train_subset_seed=1",
+        "data.num_answers=100",
+        "data.eval_split=holdout",
+    )
+    task = get_task("vqa")
+    task.prepare(cfg, Accelerator(cpu=True))
+    ds = datasets.load_dataset(str(folder), split="train")
+    parts = split_rows(cfg.data, image_groups(ds, cfg.data, "image"))
+    vocab = set(cfg.model.answers)
+    assert {f"only-{r}" for r in parts["train"]} <= vocab  # the trial's own rows' answers
+    assert not {f"only-{r}" for r in parts["holdout"]} & vocab  # no held-out answer
+    assert not {f"only-{r}" for r in set(range(16)) - set(parts["train"]) - set(parts["holdout"])} & vocab
+
+
+def test_itm_negatives_of_held_out_rows_come_from_held_out_rows(tmp_path):
+    from helpers import write_flickr_layout
+
+    folder = write_flickr_layout(tmp_path, rows_per_split=16)
+    cfg = tiny_config(
+        "model.task=itm",
+        "model.fusion.name=concat",
+        "data.columns={image: image, text: alt_text}",
+        f"data.dataset={folder}",
+        "data.holdout=5",
+        "data.eval_split=holdout",
+    )
+    model = VLFuseModel(cfg.model)
+    held = build_split(Accelerator(cpu=True), cfg, get_task("itm"), model, "holdout", train=False)
+    held_texts = set(held.texts)
+    negatives = [held[i].negative for i in range(len(held))]
+    assert negatives and set(negatives) <= held_texts
+    assert all(held[i].negative != held[i].text for i in range(len(held)))

@@ -333,7 +333,12 @@ def test_a_study_record_cannot_make_the_report_delete_or_write_outside_the_outpu
     assert sorted(r["cell"] for r in records) == sorted(keys)  # the two bad cells are skipped
     assert all("run_dir" not in r for r in records)
     assert records[1]["report_metrics"] == {"acc": 0.1}  # numbers only
-    result = {"summary": summarize(records, 0.95), "confidence": 0.95, "metric": "acc", "task": "grounding"}
+    result = {
+        "summary": summarize(records, 0.95, 0.01),
+        "confidence": 0.95,
+        "metric": "acc",
+        "task": "grounding",
+    }
     result.update(selection_split="holdout", report_split="validation", cells=keys, trials=2, complete=True)
     write_report(result, records, root, keep_all=False)
     assert (victim / "final" / "README.md").read_text() == "the victim's card"  # untouched

@@ -307,19 +307,24 @@ def _study_section(study: dict[str, Any]) -> list[str]:
         for r in study["summary"]["rows"]
     ]
     head = ["train size", "mode", "lr", f"{study['metric']} mean", f"{study['confidence']:.0%} CI", "seeds"]
+    summary = study["summary"]
     recs = [
-        f"- size {rec['size']:g}: {rec['recommended']} (best mean: {rec['best']})"
-        for rec in study["summary"]["recommendation"]
-        if rec["recommended"]
+        f"- size {d['size']:g}: {d['recommended']} (best mean: {d['best']})"
+        if d["status"] == "decided"
+        else f"- size {d['size']:g}: undecided (best mean: {d['best']}; cheapest shown equivalent so far: "
+        f"{d['provisional']})"
+        for d in summary["decisions"]
+        if d.get("best")
     ]
     return [
         "",
-        f"## Study (`recipes/study.py`, split `{study['report_split']}`; rates chosen on "
+        f"## Study (`recipes/study.py`, split `{study['report_split']}`; rates and modes chosen on "
         f"`{study['selection_split']}`)",
         "",
         *_table(head, rows),
         "",
-        "Recommended (the cheapest mode not told apart from the best):",
+        f"Recommended: the cheapest mode practically equivalent to the best (within ±{summary['rope']:g}) "
+        f"with probability >= {summary['probability']:g} on `{study['selection_split']}`:",
         "",
         *recs,
     ]

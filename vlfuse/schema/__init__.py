@@ -202,9 +202,13 @@ class DataConfig:
     # Train on a random part of the train split's (remaining) rows: a count, or a fraction when at most 1.
     # Nested: one seeded order of the rows, each size its first rows. null = all.
     train_subset: float | None = field(default=None, metadata={"min": 0})
-    # Seed of the row order data.holdout and data.train_subset draw from (not train.seed: runs of several
-    # seeds share their data).
+    # Seed of the order of the train split's images that data.holdout draws from (and data.train_subset,
+    # unless train_subset_seed is set). Rows are drawn by image: the rows of one image stay on one side.
     subset_seed: int = 0
+    # Seed of data.train_subset's own order of the images left after the held-out ones (drawn from both
+    # seeds; the held-out rows stay data.subset_seed's). null: data.subset_seed's order. The study sets it
+    # per seed unless study.shared_subsets.
+    train_subset_seed: int | None = None
     # Stop if more than this fraction of the examples seen so far are unusable (undecodable image, invalid
     # box); below it, bad examples are skipped and counted.
     max_bad_fraction: float = at_least(0.01, 0.0)

@@ -57,8 +57,18 @@ class StudyConfig:
     prune: bool = False
     # How far behind (in the study's metric) a trial may be before study.prune stops it.
     prune_margin: float = field(default=0.05, metadata={"min": 0})
-    # Confidence level of the intervals and of the test that tells modes apart (paired t-test over seeds).
+    # Confidence level of the intervals, and the probability a decision needs: a mode is practically
+    # equivalent to the best (or worse) when the posterior gives it at least this probability.
     confidence: float = field(default=0.95, metadata={"min": 0.5})
+    # Region of practical equivalence, in the metric's units: two modes whose mean difference is within
+    # +-rope are as good as each other for practical purposes (0.01: one point of accuracy).
+    rope: float = field(default=0.01, metadata={"min": 0})
+    # true: every seed trains on the same rows of each size (data.subset_seed), so the intervals measure
+    # the optimiser's noise only; false: each seed draws its own rows too (the variance a user meets).
+    shared_subsets: bool = False
+    # A metric value to reach: the report estimates the train rows each mode needs for it from its
+    # learning curve (an extrapolation beyond the largest size). null: none.
+    target: float | None = None
     # Seconds between a running trial's heartbeats (written to the storage).
     heartbeat_interval: int = at_least(30, 1)
     # A trial with no heartbeat for this many seconds (its worker died) is failed and queued again.

@@ -79,11 +79,23 @@ def run_study(cfg: Config) -> dict[str, Any]:
             **shown_dict(cfg),
             "study": {**shown_dict(cfg)["study"], "storage": shown_url(storage_url(cfg))},
         },
-        "summary": summarize(records, cfg.study.confidence),
+        "variance_sources": variance_sources(cfg),
+        "summary": summarize(records, cfg.study.confidence, cfg.study.rope, cfg.study.target),
     }
     if records:
         write_report(result, records, root, cfg.study.keep_models)
     return result
+
+
+def variance_sources(cfg: Config) -> dict[str, list[str]]:
+    """What varies between a study's seeds, and what is held fixed (named in the report)."""
+    varied = ["initialisation and data order (train.seed)"]
+    fixed = [f"the rows rates and modes are chosen on ({selection_split(cfg)})", "the evaluation splits"]
+    if cfg.study.shared_subsets:
+        fixed.insert(0, "the training rows of each size (study.shared_subsets=true)")
+    else:
+        varied.insert(0, "the training rows drawn at each size below the whole split (nested within a seed)")
+    return {"varied": varied, "fixed": fixed}
 
 
 def run_cell(cfg: Config, cell: Cell, run_dir: Path, first_seed: int, trial=None) -> dict[str, Any]:
@@ -158,9 +170,17 @@ def trial_record(
         "lr": cell.lr,
         "train_rows": summary.get("train_rows"),
         "selection": None if pruned is not None else metrics.get(selection, {}).get(metric),
+        # how many examples the selection metric counts (its resolution is one of them)
+        "selection_count": _example_count(metrics.get(selection, {})),
         "pruned": pruned,
         "report": metrics.get(report, {}).get(metric),
         "report_metrics": metrics.get(report, {}),
         "error": error,
         "cost": {k: v for k, v in cost.items() if v is not None},
     }
+
+
+def _example_count(metrics: dict[str, Any]) -> int | None:
+    """The examples an evaluation counted (``count``; retrieval: its texts), if it says."""
+    value = metrics.get("count", metrics.get("texts"))
+    return int(value) if isinstance(value, int | float) and value > 0 else None

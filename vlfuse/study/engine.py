@@ -114,7 +114,13 @@ def _storage(cfg: Config, url: str, attempts: int = 5) -> optuna.storages.RDBSto
                         cfg.study.max_retries
                     ),
                 )
-        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError):
+        # PostgreSQL reports two workers creating one table as a unique violation on its catalogue
+        # (IntegrityError) or as "relation already exists" (ProgrammingError), depending on the timing.
+        except (
+            sqlalchemy.exc.IntegrityError,
+            sqlalchemy.exc.OperationalError,
+            sqlalchemy.exc.ProgrammingError,
+        ):
             if attempt == attempts - 1:
                 raise
             time.sleep(0.5 * (attempt + 1))
@@ -262,7 +268,7 @@ def finished_records(study: optuna.Study, keys: list[str] | None = None) -> list
     return list(records.values())
 
 
-RECORD_NUMBERS = ("train_rows", "selection", "pruned", "report")
+RECORD_NUMBERS = ("train_rows", "selection", "selection_count", "pruned", "report")
 RECORD_TEXT_LIMIT = 2000  # a training error's message, shortened
 
 

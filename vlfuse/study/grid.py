@@ -133,6 +133,8 @@ def trial_config(cfg: Config, cell: Cell, run_dir: Path) -> Config:
     else:
         run.train.encoder_lr = cell.lr
     run.data.train_subset = cell.size
+    # Each seed draws its own rows of every size (nested within the seed); the held-out rows stay fixed.
+    run.data.train_subset_seed = None if cfg.study.shared_subsets else cell.seed
     if not cfg.study.validation_split:
         if not cfg.study.validation:
             raise ConfigError("study.validation=0 needs study.validation_split (a split to choose rates on)")

@@ -1,5 +1,5 @@
-"""The study's report: ``study.json``, ``study.md``, the plots, and the table in the recommended runs'
-model cards."""
+"""The study's report: ``study.json``, ``study.md`` (``vlfuse.study.text``), the plots, and the table in
+the recommended runs' model cards."""
 
 from __future__ import annotations
 
@@ -9,132 +9,54 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from vlfuse.compare import label_and_save, rewrite_card
+from vlfuse.compare import rewrite_card
 from vlfuse.hub import CONFIG_NAME
 from vlfuse.study.grid import Cell, cell_dir
-
-COST_COLUMNS = {
-    "trainable": "trainable params",
-    "wall_time_s": "wall time (s)",
-    "train_samples_per_s": "train samples/s",
-    "peak_memory_mb": "peak memory (MiB)",
-    "final_bytes": "saved model (MiB)",
-}
-
-
-def _size_label(row: dict[str, Any]) -> str:
-    rows = row.get("train_rows")
-    return f"{row['size']:g}" + (f" ({rows:,} rows)" if rows else "")
-
-
-def _num(value: float, digits: int = 4) -> str:
-    return "-" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
-
-
-def _cost(key: str, value: float | None) -> str:
-    if value is None or not math.isfinite(value):
-        return "-"
-    if key == "trainable":
-        return f"{value:,.0f}"
-    if key == "final_bytes":
-        return f"{value / 2**20:.1f}"
-    return f"{value:.1f}"
-
-
-def results_table(result: dict[str, Any]) -> list[str]:
-    """The per (size, mode) table: chosen rate, mean and interval on the report split, costs."""
-    level = f"{result['confidence']:.0%} CI"
-    head = ["train size", "mode", "lr", f"{result['metric']} mean", level, "seeds", *COST_COLUMNS.values()]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in result["summary"]["rows"]:
-        ci = f"[{_num(r['low'])}, {_num(r['high'])}]"
-        costs = [_cost(k, r["cost"].get(k)) for k in COST_COLUMNS]
-        cells = [_size_label(r), r["mode"], f"{r['lr']:.3g}", _num(r["mean"]), ci, str(r["n"]), *costs]
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
-
-
-def recommendation_lines(result: dict[str, Any]) -> list[str]:
-    summary = result["summary"]
-    lines = []
-    for rec in summary["recommendation"]:
-        if rec["recommended"] is None:
-            lines.append(f"- size {rec['size']:g}: no finished trial")
-            continue
-        tied = [m for m in rec["indistinguishable"] if m != rec["recommended"]]
-        p = ", ".join(f"{m}: p={v:.3g}" for m, v in rec["p_values"].items() if math.isfinite(v))
-        lines.append(
-            f"- size {_size_label(rec)}: **{rec['recommended']}** (lr {rec['lr']:.3g}); best mean: "
-            f"{rec['best']}; indistinguishable from the best: {', '.join(tied) or 'none other'}"
-            + (f" ({p})" if p else " (one seed: nothing to test)")
-        )
-    for mode, size in summary["overtakes_frozen"].items():
-        lines.append(
-            f"- {mode} overtakes none (frozen) from size {size:g} on"
-            if size is not None
-            else f"- {mode} does not overtake none (frozen) within the sizes run"
-        )
-    return lines
-
-
-def study_markdown(result: dict[str, Any]) -> str:
-    s = result["summary"]
-    lines = [
-        f"# Study: which mode for this data? ({result['task']}, {result['metric']})",
-        "",
-        f"Learning rates were chosen per (mode, train size) on split `{result['selection_split']}` by the "
-        f"mean over seeds; the numbers below are on split `{result['report_split']}`, for the chosen rate "
-        "only: that split chose nothing.",
-        f"{result['trials']} finished trials ({len(result['cells'])} cells); train sizes are "
-        "nested (a smaller set is part of every larger one).",
-        *(
-            []
-            if result["complete"]
-            else [
-                "",
-                "**Partial**: some trials are still running on other workers, or failed; running the "
-                "command again finishes the study and rewrites this report.",
-            ]
-        ),
-        "",
-        *results_table(result),
-        "",
-        "## Recommendation",
-        "",
-        f"Rule: for each train size, the cheapest mode (fewest trainable parameters, then least wall time) "
-        f"whose mean is not told apart from the best mode's by a {s['test']} at level {s['alpha']:.2g}.",
-        "",
-        *recommendation_lines(result),
-    ]
-    return "\n".join(lines) + "\n"
+from vlfuse.study.text import COST_COLUMNS, study_markdown
 
 
 def plot_study(result: dict[str, Any], folder: Path) -> list[Path]:
-    """``study_curves.png`` (the metric against train size per mode, with its confidence band) and
-    ``study_cost.png`` (each mode's costs at the largest size)."""
+    """``study_curves.png`` (left: the report split's mean against train rows per mode with its confidence
+    band; right: the selection split's values over seeds with each mode's fitted learning curve and its
+    band, the extrapolated part shaded) and ``study_cost.png`` (each mode's costs at the largest size)."""
     from matplotlib.figure import Figure  # slow to import; only the plots need it
 
     rows = result["summary"]["rows"]
-    modes = list(dict.fromkeys(r["mode"] for r in rows))
-    fig = Figure(figsize=(6.5, 4.2), dpi=120)
-    ax = fig.subplots()
-    for mode in modes:
-        mine = sorted((r for r in rows if r["mode"] == mode), key=lambda r: r["size"])
-        x = [r.get("train_rows") or r["size"] for r in mine]
-        ax.plot(x, [r["mean"] for r in mine], marker="o", label=mode)
-        ax.fill_between(x, [r["low"] for r in mine], [r["high"] for r in mine], alpha=0.2)
-    ax.set_xscale("log")
-    curves = folder / "study_curves.png"
-    label_and_save(
-        fig,
-        ax,
-        curves,
-        ("train rows", f"{result['metric']} ({result['report_split']})"),
-        f"{result['task']}: mean over seeds, {result['confidence']:.0%} CI band",
-        "mode",
-    )
+    modes = list(dict.fromkeys(r["mode"] for r in sorted(rows, key=lambda r: r["mode"])))
+    fig = Figure(figsize=(12, 4.2), dpi=120)
+    measured, fitted = fig.subplots(1, 2)
+    curves = result["summary"]["curves"]["modes"]
+    for k, mode in enumerate(modes):
+        colour = f"C{k}"
+        mine = sorted((r for r in rows if r["mode"] == mode), key=lambda r: r["train_rows"])
+        x = [r["train_rows"] for r in mine]
+        measured.plot(x, [r["mean"] for r in mine], marker="o", label=mode, color=colour)
+        measured.fill_between(x, [r["low"] for r in mine], [r["high"] for r in mine], alpha=0.2, color=colour)
+        for r in mine:
+            values = [v for v in r["selection_values"] if v is not None and math.isfinite(v)]
+            fitted.scatter([r["train_rows"]] * len(values), values, s=12, color=colour)
+        curve = curves.get(mode)
+        if curve:
+            fitted.plot(curve["grid_rows"], curve["mean"], color=colour, label=f"{mode} ({curve['model']})")
+            if curve["low"]:
+                fitted.fill_between(curve["grid_rows"], curve["low"], curve["high"], alpha=0.15, color=colour)
+    largest = max(r["train_rows"] for r in rows)
+    fitted.axvspan(largest, fitted.get_xlim()[1], color="grey", alpha=0.1, label="extrapolated")
+    for ax in (measured, fitted):
+        ax.set_xscale("log")
+        ax.grid(alpha=0.3)
+        ax.set_xlabel("train rows")
+        ax.legend(title="mode", fontsize=8)
+    measured.set_ylabel(f"{result['metric']} ({result['report_split']})")
+    measured.set_title(f"measured: mean over seeds, {result['confidence']:.0%} CI band", fontsize=10)
+    fitted.set_ylabel(f"{result['metric']} ({result['selection_split']})")
+    fitted.set_title("learning curves (fitted to the selection split) and their extrapolation", fontsize=10)
+    fig.suptitle(result["task"], fontsize=10)
+    fig.tight_layout()
+    curves_png = folder / "study_curves.png"
+    fig.savefig(curves_png)
 
-    largest = max(r["size"] for r in rows)
+    largest = max(rows, key=lambda r: r["train_rows"])["size"]
     at_largest = {r["mode"]: r for r in rows if r["size"] == largest}
     fig = Figure(figsize=(12, 2.8), dpi=120)
     axes = fig.subplots(1, len(COST_COLUMNS))
@@ -145,23 +67,24 @@ def plot_study(result: dict[str, Any], folder: Path) -> list[Path]:
         ax.bar(modes, [v / 2**20 if key == "final_bytes" else v for v in values])
         ax.set_title(label, fontsize=9)
         ax.tick_params(labelsize=8)
-    fig.suptitle(f"cost per mode at train size {largest:g}", fontsize=10)
+    fig.suptitle(f"cost per mode at the largest train size ({largest:g})", fontsize=10)
     fig.tight_layout()
     cost = folder / "study_cost.png"
     fig.savefig(cost)
-    return [curves, cost]
+    return [curves_png, cost]
 
 
 def recommended_dirs(result: dict[str, Any], records: list[dict[str, Any]], root: Path) -> list[Path]:
-    """The run folder of each size's recommended (mode, rate), first seed (derived from the cell)."""
+    """The run folder of each size's recommended (mode, rate), first seed (derived from the cell); for an
+    undecided size, the cheapest mode shown equivalent so far (``provisional``)."""
     first_seed = min(r["seed"] for r in records)
     keep = []
-    for rec in result["summary"]["recommendation"]:
+    for rec in result["summary"]["decisions"]:
         for r in records:
             if (r["mode"], r["size"], r["lr"], r["seed"]) == (
-                rec["recommended"],
+                rec.get("provisional"),
                 rec["size"],
-                rec["lr"],
+                rec.get("lr"),
                 first_seed,
             ):
                 keep.append(cell_dir(root, Cell.parse(r["cell"])))

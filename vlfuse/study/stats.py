@@ -1,15 +1,37 @@
-"""The study's statistics: learning rates chosen on the selection split, confidence intervals over seeds,
-the test that tells two modes apart, and the recommendation.
+"""The study's statistics: learning rates and modes chosen on the selection split, intervals over seeds,
+and the decision "practically equivalent to the best, worse, or undecided" with a stated margin.
 
 Honest selection: a (mode, size)'s rate is the one with the best mean over seeds on the selection split
-(held-out train rows, or ``study.validation_split``); the report split's numbers are read for that rate
-only, after it is chosen, and never compared across rates.
+(held-out train rows, or ``study.validation_split``); the mode is chosen on the same split, at the chosen
+rates. The report split's numbers are read after everything is chosen, reported for every mode, and
+decide nothing (where they disagree with the decision beyond the margin, the report says so).
 
-Two modes at one size are "indistinguishable" when a two-sided paired t-test over the seeds they share
-(``scipy.stats.ttest_rel``; seed k of one mode paired with seed k of the other: same data, same order)
-does not reject equal means at level ``1 - confidence``. The recommendation for a size is the cheapest
-mode (fewest trainable parameters, then least mean wall time: wall time is noisy on small runs and
-counts a feature cache's first build) indistinguishable from the best one.
+The decision between a mode and the best one at a size is Benavoli et al.'s Bayesian paired t-test ("Time
+for a change", JMLR 2017) on the paired differences over seeds (seed k of one mode against seed k of the
+other: the same data subset, the same order): with n seeds, mean difference d and standard deviation s,
+the posterior of the mean difference is Student's t with n - 1 degrees of freedom, location d and scale
+s / sqrt(n), and with the region of practical equivalence ``study.rope`` (in the metric's units) it gives
+P(worse: below -rope), P(practically equivalent: within +-rope) and P(better: above rope). The seeds are
+independent replications evaluated on one fixed held-out set, not cross-validation folds, so no
+correlation correction is applied (baycomp's ``CorrelatedTTest`` applies Nadeau and Bengio's for folds;
+``tests/test_study.py`` checks these probabilities against baycomp's ``Posterior`` with that correlation
+set to 0). Written here with scipy rather than through baycomp because baycomp exposes the uncorrected
+posterior only through a class outside its public ``__all__``, and treats a zero variance as certainty.
+
+Two guards a reviewer would ask for:
+
+- **No certainty from a discrete metric.** Where every seed gives the same difference (common with
+  accuracy on a few hundred examples), the sample standard deviation is 0 and any test would claim
+  certainty. The standard deviation used is at least ``resolution / sqrt(6)``: each of the two values is
+  a multiple of the metric's resolution (one example's worth, ``1 / count``), and a uniform rounding error
+  of variance resolution^2 / 12 each bounds what equal observed differences can tell.
+- **One seed is never evidence.** With fewer than two paired seeds there is no posterior: the decision is
+  "undecided", never "equivalent".
+
+The recommendation for a size is the cheapest mode (fewest trainable parameters, then least mean wall
+time) that is practically equivalent to the best with probability at least ``study.confidence`` (the best
+counts as equivalent to itself); where a cheaper mode is undecided, the size is "undecided" and the report
+says how many seeds would likely decide (``seeds_to_decide``: the same mean and spread, more seeds).
 """
 
 from __future__ import annotations
@@ -21,7 +43,13 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-TEST_NAME = "two-sided paired t-test over seeds (scipy.stats.ttest_rel)"
+from vlfuse.study.curves import fit_curves
+
+DECISION_NAME = (
+    "Bayesian paired t-test over seeds with a region of practical equivalence (Benavoli et al. 2017)"
+)
+DEFAULT_RESOLUTION = 1e-3  # a metric's resolution where the split's example count is not known
+MOST_SEEDS = 100  # seeds_to_decide looks no further
 
 
 def _finite(values: list[float | None]) -> list[float]:
@@ -41,19 +69,64 @@ def mean_ci(values: list[float], confidence: float) -> dict[str, float]:
     return {"n": n, "mean": mean, "std": std, "low": mean - half, "high": mean + half}
 
 
-def paired_p_value(a: list[float], b: list[float]) -> float:
-    """The two-sided paired t-test's p-value for equal means of ``a`` and ``b`` (paired by position).
+def difference_posterior(
+    diffs: list[float], rope: float, confidence: float, resolution: float = DEFAULT_RESOLUTION
+) -> dict[str, float]:
+    """The posterior of the mean paired difference (module docstring): its mean, the ``confidence``
+    interval, and P(worse), P(practically equivalent), P(better) for the margin ``rope``. NaN
+    probabilities with fewer than two pairs."""
+    x = np.asarray(diffs, dtype=float)
+    n = len(x)
+    mean = float(x.mean()) if n else float("nan")
+    if n < 2:
+        nan = float("nan")
+        return {"n": n, "mean": mean, "std": nan, "low": nan, "high": nan, "p_worse": nan,
+                "p_equivalent": nan, "p_better": nan}  # fmt: skip
+    std = float(x.std(ddof=1))
+    used = max(std, resolution / math.sqrt(6))
+    posterior = stats.t(df=n - 1, loc=mean, scale=used / math.sqrt(n))
+    p_worse, p_better = float(posterior.cdf(-rope)), float(posterior.sf(rope))
+    low, high = posterior.ppf([(1 - confidence) / 2, (1 + confidence) / 2])
+    return {
+        "n": n,
+        "mean": mean,
+        "std": std,
+        "std_used": used,
+        "low": float(low),
+        "high": float(high),
+        "p_worse": p_worse,
+        "p_equivalent": max(0.0, 1.0 - p_worse - p_better),
+        "p_better": p_better,
+    }
 
-    With fewer than two pairs there is nothing to test (NaN). Where every difference is the same the test
-    is undefined: equal runs (all differences zero) are indistinguishable (1.0), a constant non-zero
-    difference is told apart (0.0).
-    """
-    if len(a) < 2:
-        return float("nan")
-    diff = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
-    if np.allclose(diff, diff[0], rtol=0, atol=1e-12):
-        return 1.0 if abs(diff[0]) <= 1e-12 else 0.0
-    return float(stats.ttest_rel(a, b).pvalue)
+
+def decide(posterior: dict[str, float], probability: float) -> str:
+    """``equivalent``, ``worse``, ``better`` (each when its probability reaches ``probability``) or
+    ``undecided`` (always with fewer than two seeds)."""
+    if posterior["n"] < 2:
+        return "undecided"
+    for outcome in ("equivalent", "worse", "better"):
+        if posterior[f"p_{outcome}"] >= probability:
+            return outcome
+    return "undecided"
+
+
+def seeds_to_decide(
+    posterior: dict[str, float], rope: float, probability: float, most: int = MOST_SEEDS
+) -> int | None:
+    """How many seeds would likely decide an undecided comparison: the fewest at which the same mean
+    difference and spread would reach ``probability`` for the outcome its mean points to (within the
+    margin: equivalent; beyond it: worse or better); None when even ``most`` would not (a mean at the
+    margin's edge) or there is no spread to extrapolate from (one seed)."""
+    if posterior["n"] < 2:
+        return None
+    mean, std = posterior["mean"], posterior["std_used"]
+    for n in range(posterior["n"] + 1, most + 1):
+        t = stats.t(df=n - 1, loc=mean, scale=std / math.sqrt(n))
+        worse, better = t.cdf(-rope), t.sf(rope)
+        if max(worse, better, 1 - worse - better) >= probability:
+            return n
+    return None
 
 
 def choose_rates(records: list[dict[str, Any]]) -> dict[tuple[str, float], dict[str, Any]]:
@@ -73,38 +146,59 @@ def choose_rates(records: list[dict[str, Any]]) -> dict[tuple[str, float], dict[
     return chosen
 
 
-def summarize(records: list[dict[str, Any]], confidence: float) -> dict[str, Any]:
-    """The study's result from its finished trials: per (mode, size) the chosen rate and the report
-    split's mean and interval at that rate, with costs; per size the recommendation; per tuned mode the
-    size at which it overtakes the frozen one."""
+def size_rows(records: list[dict[str, Any]]) -> dict[float, float]:
+    """Each configured size as train rows (the median over its trials; the size itself where no trial
+    says): counts and fractions are put on one scale before anything is ordered."""
+    rows: dict[float, list[float]] = defaultdict(list)
+    for r in records:
+        if r.get("train_rows"):
+            rows[r["size"]].append(r["train_rows"])
+    return {r["size"]: float(np.median(rows[r["size"]])) if rows[r["size"]] else r["size"] for r in records}
+
+
+def summarize(
+    records: list[dict[str, Any]], confidence: float, rope: float, target: float | None = None
+) -> dict[str, Any]:
+    """The study's result from its finished trials: per (mode, size) the chosen rate, both splits' means
+    and intervals at that rate, and the costs; per size the comparisons with the best mode and the
+    recommendation (or "undecided"); per tuned mode the size from which it is better than the frozen one;
+    the learning curves (``vlfuse.study.curves``). Sizes are ordered by train rows throughout."""
     chosen = choose_rates(records)
+    rows_of = size_rows(records)
     rows = []
-    for (mode, size), choice in sorted(chosen.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+    for (mode, size), choice in chosen.items():
         at_rate = sorted(
             (r for r in records if (r["mode"], r["size"], r["lr"]) == (mode, size, choice["lr"])),
             key=lambda r: r["seed"],
         )
-        row = {
-            "mode": mode,
-            "size": size,
-            "train_rows": at_rate[0].get("train_rows") if at_rate else None,
-            "lr": choice["lr"],
-            "selection_by_rate": choice["rates"],
-            "seeds": [r["seed"] for r in at_rate],
-            "report_values": [r["report"] for r in at_rate],
-            **mean_ci(_finite([r["report"] for r in at_rate]), confidence),
-            "cost": _mean_cost(at_rate),
-        }
-        rows.append(row)
-    alpha = 1 - confidence
-    sizes = sorted({r["size"] for r in rows})
-    recommendation = [_recommend(rows, size, alpha) for size in sizes]
+        counts = [r.get("selection_count") for r in at_rate if r.get("selection_count")]
+        rows.append(
+            {
+                "mode": mode,
+                "size": size,
+                "train_rows": rows_of[size],
+                "lr": choice["lr"],
+                "selection_by_rate": choice["rates"],
+                "seeds": [r["seed"] for r in at_rate],
+                "selection_values": [r["selection"] for r in at_rate],
+                "report_values": [r["report"] for r in at_rate],
+                "resolution": 1.0 / max(counts) if counts else DEFAULT_RESOLUTION,
+                "selection": mean_ci(_finite([r["selection"] for r in at_rate]), confidence),
+                **mean_ci(_finite([r["report"] for r in at_rate]), confidence),
+                "cost": _mean_cost(at_rate),
+            }
+        )
+    rows.sort(key=lambda r: (r["train_rows"], r["mode"]))
+    sizes = sorted({r["size"] for r in rows}, key=lambda s: rows_of[s])
+    decisions = [_decide_size(rows, size, rope, confidence) for size in sizes]
     return {
         "rows": rows,
-        "recommendation": recommendation,
-        "overtakes_frozen": _overtakes(rows, sizes, alpha),
-        "test": TEST_NAME,
-        "alpha": alpha,
+        "decisions": decisions,
+        "overtakes_frozen": _overtakes(rows, sizes, rope, confidence),
+        "curves": fit_curves(rows, target, decisions, rope),
+        "rule": DECISION_NAME,
+        "rope": rope,
+        "probability": confidence,
     }
 
 
@@ -113,52 +207,108 @@ def _mean_cost(records: list[dict[str, Any]]) -> dict[str, float]:
     return {k: float(np.mean([r["cost"][k] for r in records if k in r["cost"]])) for k in keys}
 
 
-def _paired(a: dict[str, Any], b: dict[str, Any]) -> tuple[list[float], list[float]]:
-    """The report values of two rows on the seeds both finished."""
-    va = dict(zip(a["seeds"], a["report_values"]))
-    vb = dict(zip(b["seeds"], b["report_values"]))
+def _paired(a: dict[str, Any], b: dict[str, Any], split: str) -> list[float]:
+    """``a - b`` on ``split`` (``selection`` or ``report``) over the seeds both finished."""
+    va = dict(zip(a["seeds"], a[f"{split}_values"]))
+    vb = dict(zip(b["seeds"], b[f"{split}_values"]))
     common = [s for s in va if s in vb and _finite([va[s], vb[s]]) == [va[s], vb[s]]]
-    return [va[s] for s in common], [vb[s] for s in common]
+    return [va[s] - vb[s] for s in common]
 
 
-def _recommend(rows: list[dict[str, Any]], size: float, alpha: float) -> dict[str, Any]:
-    here = [r for r in rows if r["size"] == size and math.isfinite(r["mean"])]
+def _cost_order(row: dict[str, Any]) -> tuple[float, float]:
+    return row["cost"].get("trainable", math.inf), row["cost"].get("wall_time_s", 0.0)
+
+
+def _decide_size(rows: list[dict[str, Any]], size: float, rope: float, probability: float) -> dict[str, Any]:
+    """One size's decision on the selection split: each mode against the best, then the recommendation."""
+    here = [r for r in rows if r["size"] == size and math.isfinite(r["selection"]["mean"])]
+    result: dict[str, Any] = {"size": size, "train_rows": rows[0]["train_rows"] if rows else None}
     if not here:
-        return {"size": size, "best": None, "recommended": None, "indistinguishable": [], "p_values": {}}
-    best = max(here, key=lambda r: r["mean"])
-    p_values = {r["mode"]: paired_p_value(*_paired(best, r)) for r in here if r is not best}
-    # a mode is as good as the best unless the test tells them apart; with nothing to test (one seed)
-    # only the best itself is kept
-    same = [best] + [r for r in here if r is not best and p_values[r["mode"]] >= alpha]
-    cheapest = min(
-        same, key=lambda r: (r["cost"].get("trainable", math.inf), r["cost"].get("wall_time_s", 0))
+        return {**result, "best": None, "recommended": None, "status": "no finished trial", "modes": {}}
+    result["train_rows"] = here[0]["train_rows"]
+    best = max(here, key=lambda r: r["selection"]["mean"])
+    resolution = max(r["resolution"] for r in here)
+    modes = {}
+    for r in sorted(here, key=_cost_order):
+        if r is best:
+            modes[r["mode"]] = {"decision": "best", "lr": r["lr"]}
+            continue
+        post = difference_posterior(_paired(r, best, "selection"), rope, probability, resolution)
+        decision = decide(post, probability)
+        report = difference_posterior(_paired(r, best, "report"), rope, probability, resolution)
+        modes[r["mode"]] = {
+            "decision": decision,
+            "lr": r["lr"],
+            "selection": post,
+            "report": {k: report[k] for k in ("n", "mean", "low", "high")},
+            "seeds_to_decide": seeds_to_decide(post, rope, probability) if decision == "undecided" else None,
+        }
+    recommended, undecided = None, []
+    for r in sorted(here, key=_cost_order):
+        decision = modes[r["mode"]]["decision"]
+        if decision in ("best", "equivalent", "better"):
+            recommended = r
+            break
+        if decision == "undecided":
+            undecided.append(r["mode"])
+    status = "undecided" if undecided else "decided"
+    result.update(
+        best=best["mode"],
+        recommended=recommended["mode"] if status == "decided" else None,
+        provisional=recommended["mode"],
+        lr=recommended["lr"],
+        status=status,
+        undecided=undecided,
+        modes=modes,
+        report_disagrees=_report_disagreement(recommended, best, modes, rope),
     )
-    return {
-        "size": size,
-        "train_rows": best.get("train_rows"),
-        "best": best["mode"],
-        "recommended": cheapest["mode"],
-        "lr": cheapest["lr"],
-        "indistinguishable": sorted(r["mode"] for r in same),
-        "p_values": p_values,
-    }
+    return result
 
 
-def _overtakes(rows: list[dict[str, Any]], sizes: list[float], alpha: float) -> dict[str, float | None]:
-    """Per mode that tunes an encoder: the smallest size at which its mean beats the frozen mode's and
-    the test tells them apart (None if it never does within the sizes run, or no frozen mode was run)."""
+def _report_disagreement(
+    recommended: dict[str, Any], best: dict[str, Any], modes: dict[str, Any], rope: float
+) -> str | None:
+    """What the report split says against the decision, beyond the margin: the recommended mode behind
+    the best by more than ``rope`` there, or another mode ahead of the best by more than it."""
+    notes = []
+    if recommended is not best:
+        gap = modes[recommended["mode"]]["report"]["mean"]
+        if math.isfinite(gap) and gap < -rope:
+            notes.append(f"{recommended['mode']} is behind {best['mode']} by {-gap:.4f} on the report split")
+    for mode, info in modes.items():
+        gap = info.get("report", {}).get("mean", float("nan"))
+        if mode != recommended["mode"] and math.isfinite(gap) and gap > rope:
+            notes.append(f"{mode} is ahead of {best['mode']} by {gap:.4f} on the report split")
+    return "; ".join(notes) or None
+
+
+def _overtakes(
+    rows: list[dict[str, Any]], sizes: list[float], rope: float, probability: float
+) -> dict[str, dict[str, Any]]:
+    """Per mode that tunes an encoder: the smallest size from which on it is better than the frozen mode
+    (``none``) by more than the margin with probability ``probability``, at that size and at every larger
+    one run (on the selection split). ``upper_bound``: that size is the smallest run, so it may overtake
+    earlier. Empty when no frozen mode was run."""
     frozen = {r["size"]: r for r in rows if r["mode"] == "none"}
     if not frozen:
         return {}
-    result: dict[str, float | None] = {}
+    result = {}
     for mode in sorted({r["mode"] for r in rows} - {"none"}):
-        result[mode] = None
+        better = []
         for size in sizes:
             row = next((r for r in rows if r["mode"] == mode and r["size"] == size), None)
-            base = frozen.get(size)
-            if row is None or base is None or not row["mean"] > base["mean"]:
+            if row is None or size not in frozen:
+                better.append(False)
                 continue
-            if paired_p_value(*_paired(row, base)) < alpha:
-                result[mode] = size
-                break
+            post = difference_posterior(_paired(row, frozen[size], "selection"), rope, probability)
+            better.append(decide(post, probability) == "better")
+        since = next((i for i in range(len(sizes)) if all(better[i:])), None)
+        result[mode] = {
+            "size": sizes[since] if since is not None else None,
+            "train_rows": next(r["train_rows"] for r in rows if r["size"] == sizes[since])
+            if since is not None
+            else None,
+            "upper_bound": since == 0,
+            "better_at": [s for s, b in zip(sizes, better) if b],
+        }
     return result

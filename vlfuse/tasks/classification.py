@@ -28,6 +28,7 @@ import torch
 from vlfuse.data.answers import UNKNOWN, answer_scores, answers_of, build_vocabulary, normalize_answer
 from vlfuse.data.examples import BadExample, ExampleCollator, ImageTextDataset, Source
 from vlfuse.data.loading import DataError, check_columns, stream_head
+from vlfuse.data.subsets import image_groups, split_rows
 from vlfuse.schema import ConfigError
 from vlfuse.schema.mixing import training_sources
 from vlfuse.tasks.base import ClassifierHead, Task, build_image_text_dataset, cross_entropy, load_task_split
@@ -157,7 +158,9 @@ class ClassificationTask(Task):
         )
 
     def train_answers(self, cfg, accelerator) -> list:
-        """The answer cells of the train split (a stream's first ``data.stream_vocabulary_rows`` rows)."""
+        """The answer cells of the rows this run trains on: the train split, less its held-out rows and
+        outside ``data.train_subset`` (``split_rows``, as training draws them), or a stream's first
+        ``data.stream_vocabulary_rows`` rows. No held-out answer enters the vocabulary."""
         split = cfg.data.train_split
         with accelerator.main_process_first():
             if cfg.data.streaming:  # the stream's first rows: a stream is not read whole before training
@@ -166,6 +169,9 @@ class ClassificationTask(Task):
                 accelerator.print(f"answer vocabulary from the first {len(ds):,} rows of the stream")
             else:
                 ds = load_task_split(cfg, split, train=True)
+                if cfg.data.holdout or cfg.data.train_subset is not None:  # the rows this run trains on
+                    groups = image_groups(ds, cfg.data, cfg.data.columns.get("image", "image"))
+                    ds = ds.select(split_rows(cfg.data, groups)["train"])
         check_columns(ds, cfg.data.columns, ("answer",), f"{cfg.data.dataset}[{split}]")
         return list(ds[cfg.data.columns["answer"]])
 

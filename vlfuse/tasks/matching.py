@@ -55,20 +55,37 @@ class MatchingDataset(CaptionDataset):
         super().__init__(*args, **kwargs)
         if self.counts["images"] < 2 and len(self):
             raise DataError(f"image-text matching needs at least two images; {self.describe()}")
-        self.negatives = [] if self.train else [self._negative(i) for i in range(len(self))]
+        self.negatives = [] if self.train else self._negatives(list(range(len(self))))
 
-    def _negative(self, i: int) -> str:
-        """A caption of another image whose text differs (any other image's, if there is none)."""
-        rng = random.Random(f"vlfuse-itm-eval-{i}")
-        n, own = len(self), self.image_ids[i]
-        for _ in range(NEGATIVE_DRAWS):
-            j = rng.randrange(n)
-            if self.image_ids[j] != own and self.texts[j] != self.texts[i]:
-                return self.texts[j]
-        start = rng.randrange(n)
-        others = [(start + k) % n for k in range(n) if self.image_ids[(start + k) % n] != own]
-        differing = [j for j in others if self.texts[j] != self.texts[i]]
-        return self.texts[(differing or others)[0]]
+    def keep_negatives_within(self, positions: list[int]) -> None:
+        """Draws the evaluation negatives of the examples at ``positions`` from those examples only (a
+        part of the split, ``RowView``: the held-out rows take no negative from rows trained on)."""
+        if not self.train:
+            drawn = self._negatives(positions)
+            for i, negative in zip(positions, drawn):
+                self.negatives[i] = negative
+
+    def _negatives(self, pool: list[int]) -> list[str]:
+        """For each example of ``pool``: a caption of another image of ``pool`` whose text differs (any
+        other image's, if there is none)."""
+        n, drawn = len(pool), []
+        for i in pool:
+            rng = random.Random(f"vlfuse-itm-eval-{i}")
+            own, found = self.image_ids[i], None
+            for _ in range(NEGATIVE_DRAWS):
+                j = pool[rng.randrange(n)]
+                if self.image_ids[j] != own and self.texts[j] != self.texts[i]:
+                    found = self.texts[j]
+                    break
+            if found is None:
+                start = rng.randrange(n)
+                others = [
+                    pool[(start + k) % n] for k in range(n) if self.image_ids[pool[(start + k) % n]] != own
+                ]
+                differing = [j for j in others if self.texts[j] != self.texts[i]]
+                found = self.texts[(differing or others or [i])[0]]
+            drawn.append(found)
+        return drawn
 
     def placeholder(self) -> MatchingExample:
         s = self.image_size

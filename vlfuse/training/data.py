@@ -19,7 +19,7 @@ from vlfuse.data.feature_cache import cached_dataset
 from vlfuse.data.loading import DataError, stream_split
 from vlfuse.data.mixing import ConcatExamples, MixedCollator, MixedDataset, MixedStream
 from vlfuse.data.streaming import StreamedExamples, split_stream, stream_loader
-from vlfuse.data.subsets import HOLDOUT, RowView, example_rows, split_rows
+from vlfuse.data.subsets import HOLDOUT, RowView, row_groups, split_rows
 from vlfuse.schema import Config, ConfigError
 from vlfuse.schema.mixing import Source, sources, training_sources
 from vlfuse.tasks import Task
@@ -72,7 +72,7 @@ def build_split(accelerator: Accelerator, cfg: Config, task: Task, model, split:
         )
     if part:
         dataset = task.over_examples(
-            dataset, lambda base: RowView(base, split_rows(cfg.data, example_rows(base)[0])[part], part)
+            dataset, lambda base: RowView(base, split_rows(cfg.data, row_groups(base))[part], part)
         )
     accelerator.print(f"{'train' if train else 'eval'} split {split}: {dataset.describe()}")
     return dataset
