@@ -123,7 +123,8 @@ def read_saved_config(folder: Path) -> tuple[dict[str, Any], ModelConfig]:
         )
     if not isinstance(meta.get("model"), dict):
         raise ConfigError(f"{config_file}: has no 'model' section")
-    refuse_interpolation(meta, str(config_file))
+    # the model section is checked by section_from_dict, the rest here
+    refuse_interpolation({k: v for k, v in meta.items() if k != "model"}, str(config_file))
     cfg = section_from_dict(ModelConfig, meta["model"], str(config_file), prefix="model")
     check_saved_kwargs(cfg.image_encoder.kwargs, str(config_file))
     private = [k for k in cfg.text_encoder.config_overrides if k.startswith("_") or k == "auto_map"]

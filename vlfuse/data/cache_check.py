@@ -24,8 +24,9 @@ def image_files_key(dataset: ImageTextDataset) -> str | None:
 
     Size and modification time, not the bytes: hashing every image file at each start would cost as much
     as decoding them. A file replaced by one of the same size within the file system's time resolution
-    (or with its time set back) goes unnoticed. The image column is read as Arrow data (paths only; no
-    image bytes are copied into Python).
+    (or with its time set back) goes unnoticed. The column is read from the Arrow table behind the split
+    (``Dataset.data``: every row of its files, a slice's included, which can only add files to watch):
+    the paths and the validity of the bytes only, no image bytes copied.
     """
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -33,13 +34,10 @@ def image_files_key(dataset: ImageTextDataset) -> str | None:
     column = dataset.columns["image"]
     root = Path(dataset.cfg.image_root or "").expanduser()
     digest, count = hashlib.sha256(), 0
-    table = dataset.undecoded().select_columns([column]).with_format("arrow")
-    for batch in table.iter(batch_size=4096):
-        cells = batch.column(column)
+    for cells in dataset.ds.data.column(column).chunks:
         if pa.types.is_struct(cells.type):
-            paths = pc.if_else(
-                pc.is_valid(pc.struct_field(cells, "bytes")), None, pc.struct_field(cells, "path")
-            )
+            embedded = pc.is_valid(pc.struct_field(cells, "bytes"))
+            paths = pc.if_else(embedded, pa.scalar(None, pa.string()), pc.struct_field(cells, "path"))
         elif pa.types.is_string(cells.type) or pa.types.is_large_string(cells.type):
             paths = cells
         else:

@@ -210,8 +210,15 @@ def fit_curves(
                     continue
                 gap = _at(other, n) - _at(mine, n)
                 if gap > rope:
+                    checked = mine["validated"] and other["validated"]  # both chosen on a held-out size
                     changes.append(
-                        {"mode": mode, "over": last["provisional"], "rows": n, "extrapolated": True}
+                        {
+                            "mode": mode,
+                            "over": last["provisional"],
+                            "rows": n,
+                            "extrapolated": True,
+                            "checked": checked,
+                        }
                     )
                     break
     return {"modes": curves, "changes": changes}

@@ -222,10 +222,12 @@ def _cost_order(row: dict[str, Any]) -> tuple[float, float]:
 def _decide_size(rows: list[dict[str, Any]], size: float, rope: float, probability: float) -> dict[str, Any]:
     """One size's decision on the selection split: each mode against the best, then the recommendation."""
     here = [r for r in rows if r["size"] == size and math.isfinite(r["selection"]["mean"])]
-    result: dict[str, Any] = {"size": size, "train_rows": rows[0]["train_rows"] if rows else None}
+    result: dict[str, Any] = {
+        "size": size,
+        "train_rows": next((r["train_rows"] for r in rows if r["size"] == size), None),
+    }
     if not here:
         return {**result, "best": None, "recommended": None, "status": "no finished trial", "modes": {}}
-    result["train_rows"] = here[0]["train_rows"]
     best = max(here, key=lambda r: r["selection"]["mean"])
     resolution = max(r["resolution"] for r in here)
     modes = {}
@@ -300,7 +302,10 @@ def _overtakes(
             if row is None or size not in frozen:
                 better.append(False)
                 continue
-            post = difference_posterior(_paired(row, frozen[size], "selection"), rope, probability)
+            resolution = max(row["resolution"], frozen[size]["resolution"])
+            post = difference_posterior(
+                _paired(row, frozen[size], "selection"), rope, probability, resolution
+            )
             better.append(decide(post, probability) == "better")
         since = next((i for i in range(len(sizes)) if all(better[i:])), None)
         result[mode] = {

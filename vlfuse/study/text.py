@@ -175,7 +175,12 @@ def curve_lines(result: dict[str, Any]) -> list[str]:
     for change in curves["changes"]:
         lines.append(
             f"- Extrapolated: at about {change['rows']:,.0f} rows {change['mode']} would be ahead of "
-            f"{change['over']} by more than the margin, and the recommendation would change."
+            f"{change['over']} by more than the margin, and the recommendation would change"
+            + (
+                "."
+                if change.get("checked")
+                else " (from curves not checked on a held-out size: run more sizes)."
+            )
         )
     return lines
 
