@@ -372,7 +372,7 @@ def test_the_study_command_writes_the_report_the_plots_and_keeps_the_recommended
         timeout=600,
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "## Recommendation" in run.stdout
+    assert "## Decisions" in run.stdout
     for name in ("study.md", "study.json", "study_curves.png", "study_cost.png", "study.db"):
         assert (out / name).is_file(), name
     result = json.loads((out / "study.json").read_text())

@@ -55,15 +55,25 @@ class MatchingDataset(CaptionDataset):
         super().__init__(*args, **kwargs)
         if self.counts["images"] < 2 and len(self):
             raise DataError(f"image-text matching needs at least two images; {self.describe()}")
-        self.negatives = [] if self.train else self._negatives(list(range(len(self))))
+        self.negative_pool: list[int] | None = None  # the examples negatives are drawn from (None: all)
+        self._drawn: list[str] | None = None
 
     def keep_negatives_within(self, positions: list[int]) -> None:
         """Draws the evaluation negatives of the examples at ``positions`` from those examples only (a
         part of the split, ``RowView``: the held-out rows take no negative from rows trained on)."""
-        if not self.train:
-            drawn = self._negatives(positions)
-            for i, negative in zip(positions, drawn):
-                self.negatives[i] = negative
+        self.negative_pool, self._drawn = list(positions), None
+
+    @property
+    def negatives(self) -> list[str]:
+        """Each example's evaluation negative (drawn on first use, from ``negative_pool``; empty outside
+        it, and in training, which draws in-batch negatives instead)."""
+        if self._drawn is None:
+            pool = list(range(len(self))) if self.negative_pool is None else self.negative_pool
+            self._drawn = [""] * len(self)
+            if not self.train:
+                for i, negative in zip(pool, self._negatives(pool)):
+                    self._drawn[i] = negative
+        return self._drawn
 
     def _negatives(self, pool: list[int]) -> list[str]:
         """For each example of ``pool``: a caption of another image of ``pool`` whose text differs (any
