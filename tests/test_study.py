@@ -284,15 +284,103 @@ def test_a_study_refuses_to_report_on_the_split_it_chooses_on(tmp_path):
         run_study(cfg)
 
 
-def test_another_grid_in_the_same_storage_is_refused(tmp_path):
-    from vlfuse.study import StudyError
-    from vlfuse.study.engine import open_study
+def _fake_train(calls, fail=(), hang=()):
+    """A stand-in for training that writes what the report reads: a metric growing with size for
+    end-to-end; a cell whose folder ends with one of ``fail`` raises, one of ``hang`` sleeps."""
 
-    cfg = tiny_config(*STUDY, f"train.output_dir={tmp_path}")
-    open_study(cfg, cells(cfg))
-    other = tiny_config(*STUDY, "study.seeds=[0,1,2]", f"train.output_dir={tmp_path}")
-    with pytest.raises(StudyError, match="was started with another grid"):
-        open_study(other, cells(other))
+    def fake_train(cfg, on_eval=None):
+        out = Path(cfg.train.output_dir)
+        cell = "/".join(out.parts[-4:])
+        calls.append(cell)
+        if any(cell.endswith(f) for f in fail):
+            raise RuntimeError(f"a planted failure in {cell}")
+        if any(cell.endswith(h) for h in hang):
+            time.sleep(60)
+        out.mkdir(parents=True, exist_ok=True)
+        rows = int(cfg.data.train_subset)
+        (out / "summary.json").write_text(json.dumps({"trainable_parameters": 1, "train_rows": rows}))
+        value = 0.4 + (rows / 100 if cfg.model.trainable_encoders == "all" else 0.0) + 0.01 * cfg.train.seed
+        (out / "final").mkdir()
+        return {"holdout": {"acc@0.5": value, "count": 100}, "validation": {"acc@0.5": value}}
+
+    return fake_train
+
+
+def test_another_config_is_refused_naming_the_key_and_a_grown_grid_runs_only_its_new_cells(
+    tmp_path, monkeypatch
+):
+    import vlfuse.study
+    from vlfuse.study import StudyError
+
+    calls = []
+    monkeypatch.setattr(vlfuse.study, "train", _fake_train(calls))
+    base = [*STUDY, "study.lr_grid={none: [0.001], all: [0.001]}", f"train.output_dir={tmp_path}"]
+    first = run_study(tiny_config(*base))
+    assert first["complete"] and len(calls) == 8  # 2 modes x 2 sizes x 2 seeds
+    # another budget under the same study: refused, naming the key, before anything runs
+    with pytest.raises(StudyError, match=r"another config \(train\.max_steps: 2 -> 3\).*use another study"):
+        run_study(tiny_config(*base, "train.max_steps=3"))
+    # the same config with a third seed and a third size: only the 2 x 3 x 3 - 8 = 10 new cells run
+    grown = run_study(tiny_config(*base, "study.seeds=[0,1,2]", "study.train_sizes=[16,40,28]"))
+    assert len(calls) == 8 + 10 and len(set(calls)) == 18
+    assert grown["complete"] and grown["trials"] == 18
+    assert [d["train_rows"] for d in grown["summary"]["decisions"]] == [16, 28, 40]
+    # the report says what the grid was changed to, and a smaller grid reports its own cells only
+    shrunk = run_study(tiny_config(*base, "study.seeds=[0]"))
+    assert len(calls) == 18 and shrunk["trials"] == 4
+
+
+def test_a_failing_cell_is_retried_then_reported_while_the_others_complete(tmp_path, monkeypatch, capsys):
+    import vlfuse.study
+
+    calls = []
+    broken = Cell("all", 40.0, 1, 0.001)
+    monkeypatch.setattr(vlfuse.study, "train", _fake_train(calls, fail=[broken.folder]))
+    cfg = tiny_config(
+        *STUDY,
+        "study.lr_grid={none: [0.001], all: [0.001]}",
+        "study.max_retries=1",
+        f"train.output_dir={tmp_path}",
+    )
+    result = run_study(cfg)
+    assert calls.count(broken.folder) == 2  # the first run and one retry
+    assert len(calls) == 8 + 1 and result["complete"] and result["trials"] == 7
+    assert result["failed"] == {broken.key: f"RuntimeError: a planted failure in {broken.folder}"}
+    report = (tmp_path / "study.md").read_text()
+    assert "**1 of 8 cells failed**" in report and "a planted failure" in report
+    out = capsys.readouterr().out
+    assert f"study trial {broken.key} failed: RuntimeError: a planted failure" in out
+    # running the command again runs nothing: the cell has used its retries
+    again = run_study(cfg)
+    assert len(calls) == 9 and again["failed"] == result["failed"]
+
+
+def test_a_partial_report_deletes_no_model_and_a_trial_past_its_timeout_is_ended(tmp_path, monkeypatch):
+    import vlfuse.study
+    import vlfuse.study.engine as engine
+
+    calls = []
+    slow = Cell("none", 16.0, 1, 0.001)
+    monkeypatch.setattr(vlfuse.study, "train", _fake_train(calls, hang=[slow.folder]))
+    cfg = tiny_config(
+        *STUDY,
+        "study.lr_grid={none: [0.001], all: [0.001]}",
+        "study.trial_timeout=1",
+        "study.max_retries=0",
+        f"train.output_dir={tmp_path}",
+    )
+    # a worker's view while other cells are still to run: here it runs only the first seed's cells
+    real = engine.cells_to_run
+    monkeypatch.setattr(engine, "cells_to_run", lambda *a: [k for k in real(*a) if Cell.parse(k).seed == 0])
+    partial = run_study(cfg)
+    assert not partial["complete"] and "**Partial**" in (tmp_path / "study.md").read_text()
+    assert len(list(tmp_path.glob("trials/**/final"))) == 4  # nothing deleted: what is best may change
+    monkeypatch.setattr(engine, "cells_to_run", real)
+    start = time.perf_counter()
+    result = run_study(cfg)
+    assert time.perf_counter() - start < 30  # the 60 s sleep was ended after 1 s
+    assert result["failed"] == {slow.key: "TrialTimeout: the trial ran past study.trial_timeout=1 s"}
+    assert result["complete"] and len(list(tmp_path.glob("trials/**/final"))) == 2  # the recommended ones
 
 
 # --------------------------------------------------------------------------------------------- storage
@@ -497,20 +585,50 @@ def test_a_trial_can_run_in_two_processes_of_its_own(tmp_path, monkeypatch):
 
 
 def test_a_launched_trial_that_fails_says_how(tmp_path):
-    from vlfuse.study import LaunchError
-
     cfg = tiny_config(
         *STUDY,
         "study.modes=[none]",
         "study.train_sizes=[16]",
         "study.seeds=[0]",
+        "study.lr_grid={none: [0.001]}",
+        "study.max_retries=1",
         f"study.launch={sys.executable} -c 'import sys; sys.exit(7)'",
         f"train.output_dir={tmp_path}",
     )
-    with pytest.raises(LaunchError, match="exit status 7"):
-        run_study(cfg)
+    result = run_study(cfg)
+    (error,) = result["failed"].values()
+    assert error.startswith("LaunchError: the trial's launch failed (exit status 7)")
     study = optuna.load_study(study_name=tmp_path.name, storage=f"sqlite:///{tmp_path / 'study.db'}")
-    assert [t.state.name for t in study.trials] == ["FAIL"]  # queued again the next time the study runs
+    assert [t.state.name for t in study.trials] == ["FAIL", "FAIL"]  # the trial and its one retry
+
+
+def test_a_launched_trial_past_its_timeout_is_ended_with_its_processes(tmp_path):
+    marker = tmp_path / "child.pid"
+    script = (
+        "import subprocess, sys, time; "
+        f"c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
+        f"open({str(marker)!r}, 'w').write(str(c.pid)); time.sleep(120)"
+    )
+    cfg = tiny_config(
+        *STUDY,
+        "study.modes=[none]",
+        "study.train_sizes=[16]",
+        "study.seeds=[0]",
+        "study.lr_grid={none: [0.001]}",
+        "study.max_retries=0",
+        "study.trial_timeout=3",
+        f'study.launch={sys.executable} -c "{script}"',
+        f"train.output_dir={tmp_path / 'study'}",
+    )
+    start = time.perf_counter()
+    result = run_study(cfg)
+    assert time.perf_counter() - start < 60
+    (error,) = result["failed"].values()
+    assert "study.trial_timeout=3 s" in error
+    child = Path(f"/proc/{int(marker.read_text())}/status")
+    time.sleep(0.5)
+    # the launcher's own child was ended too: gone, or a zombie waiting for its new parent to reap it
+    assert not child.exists() or "State:\tZ" in child.read_text()
 
 
 def test_a_storage_password_is_never_printed_or_saved(tmp_path):

@@ -297,8 +297,8 @@ def test_a_study_record_cannot_make_the_report_delete_or_write_outside_the_outpu
     from optuna.distributions import CategoricalDistribution
     from optuna.trial import create_trial
 
-    from vlfuse.study.engine import finished_records
     from vlfuse.study.grid import Cell, cell_dir
+    from vlfuse.study.records import finished_records
     from vlfuse.study.report import write_report
     from vlfuse.study.stats import summarize
 

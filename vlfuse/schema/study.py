@@ -73,8 +73,12 @@ class StudyConfig:
     heartbeat_interval: int = at_least(30, 1)
     # A trial with no heartbeat for this many seconds (its worker died) is failed and queued again.
     grace_period: int = at_least(120, 1)
-    # How many times a dead worker's trial is queued again.
+    # How many times a failed cell (an error, a dead worker, a timeout) is run again; after that it is
+    # reported as failed and the study completes without it.
     max_retries: int = at_least(2, 0)
+    # Seconds a trial may run; one running longer is ended (a launched trial's processes too) and counted
+    # as a failure. null: no limit.
+    trial_timeout: int | None = field(default=None, metadata={"min": 1})
 
 
 def validate_compare(cfg: CompareConfig) -> None:

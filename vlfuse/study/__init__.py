@@ -21,8 +21,16 @@ from accelerate.state import PartialState
 
 from vlfuse.data.feature_cache import folder_size
 from vlfuse.schema import Config, ConfigError, shown_dict
-from vlfuse.study.engine import StudyError, finished_records, open_study, run_worker, shown_url, storage_url
+from vlfuse.study.engine import (
+    StudyError,
+    failed_cells,
+    open_study,
+    run_worker,
+    shown_url,
+    storage_url,
+)
 from vlfuse.study.grid import Cell, cells, report_split, selection_split, study_metric, trial_config
+from vlfuse.study.records import finished_records
 from vlfuse.study.report import write_report
 from vlfuse.study.stats import summarize
 from vlfuse.study.trial import LaunchError, launch
@@ -62,9 +70,11 @@ def run_study(cfg: Config) -> dict[str, Any]:
         cfg, study, grid, lambda cell, run_dir, trial: run_cell(cfg, cell, run_dir, first_seed, trial)
     )
     records = finished_records(study, [c.key for c in grid])
+    failed = failed_cells(study, [c.key for c in grid], cfg.study.max_retries)
     print(
         f"study {study.study_name!r} ({shown_url(storage_url(cfg))}): this worker trained {trained} "
         f"trial(s) in {time.perf_counter() - start:.0f} s; {len(records)} of {len(grid)} cells finished"
+        + (f", {len(failed)} failed" if failed else "")
     )
     result = {
         "task": cfg.model.task,
@@ -74,7 +84,9 @@ def run_study(cfg: Config) -> dict[str, Any]:
         "confidence": cfg.study.confidence,
         "cells": [c.key for c in grid],
         "trials": len(records),
-        "complete": len(records) == len(grid),
+        # nothing left to run: every cell finished, or failed study.max_retries + 1 times
+        "complete": len(records) + len(failed) == len(grid),
+        "failed": failed,
         "config": {
             **shown_dict(cfg),
             "study": {**shown_dict(cfg)["study"], "storage": shown_url(storage_url(cfg))},
@@ -124,7 +136,7 @@ def run_cell(cfg: Config, cell: Cell, run_dir: Path, first_seed: int, trial=None
         return pruned is not None
 
     if cfg.study.launch:
-        metrics, error = launch(cfg.study.launch, run_cfg, run_dir)
+        metrics, error = launch(cfg.study.launch, run_cfg, run_dir, cfg.study.trial_timeout)
     else:
         try:
             metrics = train(run_cfg, on_eval=on_eval)

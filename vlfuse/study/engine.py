@@ -1,46 +1,57 @@
-"""The study on Optuna: each cell is a trial of a grid (``GridSampler``) in a study storage that any
-number of workers share (SQLite by default, PostgreSQL across machines).
+"""The study on Optuna: each cell of the grid is a trial in a study storage that any number of workers
+share (SQLite by default, PostgreSQL across machines).
 
-- Each trial has a heartbeat; a trial whose worker died (silent for ``study.grace_period`` seconds) is
-  failed by the next worker and queued again (``RetryHeartbeatStaleTrialCallback``), up to
-  ``study.max_retries`` times.
-- A finished (complete) cell is never run again; a cell whose trial failed (an error, an interrupted
-  worker) is queued again when the command is run again.
-- Optuna's ``GridSampler`` hands out the first pass of the grid by trial number (no two workers draw the
-  same cell); a trial asked for after that (a worker racing another for the last cells) that finds its
-  cell taken by another trial gives way and is recorded as pruned, without training.
+- **Which cell next.** A worker enqueues a cell that no trial has finished, runs or waits for (the cell is
+  the trial's user attribute ``cell``, fixed when it is enqueued) and runs the oldest waiting trial. Two
+  workers that enqueued the same cell at once both see it: the one with the higher trial number gives way
+  (recorded as pruned, ``gave_way``) before it touches the cell's folder, so no cell is trained twice and
+  no worker deletes a folder another one is writing.
+- **Failures.** Each trial has a heartbeat; a trial whose worker died (silent for ``study.grace_period``
+  seconds) is failed by the next worker and queued again. A trial that raises any error is recorded as
+  failed with its error and its worker goes on; a cell is run at most ``study.max_retries + 1`` times,
+  then reported as failed while the others complete. ``study.trial_timeout`` ends a trial that runs too
+  long (an alarm in the worker's process; a launched trial's whole process group).
+- **Identity.** A study is its name plus a fingerprint of its config without its axes (modes, sizes,
+  seeds, rates) and without settings that change no result (where it is stored, how often it beats, ...):
+  running the command with another config under the same name is refused, naming the keys that differ;
+  adding sizes, seeds, modes or rates to a finished study runs only the new cells.
+- A finished cell is never run again; the report lists every finished cell of the current grid.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import math
 import os
+import random
 import shutil
+import signal
 import socket
+import threading
 import time
 import warnings
+from collections import Counter
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import optuna
 from optuna.trial import TrialState
 
-from vlfuse.schema import Config
+from vlfuse.schema import Config, ConfigError, shown_dict
 from vlfuse.schema.trust import mask_url
-from vlfuse.study.grid import Cell, cell_dir
+from vlfuse.study.grid import Cell, cell_dir, cell_of
 from vlfuse.study.pruning import HopelessRatePruner
+from vlfuse.study.records import RECORD_TEXT_LIMIT
 
 WORKER = f"{socket.gethostname()}:{os.getpid()}"
-# A surplus trial's wait before it checks whether another trial took its cell: both write their cell at
-# once when asked, so after this pause each sees the other.
-CLAIM_WAIT_S = 1.0
 
 
 class StudyError(RuntimeError):
-    """The storage holds a study of the same name with another grid."""
+    """The storage holds a study of the same name run with another config."""
 
 
 def storage_url(cfg: Config) -> str:
@@ -63,35 +74,87 @@ def study_name(cfg: Config) -> str:
     return cfg.study.name or Path(cfg.train.output_dir).resolve().name
 
 
+# Keys that are no part of a study's identity: its axes (the grid may grow) and settings that change no
+# result (where it is stored and written, how workers beat and retry, how the report decides).
+NOT_IDENTITY = (
+    "study.modes",
+    "study.train_sizes",
+    "study.seeds",
+    "study.lr_grid",
+    "study.storage",
+    "study.name",
+    "study.launch",
+    "study.keep_models",
+    "study.heartbeat_interval",
+    "study.grace_period",
+    "study.max_retries",
+    "study.trial_timeout",
+    "study.confidence",
+    "study.rope",
+    "study.target",
+    "train.output_dir",
+    "train.cache_dir",
+    "train.log_with",
+    "train.log_every",
+    "data.num_workers",
+    "compare.",
+)
+
+
+def study_identity(cfg: Config) -> dict[str, Any]:
+    """The config that makes a study's results what they are (``NOT_IDENTITY`` left out), flat, and its
+    SHA-256."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict) and value:
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        elif not any(prefix == key or prefix.startswith(key.rstrip(".") + ".") for key in NOT_IDENTITY):
+            flat[prefix] = value
+
+    walk("", shown_dict(cfg))
+    digest = hashlib.sha256(json.dumps(flat, sort_keys=True, default=repr).encode()).hexdigest()
+    return {"fingerprint": digest, "config": flat}
+
+
 def open_study(cfg: Config, grid: list[Cell]) -> optuna.Study:
-    """Creates or loads the study (its grid recorded in it), with heartbeats and the retry of trials of
-    dead workers.
+    """Creates or loads the study, with heartbeats and the retry of trials of dead workers; records its
+    identity (``study_identity``) and every cell it has been asked for.
 
     Raises:
-        StudyError: if a study of that name in the storage has another grid.
+        StudyError: a study of that name in the storage was run with another config (the keys named).
     """
     url = storage_url(cfg)
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     storage = _storage(cfg, url)
-    keys = [c.key for c in grid]
     study = optuna.create_study(
         study_name=study_name(cfg),
         storage=storage,
-        sampler=optuna.samplers.GridSampler({"cell": keys}, seed=0),
+        sampler=optuna.samplers.RandomSampler(seed=0),  # samples nothing: a trial's cell is enqueued with it
         pruner=HopelessRatePruner(cfg.study.prune_margin) if cfg.study.prune else optuna.pruners.NopPruner(),
         direction="maximize",
         load_if_exists=True,
     )
-    recorded = study.user_attrs.get("cells")
+    identity = study_identity(cfg)
+    recorded = study.user_attrs.get("identity")
     if recorded is None:
-        study.set_user_attr("cells", keys)
-    elif recorded != keys:
+        study.set_user_attr("identity", identity)
+    elif recorded["fingerprint"] != identity["fingerprint"]:
+        old, new = recorded["config"], identity["config"]
+        differ = sorted(k for k in set(old) | set(new) if old.get(k, "<unset>") != new.get(k, "<unset>"))
+        shown = ", ".join(f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}" for k in differ[:5])
         raise StudyError(
-            f"the study {study.study_name!r} in {shown_url(url)} was started with another grid "
-            f"({len(recorded)} cells; this config makes {len(keys)}): change study.name or "
-            "train.output_dir to start another"
+            f"the study {study.study_name!r} in {shown_url(url)} was run with another config ({shown}"
+            f"{'; ...' if len(differ) > 5 else ''}): its results would be mixed with this config's. Only its "
+            "axes (study.modes, train_sizes, seeds, lr_grid) may change; use another study.name or "
+            "train.output_dir for this config"
         )
+    keys = [c.key for c in grid]
+    asked = study.user_attrs.get("cells", [])
+    if set(keys) - set(asked):
+        study.set_user_attr("cells", asked + [k for k in keys if k not in asked])
     return study
 
 
@@ -127,64 +190,68 @@ def _storage(cfg: Config, url: str, attempts: int = 5) -> optuna.storages.RDBSto
     raise AssertionError("unreachable")
 
 
-def _cell_of(trial: optuna.trial.FrozenTrial) -> str | None:
-    return trial.params.get("cell")
+def _finished(trial: optuna.trial.FrozenTrial) -> bool:
+    """Complete, or stopped by the pruner after training (a result; a trial that gave way is not)."""
+    return trial.state == TrialState.COMPLETE or (
+        trial.state == TrialState.PRUNED and "record" in trial.user_attrs
+    )
 
 
-def settled_cells(study: optuna.Study) -> set[str]:
-    """Cells this worker need not start: complete, stopped by the pruner, running, or failed in this run
-    of the command."""
-    states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.FAIL)
-    return {_cell_of(t) for t in study.get_trials(deepcopy=False, states=states)}
-
-
-def work_left(study: optuna.Study, keys: list[str]) -> bool:
-    if study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-        return True
-    return bool(set(keys) - settled_cells(study))
-
-
-def queue_failed_cells(study: optuna.Study, keys: list[str]) -> list[str]:
-    """Queues again each cell whose trials all failed (an error, an interrupted worker) and which no
-    trial runs or waits for, as Optuna's retry of a dead worker's trial does (a copy of the newest failed
-    trial, its grid position included); returns them."""
+def cells_to_run(study: optuna.Study, keys: list[str], max_retries: int) -> list[str]:
+    """The cells of ``keys`` no trial has finished, runs or waits for, and that have failed at most
+    ``max_retries`` times."""
     trials = study.get_trials(deepcopy=False)
-    busy = {
-        _cell_of(t)
-        for t in trials
-        if t.state in (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)
-        or (t.state == TrialState.PRUNED and "record" in t.user_attrs)  # stopped by the pruner: finished
+    taken = {
+        cell_of(t) for t in trials if _finished(t) or t.state in (TrialState.RUNNING, TrialState.WAITING)
     }
-    newest_failure = {_cell_of(t): t for t in trials if t.state == TrialState.FAIL and _cell_of(t) in keys}
-    queued = sorted(set(newest_failure) - busy)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        retry = optuna.storages.RetryHeartbeatStaleTrialCallback()
-        for key in queued:
-            retry(study, newest_failure[key])
-    return queued
+    failures = Counter(cell_of(t) for t in trials if t.state == TrialState.FAIL)
+    return [k for k in keys if k not in taken and failures[k] <= max_retries]
 
 
-def gives_way(study: optuna.Study, trial: optuna.Trial, key: str, n_cells: int) -> int | None:
-    """The number of another trial that has (or runs) ``key``, if this trial should give way to it.
+def failed_cells(study: optuna.Study, keys: list[str], max_retries: int) -> dict[str, str]:
+    """The cells of ``keys`` that failed more than ``max_retries`` times and never finished: cell -> the
+    newest failure's error."""
+    trials = study.get_trials(deepcopy=False)
+    finished = {cell_of(t) for t in trials if _finished(t)}
+    failures = [t for t in trials if t.state == TrialState.FAIL and cell_of(t) in keys]
+    counts = Counter(cell_of(t) for t in failures)
+    newest = {cell_of(t): t.user_attrs.get("error", "the worker died") for t in failures}
+    return {k: newest[k] for k in keys if counts[k] > max_retries and k not in finished}
 
-    A trial of the grid's first pass (number below the grid's size) or a queued retry owns its cell; a
-    surplus trial waits ``CLAIM_WAIT_S`` and gives way to a complete trial of its cell or a running one
-    with a lower number.
-    """
-    if trial.number < n_cells:
-        return None
-    mine = next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        if optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(mine) is not None:
-            return None
-    time.sleep(CLAIM_WAIT_S)
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING)):
-        if t.number != trial.number and _cell_of(t) == key:
-            if t.state == TrialState.COMPLETE or t.number < trial.number:
-                return t.number
+
+def gives_way(study: optuna.Study, trial: optuna.Trial, key: str) -> int | None:
+    """The number of another trial of ``key`` this trial gives way to: one that finished, or one with a
+    lower number that runs or waits (two workers enqueued the cell at once; the lower number keeps it)."""
+    for t in study.get_trials(deepcopy=False):
+        if t.number == trial.number or cell_of(t) != key:
+            continue
+        if _finished(t) or (t.state in (TrialState.RUNNING, TrialState.WAITING) and t.number < trial.number):
+            return t.number
     return None
+
+
+class TrialTimeout(RuntimeError):
+    """A trial ran past ``study.trial_timeout``."""
+
+
+@contextmanager
+def time_limit(seconds: int | None):
+    """Raises ``TrialTimeout`` in this (the main) thread after ``seconds`` (SIGALRM). A wait inside a C
+    call (a hung collective) ends when the call returns; a launched trial is limited by its launcher."""
+    if not seconds or threading.current_thread() is not threading.main_thread() or os.name != "posix":
+        yield
+        return
+
+    def expire(signum, frame):
+        raise TrialTimeout(f"the trial ran past study.trial_timeout={seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def log_event(root: Path, **event: Any) -> None:
@@ -194,121 +261,74 @@ def log_event(root: Path, **event: Any) -> None:
         f.write(json.dumps({"time": time.time(), "worker": WORKER, **event}) + "\n")
 
 
-def run_worker(
-    cfg: Config,
-    study: optuna.Study,
-    grid: list[Cell],
-    run_cell: Callable[[Cell, Path, optuna.Trial], dict[str, Any]],
-) -> int:
-    """Runs trials until no cell is left to start; returns how many this worker trained.
+class Worker:
+    """This process's share of a study: it enqueues cells no trial has taken and runs trials until none
+    is left (``run``); ``objective`` is one trial: give way if another trial has the cell, else train it.
 
-    ``run_cell(cell, run_dir, trial)`` trains one cell and returns its record (``selection``, ``report``,
-    ...; ``pruned`` if the study's pruner stopped it, which the trial is then recorded as).
+    Args:
+        run_cell: ``run_cell(cell, run_dir, trial)`` trains one cell and returns its record
+            (``selection``, ``report``, ...; ``pruned`` if the study's pruner stopped it, which the trial
+            is then recorded as). An error in it fails the trial (its message kept as the trial's
+            ``error``) and the worker goes on; a ``ConfigError`` stops the study.
     """
-    root = Path(cfg.train.output_dir)
-    keys = [c.key for c in grid]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)  # a dead worker's trial: failed, queued again
-    queue_failed_cells(study, keys)
-    trained = 0
 
-    def objective(trial: optuna.Trial) -> float:
-        nonlocal trained
-        key = trial.suggest_categorical("cell", keys)
-        other = gives_way(study, trial, key, len(keys))
+    def __init__(self, cfg: Config, study: optuna.Study, grid: list[Cell], run_cell: Callable) -> None:
+        self.cfg, self.study, self.run_cell = cfg, study, run_cell
+        self.root = Path(cfg.train.output_dir)
+        self.keys = [c.key for c in grid]
+        self.trained = 0
+        self.order = random.Random(WORKER)  # each worker its own order: fewer collisions between workers
+        self.config_error: ConfigError | None = None
+
+    def objective(self, trial: optuna.Trial) -> float:
+        key = cell_of(trial)
+        if key is None or key not in self.keys:  # no cell, or one of another worker's grid: leave it to them
+            trial.set_user_attr("gave_way", -1)
+            raise optuna.TrialPruned(f"cell {key!r} is not in this worker's grid")
+        other = gives_way(self.study, trial, key)
         if other is not None:
             trial.set_user_attr("gave_way", other)
             raise optuna.TrialPruned(f"trial {other} has this cell")
         cell = Cell.parse(key)
-        run_dir = cell_dir(root, cell)
+        run_dir = cell_dir(self.root, cell)
         shutil.rmtree(run_dir, ignore_errors=True)  # a retried cell starts afresh
-        log_event(root, event="start", cell=key, trial=trial.number)
+        log_event(self.root, event="start", cell=key, trial=trial.number)
         trial.set_user_attr("worker", WORKER)
-        record = run_cell(cell, run_dir, trial)
+        try:
+            with time_limit(self.cfg.study.trial_timeout):
+                record = self.run_cell(cell, run_dir, trial)
+        except Exception as err:
+            if isinstance(err, ConfigError):
+                self.config_error = err
+            trial.set_user_attr("error", f"{type(err).__name__}: {err}"[:RECORD_TEXT_LIMIT])
+            log_event(self.root, event="failed", cell=key, trial=trial.number, error=str(err)[:200])
+            print(f"study trial {key} failed: {type(err).__name__}: {err}", flush=True)
+            raise
         trial.set_user_attr("record", record)
-        log_event(root, event="end", cell=key, trial=trial.number)
-        trained += 1
+        log_event(self.root, event="end", cell=key, trial=trial.number)
+        self.trained += 1
         if record.get("pruned"):
             raise optuna.TrialPruned(f"behind another rate at step {record['pruned']}")
         value = record["selection"]
         return value if value is not None and math.isfinite(value) else -math.inf
 
-    def stop_when_done(study: optuna.Study, _trial: optuna.trial.FrozenTrial) -> None:
-        if not work_left(study, keys):
-            study.stop()
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    # GridSampler stops a worker once every grid cell has been drawn; queued retries may still wait
-    while work_left(study, keys):
-        before = trained
-        study.optimize(objective, callbacks=[stop_when_done])
-        if trained == before:  # every cell it was handed was another worker's: nothing left for this one
-            break
-    return trained
-
-
-def finished_records(study: optuna.Study, keys: list[str] | None = None) -> list[dict[str, Any]]:
-    """The record of each finished trial, complete or stopped by the pruner (one per cell: the newest if
-    a cell finished twice), read from the storage as data (``clean_record``): a record that is not one of
-    ``keys``' cells or holds anything but numbers and names is skipped, and the skips are printed."""
-    records: dict[str, dict[str, Any]] = {}
-    skipped: list[str] = []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
-        if "record" not in t.user_attrs:
-            continue
-        try:
-            record = clean_record(t.user_attrs["record"], keys)
-        except (TypeError, ValueError, KeyError) as err:
-            skipped.append(f"trial {t.number}: {err}")
-            continue
-        records[record["cell"]] = {**record, "trial": t.number}
-    if skipped:
-        print(f"warning: {len(skipped)} trial record(s) in the storage skipped: " + "; ".join(skipped[:5]))
-    return list(records.values())
+    def run(self) -> int:
+        """Runs trials until no cell is left to start; returns how many this worker trained."""
+        optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial is said by ``objective``
+        while True:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(self.study)  # a dead worker's trial: failed, queued again
+            todo = cells_to_run(self.study, self.keys, self.cfg.study.max_retries)
+            if not todo and not self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+                return self.trained
+            if todo:
+                self.study.enqueue_trial({}, user_attrs={"cell": self.order.choice(todo)})
+            self.study.optimize(self.objective, n_trials=1, catch=(Exception,))
+            if self.config_error is not None:
+                raise self.config_error
 
 
-RECORD_NUMBERS = ("train_rows", "selection", "selection_count", "pruned", "report")
-RECORD_TEXT_LIMIT = 2000  # a training error's message, shortened
-
-
-def _number(value: Any, key: str) -> float | int | None:
-    if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)):
-        return value
-    raise TypeError(f"{key} is not a number: {type(value).__name__}")
-
-
-def clean_record(raw: Any, keys: list[str] | None = None) -> dict[str, Any]:
-    """A trial record from the storage as numbers and names only: its cell (one of ``keys`` when given),
-    the mode, size, seed and rate derived from the cell, numbers for the metrics and costs, and the error
-    as text. Nothing of it is a path: a run's folder is always derived from its cell (``cell_dir``).
-
-    Raises:
-        TypeError, ValueError, KeyError: a record that is not one vlfuse writes.
-    """
-    if not isinstance(raw, dict):
-        raise TypeError("not a record")
-    cell = Cell.parse(raw["cell"])
-    if keys is not None and cell.key not in keys:
-        raise ValueError(f"cell {cell.key!r} is not in this study's grid")
-    record: dict[str, Any] = {
-        "cell": cell.key,
-        "mode": cell.mode,
-        "size": cell.size,
-        "seed": cell.seed,
-        "lr": cell.lr,
-    }
-    for key in RECORD_NUMBERS:
-        record[key] = _number(raw.get(key), key)
-    for key in ("report_metrics", "cost"):
-        values = raw.get(key) or {}
-        if not isinstance(values, dict):
-            raise TypeError(f"{key} is not a mapping")
-        record[key] = {
-            str(k): v
-            for k, v in values.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool)  # the split's name is left out
-        }
-    error = raw.get("error")
-    record["error"] = None if error is None else str(error)[:RECORD_TEXT_LIMIT]
-    return record
+def run_worker(cfg: Config, study: optuna.Study, grid: list[Cell], run_cell: Callable) -> int:
+    """Runs this worker's share of the study (``Worker``); returns how many trials it trained."""
+    return Worker(cfg, study, grid, run_cell).run()

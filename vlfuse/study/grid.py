@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from vlfuse.compare import mode_config
 from vlfuse.data.subsets import HOLDOUT
@@ -49,6 +50,12 @@ class Cell:
     @property
     def folder(self) -> str:
         return f"{self.mode}/size_{self.size:g}/lr_{self.lr:.6g}/seed_{self.seed}"
+
+
+def cell_of(trial: Any) -> str | None:
+    """The cell key of an Optuna trial: its user attribute ``cell`` (the parameter ``cell`` in studies
+    whose grid Optuna's GridSampler handed out)."""
+    return trial.user_attrs.get("cell") or trial.params.get("cell")
 
 
 def cell_dir(root: Path, cell: Cell) -> Path:

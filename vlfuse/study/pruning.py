@@ -7,7 +7,7 @@ from __future__ import annotations
 import optuna
 from optuna.trial import TrialState
 
-from vlfuse.study.grid import Cell
+from vlfuse.study.grid import Cell, cell_of
 
 
 class HopelessRatePruner(optuna.pruners.BasePruner):
@@ -23,14 +23,14 @@ class HopelessRatePruner(optuna.pruners.BasePruner):
 
     def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
         step = trial.last_step
-        if step is None or "cell" not in trial.params:
+        if step is None or cell_of(trial) is None:
             return False
-        mine = Cell.parse(trial.params["cell"])
+        mine = Cell.parse(cell_of(trial))
         value = trial.intermediate_values[step]
         for other in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-            if "cell" not in other.params or step not in other.intermediate_values:
+            if cell_of(other) is None or step not in other.intermediate_values:
                 continue
-            peer = Cell.parse(other.params["cell"])
+            peer = Cell.parse(cell_of(other))
             same_group = (peer.mode, peer.size, peer.seed) == (mine.mode, mine.size, mine.seed)
             if same_group and peer.lr != mine.lr and value < other.intermediate_values[step] - self.margin:
                 return True

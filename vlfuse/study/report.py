@@ -117,9 +117,10 @@ def keep_recommended_models(
 
 def write_report(result: dict[str, Any], records: list[dict[str, Any]], folder: Path, keep_all: bool) -> None:
     """Writes ``study.json`` (each record with its run folder, derived from its cell), ``study.md`` and the
-    plots to ``folder`` (``train.output_dir``), and keeps only the recommended runs' models."""
+    plots to ``folder`` (``train.output_dir``); once nothing is left to run, keeps only the recommended
+    runs' models (a partial report deletes nothing: what is recommended may still change)."""
     folder.mkdir(parents=True, exist_ok=True)
-    finals = keep_recommended_models(result, records, folder, keep_all)
+    finals = keep_recommended_models(result, records, folder, keep_all or not result["complete"])
     result["recommended_models"] = [str(p) for p in finals]
     shown = [{**r, "run_dir": str(cell_dir(folder, Cell.parse(r["cell"])))} for r in records]
     (folder / "study.json").write_text(json.dumps({**result, "records": shown}, indent=2))

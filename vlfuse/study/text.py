@@ -185,6 +185,19 @@ def curve_lines(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def failed_lines(result: dict[str, Any]) -> list[str]:
+    """The cells that failed after their retries, each with its error (none: nothing)."""
+    failed = result.get("failed") or {}
+    if not failed:
+        return []
+    errors = "; ".join(f"`{cell}`: {error}" for cell, error in list(failed.items())[:10])
+    return [
+        "",
+        f"**{len(failed)} of {len(result['cells'])} cells failed** (after study.max_retries retries; left "
+        f"out of everything below): {errors}",
+    ]
+
+
 def study_markdown(result: dict[str, Any]) -> str:
     s = result["summary"]
     sources = result.get("variance_sources", {})
@@ -206,13 +219,15 @@ def study_markdown(result: dict[str, Any]) -> str:
         + (", ".join(sources.get("fixed", [])) or "nothing")
         + ".",
         f"{result['trials']} finished trials ({len(result['cells'])} cells).",
+        *failed_lines(result),
         *(
             []
             if result["complete"]
             else [
                 "",
-                "**Partial**: some trials are still running on other workers, or failed; running the "
-                "command again finishes the study and rewrites this report.",
+                "**Partial**: some trials are still running on other workers, or wait to be retried; "
+                "running the command again finishes the study and rewrites this report. Until then no "
+                "trained model is deleted.",
             ]
         ),
         "",
