@@ -42,7 +42,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=0.2)
     parser.add_argument("--hang", default=None)
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # key=value overrides may follow the options
 
     def train(cfg, on_eval=None):
         out = Path(cfg.train.output_dir)
