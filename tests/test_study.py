@@ -681,3 +681,48 @@ def test_the_curve_fit_recovers_a_noisy_power_law_and_the_rows_a_target_needs():
     # two sizes: only a two-parameter curve fits, and it is not validated
     two = fit_mode([p for p in points if p[0] in (400, 3200)], target=None)
     assert two["model"] == "logarithmic" and not two["validated"]
+
+
+# ------------------------------------------------------------------------------------------- grid edges
+def _peaked_at(best_lr):
+    """A stand-in for training whose selection metric peaks at ``best_lr`` (in log rate)."""
+    calls = []
+
+    def fake_train(cfg, on_eval=None):
+        lr = cfg.train.lr
+        calls.append(lr)
+        out = Path(cfg.train.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.json").write_text(json.dumps({"trainable_parameters": 1, "train_rows": 16}))
+        value = 0.8 - 0.1 * math.log10(lr / best_lr) ** 2 + 0.001 * cfg.train.seed
+        return {"holdout": {"acc@0.5": value, "count": 100}, "validation": {"acc@0.5": value}}
+
+    return fake_train, calls
+
+
+@pytest.mark.parametrize(("limit", "chosen", "runs"), [(None, 0.003, 4), (1, 0.009, 6), (2, 0.009, 8)])
+def test_a_rate_at_the_grids_edge_is_flagged_and_extend_grid_goes_beyond_it(
+    tmp_path, monkeypatch, limit, chosen, runs
+):
+    import vlfuse.study
+
+    fake, calls = _peaked_at(0.009)
+    monkeypatch.setattr(vlfuse.study, "train", fake)
+    extra = ["study.extend_grid=true", f"study.extend_limit={limit}"] if limit else []
+    cfg = tiny_config(
+        *STUDY,
+        "study.modes=[none]",
+        "study.train_sizes=[16]",
+        "study.lr_grid={none: [0.001, 0.003]}",
+        *extra,
+        f"train.output_dir={tmp_path}",
+    )
+    result = run_study(cfg)
+    (row,) = result["summary"]["rows"]
+    assert len(calls) == runs and row["lr"] == chosen
+    # no extension: 0.003 is the highest tried; one: 0.009 is, and the limit stops; two: 0.027 is worse
+    # than 0.009, which is then inside the rates tried
+    assert row["lr_edge"] == ("highest" if limit in (None, 1) else None)
+    report = (tmp_path / "study.md").read_text()
+    assert ("is the highest tried: its best rate may lie beyond the grid" in report) == (limit in (None, 1))
+    assert result["complete"] and result["trials"] == runs

@@ -31,6 +31,11 @@ class StudyConfig:
     # the others. A mode not named gets three rates around the config's: x0.3, x1, x3 (x3, x10, x30 of
     # train.encoder_lr for lora, whose adapters want larger rates).
     lr_grid: dict[str, list[float]] = field(default_factory=dict)
+    # When a (mode, size)'s chosen rate is the highest or lowest it tried, run the next rate beyond it (x3 or
+    # /3) for every seed, until the choice is inside the rates tried or extend_limit rates were added.
+    extend_grid: bool = False
+    # How many rates extend_grid may add beyond each end of a (mode, size)'s grid.
+    extend_limit: int = at_least(2, 0)
     # Rows of the train split held out to choose the learning rate on (a count, or a fraction of at most 1;
     # evaluated as the split "holdout"). Ignored with validation_split.
     validation: float = field(default=0.1, metadata={"min": 0})

@@ -29,7 +29,15 @@ from vlfuse.study.engine import (
     shown_url,
     storage_url,
 )
-from vlfuse.study.grid import Cell, cells, report_split, selection_split, study_metric, trial_config
+from vlfuse.study.grid import (
+    Cell,
+    cells,
+    extension_cells,
+    report_split,
+    selection_split,
+    study_metric,
+    trial_config,
+)
 from vlfuse.study.records import finished_records
 from vlfuse.study.report import write_report
 from vlfuse.study.stats import summarize
@@ -66,9 +74,7 @@ def run_study(cfg: Config) -> dict[str, Any]:
     study = open_study(cfg, grid)
     first_seed = min(cfg.study.seeds)
     start = time.perf_counter()
-    trained = run_worker(
-        cfg, study, grid, lambda cell, run_dir, trial: run_cell(cfg, cell, run_dir, first_seed, trial)
-    )
+    trained = run_grid(cfg, study, grid, first_seed)
     records = finished_records(study, [c.key for c in grid])
     failed = failed_cells(study, [c.key for c in grid], cfg.study.max_retries)
     print(
@@ -97,6 +103,36 @@ def run_study(cfg: Config) -> dict[str, Any]:
     if records:
         write_report(result, records, root, cfg.study.keep_models)
     return result
+
+
+def run_grid(cfg: Config, study, grid: list[Cell], first_seed: int) -> int:
+    """This worker's trials of ``grid`` (and, with ``study.extend_grid``, of the cells beyond its edges
+    that any worker added, which join ``grid``); returns how many it trained."""
+    trained = 0
+    while True:
+        if cfg.study.extend_grid:  # the rates any worker added beyond the grid's edges
+            known = {c.key for c in grid}
+            grid += [Cell.parse(k) for k in study.user_attrs.get("extended", []) if k not in known]
+        trained += run_worker(
+            cfg, study, grid, lambda cell, run_dir, trial: run_cell(cfg, cell, run_dir, first_seed, trial)
+        )
+        new = extend_grid(cfg, study, grid) if cfg.study.extend_grid else []
+        if not new:
+            return trained
+        print(
+            f"study.extend_grid: {len(new)} cell(s) beyond the rates tried: {', '.join(c.key for c in new)}"
+        )
+
+
+def extend_grid(cfg: Config, study, grid: list[Cell]) -> list[Cell]:
+    """The cells ``extension_cells`` adds to ``grid`` now (recorded in the study, so every worker runs
+    and reports them)."""
+    keys = {c.key for c in grid}
+    new = [c for c in extension_cells(cfg, finished_records(study, list(keys))) if c.key not in keys]
+    if new:
+        study.set_user_attr("extended", study.user_attrs.get("extended", []) + [c.key for c in new])
+        grid += new
+    return new
 
 
 def variance_sources(cfg: Config) -> dict[str, list[str]]:

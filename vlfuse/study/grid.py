@@ -10,6 +10,7 @@ from typing import Any
 from vlfuse.compare import mode_config
 from vlfuse.data.subsets import HOLDOUT
 from vlfuse.schema import COMPARE_MODES, Config, ConfigError
+from vlfuse.study.stats import choose_rates
 from vlfuse.tasks import get_task
 from vlfuse.training.data import eval_splits
 
@@ -151,3 +152,28 @@ def trial_config(cfg: Config, cell: Cell, run_dir: Path) -> Config:
     frozen = run.model.trainable_encoders != "all"  # a tower the cache can serve
     run.train.cache_features = frozen and (run.train.cache_features or (cfg.study.cache_features and served))
     return run
+
+
+def extension_cells(cfg: Config, records: list[dict[str, Any]]) -> list[Cell]:
+    """``study.extend_grid``: for each (mode, size) whose every configured cell finished and whose chosen
+    rate (best mean on the selection split) is the highest or lowest tried, the next rate beyond it (x3 or
+    /3, three significant digits) for every seed; at most ``study.extend_limit`` rates beyond each end of
+    the configured ones. Nothing while the choice is inside the rates tried."""
+    configured = lr_grid(cfg)
+    finished = {(r["mode"], r["size"], r["seed"], r["lr"]) for r in records}
+    new = []
+    for (mode, size), choice in choose_rates(records).items():
+        mine = [(mode, float(size), seed, lr) for lr in configured.get(mode, []) for seed in cfg.study.seeds]
+        if choice["edge"] is None or not all(c in finished for c in mine):
+            continue
+        high = choice["edge"] == "highest"
+        beyond = [
+            lr
+            for lr in choice["rates"]
+            if (lr > max(configured[mode]) if high else lr < min(configured[mode]))
+        ]
+        if len(beyond) >= cfg.study.extend_limit:
+            continue
+        rate = float(f"{choice['lr'] * (3 if high else 1 / 3):.3g}")
+        new += [Cell(mode, float(size), seed, rate) for seed in cfg.study.seeds]
+    return new

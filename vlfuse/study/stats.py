@@ -142,8 +142,16 @@ def choose_rates(records: list[dict[str, Any]]) -> dict[tuple[str, float], dict[
     for group, rates in by_rate.items():
         means = {lr: float(np.mean(v)) for lr, v in sorted(rates.items())}
         best = max(means, key=lambda lr: means[lr])
-        chosen[group] = {"rates": means, "lr": best}
+        chosen[group] = {"rates": means, "lr": best, "edge": rate_edge(best, list(means))}
     return chosen
+
+
+def rate_edge(lr: float, tried: list[float]) -> str | None:
+    """``highest`` or ``lowest`` when ``lr`` is at that end of the rates ``tried`` (two or more): the
+    best rate may lie beyond the grid."""
+    if len(tried) < 2:
+        return None
+    return "highest" if lr == max(tried) else "lowest" if lr == min(tried) else None
 
 
 def size_rows(records: list[dict[str, Any]]) -> dict[float, float]:
@@ -178,6 +186,7 @@ def summarize(
                 "size": size,
                 "train_rows": rows_of[size],
                 "lr": choice["lr"],
+                "lr_edge": choice["edge"],
                 "selection_by_rate": choice["rates"],
                 "seeds": [r["seed"] for r in at_rate],
                 "selection_values": [r["selection"] for r in at_rate],

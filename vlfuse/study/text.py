@@ -62,7 +62,7 @@ def results_table(result: dict[str, Any]) -> list[str]:
         cells = [
             rows_label(r["train_rows"], r["size"]),
             r["mode"],
-            f"{r['lr']:.3g}",
+            f"{r['lr']:.3g}" + (f" ({r['lr_edge']} tried)" if r.get("lr_edge") else ""),
             f"{num(sel['mean'])} {_interval(sel['low'], sel['high'])}",
             f"{num(r['mean'])} {_interval(r['low'], r['high'])}",
             str(r["n"]),
@@ -116,6 +116,12 @@ def decision_lines(result: dict[str, Any]) -> list[str]:
         for mode, info in d["modes"].items():
             if info["decision"] != "best":
                 lines.append(f"  - {_against_best(mode, info, d['best'], rope)}")
+        for r in result["summary"]["rows"]:
+            if r["size"] == d["size"] and r.get("lr_edge"):
+                lines.append(
+                    f"  - {r['mode']}'s chosen rate {r['lr']:.3g} is the {r['lr_edge']} tried: its best rate "
+                    "may lie beyond the grid (`study.extend_grid=true` tries further)."
+                )
         if d.get("report_disagrees"):
             lines.append(f"  - The report split disagrees beyond the margin: {d['report_disagrees']}.")
     return lines
