@@ -726,3 +726,44 @@ def test_a_rate_at_the_grids_edge_is_flagged_and_extend_grid_goes_beyond_it(
     report = (tmp_path / "study.md").read_text()
     assert ("is the highest tried: its best rate may lie beyond the grid" in report) == (limit in (None, 1))
     assert result["complete"] and result["trials"] == runs
+
+
+# ------------------------------------------------------------------------------------------- best step
+def test_a_trial_is_read_at_its_best_held_out_step_and_the_report_split_at_that_step(tmp_path, monkeypatch):
+    import vlfuse.study
+
+    curve = {  # step: (selection, report): the selection metric peaks mid-run (over-fitting after it)
+        10: (0.50, 0.40),
+        20: (0.70, 0.65),
+        30: (0.60, 0.62),
+    }
+
+    def fake_train(cfg, on_eval=None):
+        out = Path(cfg.train.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.json").write_text(json.dumps({"trainable_parameters": 1, "train_rows": 16}))
+        with open(out / "metrics.jsonl", "w") as f:
+            for step, (sel, rep) in curve.items():
+                f.write(json.dumps({"step": step, "split": "holdout", "acc@0.5": sel, "count": 50}) + "\n")
+                f.write(
+                    json.dumps({"step": step, "split": "validation", "acc@0.5": rep, "miou": rep / 2}) + "\n"
+                )
+        return {"holdout": {"acc@0.5": 0.60, "count": 50}, "validation": {"acc@0.5": 0.62, "miou": 0.31}}
+
+    monkeypatch.setattr(vlfuse.study, "train", fake_train)
+    base = [
+        *STUDY,
+        "study.modes=[none]",
+        "study.train_sizes=[16]",
+        "study.seeds=[0]",
+        "study.lr_grid={none: [0.001]}",
+    ]
+    result = run_study(tiny_config(*base, f"train.output_dir={tmp_path / 'best'}"))
+    (record,) = json.loads((tmp_path / "best" / "study.json").read_text())["records"]
+    assert (record["selection"], record["report"], record["best_step"]) == (0.70, 0.65, 20)
+    assert (record["last_step"], record["last_selection"]) == (30, 0.60)
+    assert record["report_metrics"]["miou"] == pytest.approx(0.325)  # every report metric at step 20
+    assert result["summary"]["rows"][0]["best_steps"] == [20]
+    # study.best_step=false: the last step, as the run returned it
+    last = run_study(tiny_config(*base, "study.best_step=false", f"train.output_dir={tmp_path / 'last'}"))
+    assert last["summary"]["rows"][0]["mean"] == 0.62 and last["summary"]["rows"][0]["best_steps"] == [None]

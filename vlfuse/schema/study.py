@@ -31,6 +31,10 @@ class StudyConfig:
     # the others. A mode not named gets three rates around the config's: x0.3, x1, x3 (x3, x10, x30 of
     # train.encoder_lr for lora, whose adapters want larger rates).
     lr_grid: dict[str, list[float]] = field(default_factory=dict)
+    # Read each trial at its evaluation with the best selection metric (over train.eval_every's
+    # evaluations), not at its last step: small sets over-fit. The report split is evaluated at the same
+    # evaluations and read at that step.
+    best_step: bool = True
     # When a (mode, size)'s chosen rate is the highest or lowest it tried, run the next rate beyond it (x3 or
     # /3) for every seed, until the choice is inside the rates tried or extend_limit rates were added.
     extend_grid: bool = False

@@ -98,6 +98,7 @@ def run_study(cfg: Config) -> dict[str, Any]:
             "study": {**shown_dict(cfg)["study"], "storage": shown_url(storage_url(cfg))},
         },
         "variance_sources": variance_sources(cfg),
+        "best_step": cfg.study.best_step,
         "summary": summarize(records, cfg.study.confidence, cfg.study.rope, cfg.study.target),
     }
     if records:
@@ -194,6 +195,11 @@ def trial_record(
         ConfigError: ``study.metric`` is not one of the task's metrics (naming the ones there are).
     """
     metric, selection, report = study_metric(cfg), selection_split(cfg), report_split(cfg)
+    steps: dict[str, Any] = {}
+    if cfg.study.best_step and pruned is None and metrics:
+        best = best_evaluation(run_dir / "metrics.jsonl", metric, selection, report)
+        if best is not None:
+            metrics, steps = best.pop("metrics"), best
     for split in (selection, report):
         if metrics and metric not in metrics.get(split, {}):
             available = sorted(k for k in metrics.get(split, {}) if k not in ("step", "epoch", "split"))
@@ -218,6 +224,7 @@ def trial_record(
         "lr": cell.lr,
         "train_rows": summary.get("train_rows"),
         "selection": None if pruned is not None else metrics.get(selection, {}).get(metric),
+        **steps,
         # how many examples the selection metric counts (its resolution is one of them)
         "selection_count": _example_count(metrics.get(selection, {})),
         "pruned": pruned,
@@ -232,3 +239,37 @@ def _example_count(metrics: dict[str, Any]) -> int | None:
     """The examples an evaluation counted (``count``; retrieval: its texts), if it says."""
     value = metrics.get("count", metrics.get("texts"))
     return int(value) if isinstance(value, int | float) and value > 0 else None
+
+
+def best_evaluation(path: Path, metric: str, selection: str, report: str) -> dict[str, Any] | None:
+    """``study.best_step``: of a run's evaluations (``metrics.jsonl``), the one with the best ``metric``
+    on the selection split (the earliest of equals), with both splits' metrics at that step, the last
+    evaluation's step and its selection value. The report split is evaluated at every evaluation (so it
+    is read at the chosen step without keeping that step's weights) and chooses nothing. None when the
+    run has no evaluation of both splits."""
+    if not path.is_file():
+        return None
+    by_step: dict[int, dict[str, dict]] = {}
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        if row.get("split") in (selection, report) and row.get("step") is not None:
+            by_step.setdefault(int(row["step"]), {})[row["split"]] = row
+    scored = [
+        (step, rows)
+        for step, rows in sorted(by_step.items())
+        if selection in rows and report in rows and _finite(rows[selection].get(metric))
+    ]
+    if not scored:
+        return None
+    step, rows = max(scored, key=lambda item: (item[1][selection][metric], -item[0]))
+    last_step, last = scored[-1]
+    return {
+        "metrics": rows,
+        "best_step": step,
+        "last_step": last_step,
+        "last_selection": last[selection][metric],
+    }
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)

@@ -32,7 +32,16 @@ def finished_records(study: optuna.Study, keys: list[str] | None = None) -> list
     return list(records.values())
 
 
-RECORD_NUMBERS = ("train_rows", "selection", "selection_count", "pruned", "report")
+RECORD_NUMBERS = (
+    "train_rows",
+    "selection",
+    "selection_count",
+    "pruned",
+    "report",
+    "best_step",
+    "last_step",
+    "last_selection",
+)
 RECORD_TEXT_LIMIT = 2000  # a training error's message, shortened
 
 

@@ -193,6 +193,7 @@ def summarize(
                 "report_values": [r["report"] for r in at_rate],
                 "resolution": 1.0 / max(counts) if counts else DEFAULT_RESOLUTION,
                 "selection": mean_ci(_finite([r["selection"] for r in at_rate]), confidence),
+                "best_steps": [r.get("best_step") for r in at_rate],
                 **mean_ci(_finite([r["report"] for r in at_rate]), confidence),
                 "cost": _mean_cost(at_rate),
             }

@@ -54,6 +54,7 @@ def results_table(result: dict[str, Any]) -> list[str]:
         f"{result['selection_split']} mean {level}",
         f"{result['report_split']} mean {level}",
         "seeds",
+        "best steps",
         *COST_COLUMNS.values(),
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -66,6 +67,7 @@ def results_table(result: dict[str, Any]) -> list[str]:
             f"{num(sel['mean'])} {_interval(sel['low'], sel['high'])}",
             f"{num(r['mean'])} {_interval(r['low'], r['high'])}",
             str(r["n"]),
+            ", ".join(str(s) for s in r.get("best_steps", []) if s is not None) or "-",
             *[_cost(k, r["cost"].get(k)) for k in COST_COLUMNS],
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -217,7 +219,13 @@ def study_markdown(result: dict[str, Any]) -> str:
         f"equivalent (within ±{s['rope']:g}, `study.rope`) or better. Recommended: the cheapest mode "
         f"(trainable parameters, then wall time) practically equivalent to the best with probability >= "
         f"{s['probability']:g}; one seed is never evidence of equivalence. Split `{result['report_split']}` "
-        "is reported for every mode and decides nothing.",
+        "is reported for every mode and decides nothing."
+        + (
+            " Each trial is read at its evaluation with the best selection metric (`best steps`; "
+            "the report split at that same evaluation), not at its last step."
+            if result.get("best_step")
+            else ""
+        ),
         "",
         "**Variance.** Varied between seeds: "
         + (", ".join(sources.get("varied", [])) or "nothing")
