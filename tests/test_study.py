@@ -767,3 +767,56 @@ def test_a_trial_is_read_at_its_best_held_out_step_and_the_report_split_at_that_
     # study.best_step=false: the last step, as the run returned it
     last = run_study(tiny_config(*base, "study.best_step=false", f"train.output_dir={tmp_path / 'last'}"))
     assert last["summary"]["rows"][0]["mean"] == 0.62 and last["summary"]["rows"][0]["best_steps"] == [None]
+
+
+# ----------------------------------------------------------------------------------------------- budgets
+def test_budget_steps_converts_an_epoch_config_to_the_same_steps_at_every_size(tmp_path, monkeypatch, capsys):
+    import vlfuse.study
+
+    steps = []
+
+    def fake_train(cfg, on_eval=None):
+        steps.append(cfg.train.max_steps)
+        return _fake_train([])(cfg, on_eval)
+
+    monkeypatch.setattr(vlfuse.study, "train", fake_train)
+    cfg = tiny_config(
+        *STUDY,
+        "train.max_steps=null",
+        "train.epochs=2",
+        "study.lr_grid={none: [0.001], all: [0.001]}",
+        f"train.output_dir={tmp_path}",
+    )
+    result = run_study(cfg)
+    # 60 shapes rows less 12 held out: 48 rows, 6 batches of 8 per epoch, 2 epochs
+    assert set(steps) == {12} and len(steps) == 8
+    assert "train.epochs=2 becomes train.max_steps=12 for every trial" in capsys.readouterr().out
+    assert result["budget"]["description"] == "12 steps of batch 8 for every mode and size"
+    assert "**Budget.** 12 steps of batch 8 for every mode and size." in (tmp_path / "study.md").read_text()
+
+
+@pytest.mark.slow
+def test_budget_seconds_gives_every_mode_the_same_training_time(tmp_path, pretrained_towers):
+    """Frozen towers (the feature cache) run far more steps per second than end-to-end: with the same
+    seconds each, the frozen trials train more steps, and every trial's training time is the budget
+    within a factor of 2 (a calibration of 10 steps on a 2-core machine shared with the test runner)."""
+    cfg = tiny_config(
+        *STUDY,
+        *pretrained_towers,
+        "study.train_sizes=[40]",
+        "study.seeds=[0]",
+        "study.lr_grid={none: [0.001], all: [0.001]}",
+        "study.budget=seconds",
+        "study.budget_seconds=4",
+        "study.calibration_steps=10",
+        "train.eval_every=null",
+        f"train.output_dir={tmp_path / 'study'}",
+        f"train.cache_dir={tmp_path / 'cache'}",
+    )
+    result = run_study(cfg)
+    steps = result["budget"]["steps"]
+    assert steps["none"] > 1.5 * steps["all"]  # frozen: more steps in the same time
+    for record in json.loads((tmp_path / "study" / "study.json").read_text())["records"]:
+        summary = json.loads((Path(record["run_dir"]) / "summary.json").read_text())
+        assert summary["steps"] == steps[record["mode"]]
+        assert 2.0 <= summary["time_data_s"] + summary["time_step_s"] <= 8.0, record["cell"]

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from vlfuse.schema.fields import COMPARE_MODES, ConfigError, at_least
+from vlfuse.schema.fields import COMPARE_MODES, ConfigError, at_least, one_of
+
+# What every trial of a study gets (study.budget).
+BUDGETS = ("steps", "epochs", "seconds")
 
 
 @dataclass
@@ -31,6 +34,17 @@ class StudyConfig:
     # the others. A mode not named gets three rates around the config's: x0.3, x1, x3 (x3, x10, x30 of
     # train.encoder_lr for lora, whose adapters want larger rates).
     lr_grid: dict[str, list[float]] = field(default_factory=dict)
+    # What every trial gets: steps (train.max_steps for every mode and size; a config that trains by
+    # train.epochs is converted to the steps of that many epochs of the whole train pool, and says so),
+    # epochs (train.epochs of its own subset: larger sizes train longer), or seconds (study.budget_seconds
+    # of training compute each; every mode trains as many steps as fit, measured by one calibration run
+    # per mode, so a faster mode trains more steps).
+    budget: str = one_of("steps", BUDGETS)
+    # study.budget=seconds: the training compute time (data loading and steps; evaluation and saving
+    # excluded) every trial gets.
+    budget_seconds: float | None = field(default=None, metadata={"min": 0})
+    # study.budget=seconds: the steps of each mode's calibration run (its time per step sets its steps).
+    calibration_steps: int = at_least(20, 2)
     # Read each trial at its evaluation with the best selection metric (over train.eval_every's
     # evaluations), not at its last step: small sets over-fit. The report split is evaluated at the same
     # evaluations and read at that step.
@@ -114,5 +128,9 @@ def validate_study(cfg: StudyConfig) -> None:
     for mode, rates in cfg.lr_grid.items():
         if not rates or any(not isinstance(r, int | float) or r <= 0 for r in rates):
             raise ConfigError(f"invalid value {rates!r} for 'study.lr_grid.{mode}'; needs rates > 0")
+    if cfg.budget == "seconds" and not cfg.budget_seconds:
+        raise ConfigError(
+            "study.budget=seconds needs study.budget_seconds (the training seconds of every trial)"
+        )
     if not cfg.confidence < 1:
         raise ConfigError(f"invalid value {cfg.confidence!r} for 'study.confidence'; must be < 1")

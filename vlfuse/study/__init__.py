@@ -21,6 +21,7 @@ from accelerate.state import PartialState
 
 from vlfuse.data.feature_cache import folder_size
 from vlfuse.schema import Config, ConfigError, shown_dict
+from vlfuse.study.budget import seconds_budget, steps_budget
 from vlfuse.study.engine import (
     StudyError,
     failed_cells,
@@ -71,10 +72,16 @@ def run_study(cfg: Config) -> dict[str, Any]:
         )
     grid = cells(cfg)
     root = Path(cfg.train.output_dir)
+    budget = steps_budget(cfg)  # before the study opens: a converted train.max_steps is part of its identity
     study = open_study(cfg, grid)
     first_seed = min(cfg.study.seeds)
     start = time.perf_counter()
-    trained = run_grid(cfg, study, grid, first_seed)
+    steps = seconds_budget(cfg, study, grid, train_run) if cfg.study.budget == "seconds" else {}
+    if steps:
+        budget = f"{cfg.study.budget_seconds:g} s of training compute per trial: " + ", ".join(
+            f"{mode} {n} steps" for mode, n in steps.items()
+        )
+    trained = run_grid(cfg, study, grid, first_seed, steps)
     records = finished_records(study, [c.key for c in grid])
     failed = failed_cells(study, [c.key for c in grid], cfg.study.max_retries)
     print(
@@ -82,7 +89,22 @@ def run_study(cfg: Config) -> dict[str, Any]:
         f"trial(s) in {time.perf_counter() - start:.0f} s; {len(records)} of {len(grid)} cells finished"
         + (f", {len(failed)} failed" if failed else "")
     )
-    result = {
+    result = study_result(cfg, grid, records, failed, budget, steps)
+    if records:
+        write_report(result, records, root, cfg.study.keep_models)
+    return result
+
+
+def study_result(
+    cfg: Config,
+    grid: list[Cell],
+    records: list[dict[str, Any]],
+    failed: dict[str, str],
+    budget: str,
+    steps: dict[str, int],
+) -> dict[str, Any]:
+    """``study.json``'s content (without the per-trial records): the study's settings and its summary."""
+    return {
         "task": cfg.model.task,
         "metric": study_metric(cfg),
         "selection_split": selection_split(cfg),
@@ -99,14 +121,12 @@ def run_study(cfg: Config) -> dict[str, Any]:
         },
         "variance_sources": variance_sources(cfg),
         "best_step": cfg.study.best_step,
+        "budget": {"kind": cfg.study.budget, "description": budget, "steps": steps},
         "summary": summarize(records, cfg.study.confidence, cfg.study.rope, cfg.study.target),
     }
-    if records:
-        write_report(result, records, root, cfg.study.keep_models)
-    return result
 
 
-def run_grid(cfg: Config, study, grid: list[Cell], first_seed: int) -> int:
+def run_grid(cfg: Config, study, grid: list[Cell], first_seed: int, steps: dict[str, int]) -> int:
     """This worker's trials of ``grid`` (and, with ``study.extend_grid``, of the cells beyond its edges
     that any worker added, which join ``grid``); returns how many it trained."""
     trained = 0
@@ -115,7 +135,12 @@ def run_grid(cfg: Config, study, grid: list[Cell], first_seed: int) -> int:
             known = {c.key for c in grid}
             grid += [Cell.parse(k) for k in study.user_attrs.get("extended", []) if k not in known]
         trained += run_worker(
-            cfg, study, grid, lambda cell, run_dir, trial: run_cell(cfg, cell, run_dir, first_seed, trial)
+            cfg,
+            study,
+            grid,
+            lambda cell, run_dir, trial: run_cell(
+                cfg, cell, run_dir, first_seed, trial, steps.get(cell.mode)
+            ),
         )
         new = extend_grid(cfg, study, grid) if cfg.study.extend_grid else []
         if not new:
@@ -147,7 +172,17 @@ def variance_sources(cfg: Config) -> dict[str, list[str]]:
     return {"varied": varied, "fixed": fixed}
 
 
-def run_cell(cfg: Config, cell: Cell, run_dir: Path, first_seed: int, trial=None) -> dict[str, Any]:
+def train_run(run_cfg: Config, run_dir: Path) -> dict[str, Any]:
+    """Trains ``run_cfg`` as the study's trials train: through ``study.launch`` when set, else in this
+    process; returns the last metrics per split."""
+    if run_cfg.study.launch:
+        return launch(run_cfg.study.launch, run_cfg, run_dir, run_cfg.study.trial_timeout)[0]
+    return train(run_cfg)
+
+
+def run_cell(
+    cfg: Config, cell: Cell, run_dir: Path, first_seed: int, trial=None, max_steps: int | None = None
+) -> dict[str, Any]:
     """Trains one cell and returns what the report needs: the selection and report metrics, the costs.
 
     A run that stops on NaN losses (a rate too large) is a result, not an error: its metrics are None.
@@ -158,6 +193,8 @@ def run_cell(cfg: Config, cell: Cell, run_dir: Path, first_seed: int, trial=None
     the recommended models, pruned by the report).
     """
     run_cfg = trial_config(cfg, cell, run_dir)
+    if max_steps is not None:  # study.budget=seconds: the steps this mode's calibration fits in the budget
+        run_cfg.train.max_steps = max_steps
     metric, selection = study_metric(cfg), selection_split(cfg)
     print(f"study trial {cell.key} -> {run_dir}", flush=True)
     error, pruned = None, None

@@ -206,12 +206,10 @@ def failed_lines(result: dict[str, Any]) -> list[str]:
     ]
 
 
-def study_markdown(result: dict[str, Any]) -> str:
+def rule_lines(result: dict[str, Any]) -> list[str]:
+    """The rule the decisions follow, the step read, and the budget."""
     s = result["summary"]
-    sources = result.get("variance_sources", {})
-    lines = [
-        f"# Study: which mode for this data? ({result['task']}, {result['metric']})",
-        "",
+    return [
         f"**Rule.** The learning rate of each mode and size, and the mode, are chosen on split "
         f"`{result['selection_split']}` (no image of it is trained on). At each size every mode is compared "
         f"with the one of best mean by a {s['rule']}: the paired difference over seeds, its "
@@ -227,6 +225,20 @@ def study_markdown(result: dict[str, Any]) -> str:
             else ""
         ),
         "",
+        *(
+            [f"**Budget.** {result['budget']['description']}.", ""]
+            if result.get("budget", {}).get("description")
+            else []
+        ),
+    ]
+
+
+def study_markdown(result: dict[str, Any]) -> str:
+    sources = result.get("variance_sources", {})
+    lines = [
+        f"# Study: which mode for this data? ({result['task']}, {result['metric']})",
+        "",
+        *rule_lines(result),
         "**Variance.** Varied between seeds: "
         + (", ".join(sources.get("varied", [])) or "nothing")
         + ". Fixed: "
