@@ -820,3 +820,28 @@ def test_budget_seconds_gives_every_mode_the_same_training_time(tmp_path, pretra
         summary = json.loads((Path(record["run_dir"]) / "summary.json").read_text())
         assert summary["steps"] == steps[record["mode"]]
         assert 2.0 <= summary["time_data_s"] + summary["time_step_s"] <= 8.0, record["cell"]
+
+
+# ------------------------------------------------------------------------------------------------- costs
+def test_the_cheapest_mode_is_the_cheapest_by_the_chosen_cost_and_the_study_totals_every_trial():
+    frozen = [0.800, 0.812, 0.790, 0.805, 0.797]
+    tuned = [0.802, 0.815, 0.791, 0.806, 0.800]  # practically equivalent (the first decision test)
+    records = _seeds("none", 100, frozen, 10) + _seeds("all", 100, tuned, 100)
+    for r in records:  # frozen: fewer parameters, but slower per trial here and slower at inference
+        fast = r["mode"] == "all"
+        r["cost"] = {
+            "trainable": r["cost"]["trainable"],
+            "train_time_s": 2.0 if fast else 5.0,
+            "wall_time_s": 3.0 if fast else 6.0,
+            "peak_memory_mb": 900.0 if fast else 500.0,
+            "inference_ms_per_example": 1.0 if fast else 4.0,
+        }
+    expected = {"time": "all", "memory": "none", "inference": "all", "params": "none"}
+    for cost, cheapest in expected.items():
+        (d,) = summarize(records, 0.95, 0.01, cost=cost)["decisions"]
+        assert d["status"] == "decided" and d["recommended"] == cheapest, cost
+    totals = summarize(records, 0.95, 0.01)["total_by_mode"]
+    assert totals == {
+        "none": {"trials": 5, "wall_time_s": 30.0, "train_time_s": 25.0},
+        "all": {"trials": 5, "wall_time_s": 15.0, "train_time_s": 10.0},
+    }

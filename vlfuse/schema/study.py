@@ -9,6 +9,8 @@ from vlfuse.schema.fields import COMPARE_MODES, ConfigError, at_least, one_of
 
 # What every trial of a study gets (study.budget).
 BUDGETS = ("steps", "epochs", "seconds")
+# What "cheapest" means in the recommendation (study.cost).
+COSTS = ("time", "memory", "inference", "params")
 
 
 @dataclass
@@ -45,6 +47,10 @@ class StudyConfig:
     budget_seconds: float | None = field(default=None, metadata={"min": 0})
     # study.budget=seconds: the steps of each mode's calibration run (its time per step sets its steps).
     calibration_steps: int = at_least(20, 2)
+    # What "cheapest" means when the study recommends the cheapest mode as good as the best: time
+    # (training compute per trial, evaluation and saving excluded), memory (peak), inference (ms per
+    # example) or params (trainable parameters).
+    cost: str = one_of("time", COSTS)
     # Read each trial at its evaluation with the best selection metric (over train.eval_every's
     # evaluations), not at its last step: small sets over-fit. The report split is evaluated at the same
     # evaluations and read at that step.

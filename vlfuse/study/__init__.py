@@ -122,7 +122,8 @@ def study_result(
         "variance_sources": variance_sources(cfg),
         "best_step": cfg.study.best_step,
         "budget": {"kind": cfg.study.budget, "description": budget, "steps": steps},
-        "summary": summarize(records, cfg.study.confidence, cfg.study.rope, cfg.study.target),
+        "cost": cfg.study.cost,
+        "summary": summarize(records, cfg.study.confidence, cfg.study.rope, cfg.study.target, cfg.study.cost),
     }
 
 
@@ -249,8 +250,11 @@ def trial_record(
     cost = {
         "trainable": summary.get("trainable_parameters"),
         "wall_time_s": summary.get("wall_time_s"),
+        # what training computes (data and steps), apart from evaluation and saving
+        "train_time_s": _sum(summary.get("time_data_s"), summary.get("time_step_s")),
         "train_samples_per_s": summary.get("train_samples_per_s"),
         "peak_memory_mb": summary.get("peak_memory_mb"),
+        "inference_ms_per_example": _per_example_ms(metrics.get(report, {})),
         "final_bytes": folder_size(final) if final.is_dir() else None,
     }
     return {
@@ -310,3 +314,14 @@ def best_evaluation(path: Path, metric: str, selection: str, report: str) -> dic
 
 def _finite(value: Any) -> bool:
     return isinstance(value, int | float) and math.isfinite(value)
+
+
+def _sum(*values: Any) -> float | None:
+    return float(sum(values)) if all(isinstance(v, int | float) for v in values) else None
+
+
+def _per_example_ms(metrics: dict[str, Any]) -> float | None:
+    """Milliseconds per example of an evaluation: its time (both towers, the fusion and the head on every
+    example, as inference runs them) over its examples."""
+    seconds, count = metrics.get("time_s"), _example_count(metrics)
+    return 1000.0 * seconds / count if isinstance(seconds, int | float) and count else None

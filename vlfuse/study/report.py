@@ -18,7 +18,7 @@ from vlfuse.study.text import COST_COLUMNS, study_markdown
 def plot_study(result: dict[str, Any], folder: Path) -> list[Path]:
     """``study_curves.png`` (left: the report split's mean against train rows per mode with its confidence
     band; right: the selection split's values over seeds with each mode's fitted learning curve and its
-    band, the extrapolated part shaded) and ``study_cost.png`` (each mode's costs at the largest size)."""
+    band, the extrapolated part shaded) and ``study_cost.png`` (each mode's costs at every size)."""
     from matplotlib.figure import Figure  # slow to import; only the plots need it
 
     rows = result["summary"]["rows"]
@@ -56,18 +56,21 @@ def plot_study(result: dict[str, Any], folder: Path) -> list[Path]:
     curves_png = folder / "study_curves.png"
     fig.savefig(curves_png)
 
-    largest = max(rows, key=lambda r: r["train_rows"])["size"]
-    at_largest = {r["mode"]: r for r in rows if r["size"] == largest}
-    fig = Figure(figsize=(12, 2.8), dpi=120)
+    fig = Figure(figsize=(14, 2.9), dpi=120)
     axes = fig.subplots(1, len(COST_COLUMNS))
     for ax, (key, label) in zip(axes, COST_COLUMNS.items()):
-        values = [
-            at_largest[m]["cost"].get(key, float("nan")) if m in at_largest else float("nan") for m in modes
-        ]
-        ax.bar(modes, [v / 2**20 if key == "final_bytes" else v for v in values])
+        for k, mode in enumerate(modes):
+            mine = sorted((r for r in rows if r["mode"] == mode), key=lambda r: r["train_rows"])
+            values = [r["cost"].get(key, float("nan")) for r in mine]
+            values = [v / 2**20 if key == "final_bytes" else v for v in values]
+            ax.plot([r["train_rows"] for r in mine], values, marker="o", color=f"C{k}", label=mode)
+        ax.set_xscale("log")
         ax.set_title(label, fontsize=9)
         ax.tick_params(labelsize=8)
-    fig.suptitle(f"cost per mode at the largest train size ({largest:g})", fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].legend(title="mode", fontsize=7)
+    fig.supxlabel("train rows", fontsize=9)
+    fig.suptitle("cost per mode at every train size (the chosen rate, mean over seeds)", fontsize=10)
     fig.tight_layout()
     cost = folder / "study_cost.png"
     fig.savefig(cost)

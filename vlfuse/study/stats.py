@@ -28,10 +28,11 @@ Two guards a reviewer would ask for:
 - **One seed is never evidence.** With fewer than two paired seeds there is no posterior: the decision is
   "undecided", never "equivalent".
 
-The recommendation for a size is the cheapest mode (fewest trainable parameters, then least mean wall
-time) that is practically equivalent to the best with probability at least ``study.confidence`` (the best
-counts as equivalent to itself); where a cheaper mode is undecided, the size is "undecided" and the report
-says how many seeds would likely decide (``seeds_to_decide``: the same mean and spread, more seeds).
+The recommendation for a size is the cheapest mode (by ``study.cost``: training time by default, or peak
+memory, inference time per example, trainable parameters) that is practically equivalent to the best
+with probability at least ``study.confidence`` (the best counts as equivalent to itself); where a cheaper
+mode is undecided, the size is "undecided" and the report says how many seeds would likely decide
+(``seeds_to_decide``: the same mean and spread, more seeds).
 """
 
 from __future__ import annotations
@@ -165,7 +166,11 @@ def size_rows(records: list[dict[str, Any]]) -> dict[float, float]:
 
 
 def summarize(
-    records: list[dict[str, Any]], confidence: float, rope: float, target: float | None = None
+    records: list[dict[str, Any]],
+    confidence: float,
+    rope: float,
+    target: float | None = None,
+    cost: str = "time",
 ) -> dict[str, Any]:
     """The study's result from its finished trials: per (mode, size) the chosen rate, both splits' means
     and intervals at that rate, and the costs; per size the comparisons with the best mode and the
@@ -200,16 +205,32 @@ def summarize(
         )
     rows.sort(key=lambda r: (r["train_rows"], r["mode"]))
     sizes = sorted({r["size"] for r in rows}, key=lambda s: rows_of[s])
-    decisions = [_decide_size(rows, size, rope, confidence) for size in sizes]
+    decisions = [_decide_size(rows, size, rope, confidence, cost) for size in sizes]
     return {
         "rows": rows,
         "decisions": decisions,
         "overtakes_frozen": _overtakes(rows, sizes, rope, confidence),
         "curves": fit_curves(rows, target, decisions, rope),
         "rule": DECISION_NAME,
+        "cost": cost,
+        "total_by_mode": _totals(records),
         "rope": rope,
         "probability": confidence,
     }
+
+
+def _totals(records: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per mode, what the whole study spent on it, tuning included (every rate, size and seed): trials,
+    wall time and training time."""
+    totals: dict[str, dict[str, float]] = defaultdict(
+        lambda: {"trials": 0, "wall_time_s": 0.0, "train_time_s": 0.0}
+    )
+    for r in records:
+        t = totals[r["mode"]]
+        t["trials"] += 1
+        t["wall_time_s"] += r.get("cost", {}).get("wall_time_s") or 0.0
+        t["train_time_s"] += r.get("cost", {}).get("train_time_s") or 0.0
+    return dict(totals)
 
 
 def _mean_cost(records: list[dict[str, Any]]) -> dict[str, float]:
@@ -225,11 +246,32 @@ def _paired(a: dict[str, Any], b: dict[str, Any], split: str) -> list[float]:
     return [va[s] - vb[s] for s in common]
 
 
-def _cost_order(row: dict[str, Any]) -> tuple[float, float]:
-    return row["cost"].get("trainable", math.inf), row["cost"].get("wall_time_s", 0.0)
+# study.cost -> the cost field it orders by (then training time, then trainable parameters)
+COST_KEYS = {
+    "time": "train_time_s",
+    "memory": "peak_memory_mb",
+    "inference": "inference_ms_per_example",
+    "params": "trainable",
+}
 
 
-def _decide_size(rows: list[dict[str, Any]], size: float, rope: float, probability: float) -> dict[str, Any]:
+def cost_order(cost: str):
+    """A sort key for rows, cheapest first, by ``study.cost`` (a missing figure sorts last)."""
+
+    def key(row: dict[str, Any]) -> tuple[float, float, float]:
+        c = row["cost"]
+        return (
+            c.get(COST_KEYS[cost], math.inf),
+            c.get("train_time_s", c.get("wall_time_s", math.inf)),
+            c.get("trainable", math.inf),
+        )
+
+    return key
+
+
+def _decide_size(
+    rows: list[dict[str, Any]], size: float, rope: float, probability: float, cost: str
+) -> dict[str, Any]:
     """One size's decision on the selection split: each mode against the best, then the recommendation."""
     here = [r for r in rows if r["size"] == size and math.isfinite(r["selection"]["mean"])]
     result: dict[str, Any] = {
@@ -241,7 +283,7 @@ def _decide_size(rows: list[dict[str, Any]], size: float, rope: float, probabili
     best = max(here, key=lambda r: r["selection"]["mean"])
     resolution = max(r["resolution"] for r in here)
     modes = {}
-    for r in sorted(here, key=_cost_order):
+    for r in sorted(here, key=cost_order(cost)):
         if r is best:
             modes[r["mode"]] = {"decision": "best", "lr": r["lr"]}
             continue
@@ -256,7 +298,7 @@ def _decide_size(rows: list[dict[str, Any]], size: float, rope: float, probabili
             "seeds_to_decide": seeds_to_decide(post, rope, probability) if decision == "undecided" else None,
         }
     recommended, undecided = None, []
-    for r in sorted(here, key=_cost_order):
+    for r in sorted(here, key=cost_order(cost)):
         decision = modes[r["mode"]]["decision"]
         if decision in ("best", "equivalent", "better"):
             recommended = r

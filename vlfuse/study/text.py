@@ -9,11 +9,19 @@ import math
 from typing import Any
 
 COST_COLUMNS = {
-    "trainable": "trainable params",
-    "wall_time_s": "wall time (s)",
-    "train_samples_per_s": "train samples/s",
+    "train_time_s": "train time (s)",
     "peak_memory_mb": "peak memory (MiB)",
+    "inference_ms_per_example": "inference (ms/example)",
+    "trainable": "trainable params",
+    "train_samples_per_s": "train samples/s",
     "final_bytes": "saved model (MiB)",
+}
+# study.cost, as the rule names it
+COST_NAMES = {
+    "time": "training time per trial, evaluation and saving excluded",
+    "memory": "peak memory",
+    "inference": "inference time per example",
+    "params": "trainable parameters",
 }
 
 
@@ -36,6 +44,8 @@ def _cost(key: str, value: float | None) -> str:
         return f"{value:,.0f}"
     if key == "final_bytes":
         return f"{value / 2**20:.1f}"
+    if key == "inference_ms_per_example":
+        return f"{value:.2f}"
     return f"{value:.1f}"
 
 
@@ -206,6 +216,16 @@ def failed_lines(result: dict[str, Any]) -> list[str]:
     ]
 
 
+def total_lines(result: dict[str, Any]) -> list[str]:
+    """Per mode, the whole study's time on it, every rate, size and seed included (tuning is a cost)."""
+    totals = result["summary"].get("total_by_mode", {})
+    return [
+        f"- {mode}: {t['trials']:.0f} trials, {t['wall_time_s'] / 60:.1f} min wall time "
+        f"({t['train_time_s'] / 60:.1f} min of training compute)"
+        for mode, t in totals.items()
+    ] or ["- nothing finished"]
+
+
 def rule_lines(result: dict[str, Any]) -> list[str]:
     """The rule the decisions follow, the step read, and the budget."""
     s = result["summary"]
@@ -215,7 +235,7 @@ def rule_lines(result: dict[str, Any]) -> list[str]:
         f"with the one of best mean by a {s['rule']}: the paired difference over seeds, its "
         f"{result['confidence']:.0%} interval, and the probabilities that the mode is worse, practically "
         f"equivalent (within ±{s['rope']:g}, `study.rope`) or better. Recommended: the cheapest mode "
-        f"(trainable parameters, then wall time) practically equivalent to the best with probability >= "
+        f"({COST_NAMES[s['cost']]}) practically equivalent to the best with probability >= "
         f"{s['probability']:g}; one seed is never evidence of equivalence. Split `{result['report_split']}` "
         "is reported for every mode and decides nothing."
         + (
@@ -262,6 +282,10 @@ def study_markdown(result: dict[str, Any]) -> str:
         "## Decisions",
         "",
         *decision_lines(result),
+        "",
+        "## What the study cost",
+        "",
+        *total_lines(result),
         "",
         "## Where tuning overtakes frozen towers",
         "",
