@@ -845,3 +845,64 @@ def test_the_cheapest_mode_is_the_cheapest_by_the_chosen_cost_and_the_study_tota
         "none": {"trials": 5, "wall_time_s": 30.0, "train_time_s": 25.0},
         "all": {"trials": 5, "wall_time_s": 15.0, "train_time_s": 10.0},
     }
+
+
+# ---------------------------------------------------------------------------------------------- encoders
+def test_a_study_over_encoder_pairs_compares_pair_and_mode_draws_pareto_and_grows_by_a_pair(
+    tmp_path, monkeypatch
+):
+    import vlfuse.study
+    from vlfuse.study import StudyError
+
+    towers = []
+
+    def fake_train(cfg, on_eval=None):
+        image = cfg.model.image_encoder.name
+        towers.append((image, cfg.model.image_encoder.kwargs, cfg.model.trainable_encoders))
+        out = Path(cfg.train.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        rows, tuned = int(cfg.data.train_subset), cfg.model.trainable_encoders == "all"
+        # the efficientnet pair is better and slower; end-to-end gains beyond 16 rows
+        gain = (rows - 16) / 200 if tuned else 0.0
+        value = (0.6 if "efficientnet" in image else 0.4) + gain + 0.001 * cfg.train.seed
+        seconds = (2.0 if "efficientnet" in image else 1.0) * (3 if tuned else 1)
+        summary = {"trainable_parameters": 1, "train_rows": rows, "time_data_s": 0.0, "time_step_s": seconds}
+        (out / "summary.json").write_text(json.dumps(summary))
+        return {"holdout": {"acc@0.5": value, "count": 1000}, "validation": {"acc@0.5": value}}
+
+    monkeypatch.setattr(vlfuse.study, "train", fake_train)
+    pairs = (
+        "{res: {image_encoder: {name: test_resnet, kwargs: {output_stride: 8}}}, "
+        "eff: {image_encoder: {name: test_efficientnet}}}"
+    )
+    base = [
+        *STUDY,
+        "study.lr_grid={none: [0.001], all: [0.001]}",
+        "model.image_encoder.kwargs={output_stride: 16}",
+        f"train.output_dir={tmp_path}",
+    ]
+    result = run_study(tiny_config(*base, f"study.encoders={pairs}"))
+    assert len(towers) == 2 * 2 * 2 * 2  # pairs x modes x sizes x seeds
+    assert ("test_resnet", {"output_stride": 8}, "none") in towers  # the pair's own settings
+    assert ("test_efficientnet", {}, "all") in towers  # another tower: the config's kwargs dropped
+    modes = {r["mode"] for r in result["summary"]["rows"]}
+    assert modes == {"res/none", "res/all", "eff/none", "eff/all"}
+    small, large = result["summary"]["decisions"]
+    assert small["recommended"] == "eff/none" and large["recommended"] == "eff/all"
+    small_front, large_front = result["summary"]["pareto"]
+    # at 16 rows: res/none is cheapest (1 s), eff/none better at 2 s; eff/all only ties it at 6 s: off.
+    # at 40 rows eff/all is better still (0.72 at 6 s); res/all (0.52 at 3 s) is beaten by eff/none.
+    assert small_front["train_time_s"] == ["res/none", "eff/none"]
+    assert large_front["train_time_s"] == ["res/none", "eff/none", "eff/all"]
+    assert (tmp_path / "study_pareto.png").is_file()
+    text = (tmp_path / "study.md").read_text()
+    assert "`res`: image_encoder.name=test_resnet, image_encoder.kwargs.output_stride=8" in text
+    assert "- 40 rows: train time: res/none, eff/none, eff/all;" in text
+    assert result["summary"]["overtakes_frozen"]["eff/all"]["size"] == 40.0  # against eff/none only
+    # a third pair added to the finished study runs only its cells; a changed pair is refused
+    grown = pairs[:-1] + ", res16: {image_encoder: {name: test_resnet}}}"
+    again = run_study(tiny_config(*base, f"study.encoders={grown}"))
+    assert len(towers) == 16 + 8 and again["trials"] == 24
+    changed = pairs.replace("output_stride: 8", "output_stride: 4")
+    with pytest.raises(StudyError, match="ran the encoders pair 'res' with other settings"):
+        run_study(tiny_config(*base, f"study.encoders={changed}"))

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from vlfuse.schema.fields import COMPARE_MODES, ConfigError, at_least, one_of
 
@@ -30,6 +32,11 @@ class StudyConfig:
     # Train set sizes: row counts, or fractions (at most 1) of the train split's rows left after the
     # validation rows. Nested: a smaller set is part of every larger one (data.subset_seed orders the rows).
     train_sizes: list[float] = field(default_factory=lambda: [0.1, 0.3, 1.0])
+    # Candidate towers, an axis of the grid like modes: named pairs, each {image_encoder: {...},
+    # text_encoder: {...}} overriding model.image_encoder / model.text_encoder (either may be left out),
+    # e.g. {mnv2: {image_encoder: {name: mobilenetv2_100}}, lite0: {image_encoder: {name:
+    # efficientnet_lite0}}}. The report compares (pair, mode) as <pair>/<mode>. Empty: the config's towers.
+    encoders: dict[str, Any] = field(default_factory=dict)
     # One run per seed (train.seed) for every mode, size and learning rate.
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     # Learning rates to try, per mode: the head's (train.lr) for none, the encoders' (train.encoder_lr) for
@@ -134,6 +141,11 @@ def validate_study(cfg: StudyConfig) -> None:
     for mode, rates in cfg.lr_grid.items():
         if not rates or any(not isinstance(r, int | float) or r <= 0 for r in rates):
             raise ConfigError(f"invalid value {rates!r} for 'study.lr_grid.{mode}'; needs rates > 0")
+    bad = [name for name in cfg.encoders if not re.match(r"^[A-Za-z0-9_.-]+$", str(name))]
+    if bad:
+        raise ConfigError(
+            f"invalid name {bad[0]!r} in 'study.encoders': pair names are letters, digits, '_', '.', '-'"
+        )
     if cfg.budget == "seconds" and not cfg.budget_seconds:
         raise ConfigError(
             "study.budget=seconds needs study.budget_seconds (the training seconds of every trial)"

@@ -259,7 +259,8 @@ def trial_record(
     }
     return {
         "cell": cell.key,
-        "mode": cell.mode,
+        "mode": cell.label,
+        "encoders": cell.encoders,
         "size": cell.size,
         "seed": cell.seed,
         "lr": cell.lr,

@@ -75,12 +75,12 @@ def seconds_budget(
     """``study.budget=seconds``: each mode's steps, from its calibration (run now for a mode the study
     has not calibrated yet, with ``train_cell(run_cfg, run_dir)``, and recorded in the study)."""
     recorded: dict[str, Any] = dict(study.user_attrs.get("calibration", {}))
-    for mode in dict.fromkeys(c.mode for c in grid):
+    for mode in dict.fromkeys(c.label for c in grid):  # each pair of towers and mode: its own speed
         if mode in recorded:
             continue
         folder = Path(cfg.train.output_dir) / "calibration" / mode
         shutil.rmtree(folder, ignore_errors=True)
-        first = next(c for c in grid if c.mode == mode)  # a step costs the same at any size
+        first = next(c for c in grid if c.label == mode)  # a step costs the same at any size
         run_cfg = trial_config(cfg, first, folder)
         run_cfg.train.max_steps = cfg.study.calibration_steps
         train_cell(run_cfg, folder)

@@ -81,6 +81,7 @@ NOT_IDENTITY = (
     "study.train_sizes",
     "study.seeds",
     "study.lr_grid",
+    "study.encoders",  # an axis: each pair's own settings are checked by name (open_study)
     "study.storage",
     "study.name",
     "study.launch",
@@ -151,6 +152,16 @@ def open_study(cfg: Config, grid: list[Cell]) -> optuna.Study:
             "axes (study.modes, train_sizes, seeds, lr_grid) may change; use another study.name or "
             "train.output_dir for this config"
         )
+    pairs = dict(study.user_attrs.get("encoders", {}))
+    changed = [n for n, pair in cfg.study.encoders.items() if n in pairs and pairs[n] != pair]
+    if changed:
+        raise StudyError(
+            f"the study {study.study_name!r} in {shown_url(url)} ran the encoders pair {changed[0]!r} with "
+            f"other settings ({pairs[changed[0]]!r}; now {cfg.study.encoders[changed[0]]!r}): give the new "
+            "towers a new name"
+        )
+    if set(cfg.study.encoders) - set(pairs):
+        study.set_user_attr("encoders", {**pairs, **cfg.study.encoders})
     keys = [c.key for c in grid]
     asked = study.user_attrs.get("cells", [])
     if set(keys) - set(asked):

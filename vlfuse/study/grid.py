@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from vlfuse.compare import mode_config
+from vlfuse.config import merge_config
 from vlfuse.data.subsets import HOLDOUT
 from vlfuse.schema import COMPARE_MODES, Config, ConfigError
+from vlfuse.study.labels import mode_of
 from vlfuse.study.stats import choose_rates
 from vlfuse.tasks import get_task
 from vlfuse.training.data import eval_splits
@@ -20,37 +25,53 @@ DEFAULT_LR_FACTORS = {"none": (0.3, 1.0, 3.0), "lora": (3.0, 10.0, 30.0)}
 OTHER_LR_FACTORS = (0.3, 1.0, 3.0)
 
 
+ENCODERS_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")  # a study.encoders pair's name: part of keys and folders
+
+
 @dataclass(frozen=True)
 class Cell:
-    """One trial of the study: a mode, a train size (as configured), a seed and a learning rate."""
+    """One trial of the study: a mode, a train size (as configured), a seed and a learning rate, and with
+    ``study.encoders`` the name of its pair of towers."""
 
     mode: str
     size: float
     seed: int
     lr: float
+    encoders: str = ""
+
+    @property
+    def label(self) -> str:
+        """What the report compares: the mode, or ``<encoders>/<mode>``."""
+        return f"{self.encoders}/{self.mode}" if self.encoders else self.mode
 
     @property
     def key(self) -> str:
-        """The cell as Optuna's grid value (a string: the grid holds plain values)."""
-        return f"{self.mode}|{self.size:g}|{self.seed}|{self.lr:.6g}"
+        """The cell as a string (``[encoders/]mode|size|seed|lr``), the trial's ``cell`` attribute."""
+        return f"{self.label}|{self.size:g}|{self.seed}|{self.lr:.6g}"
 
     @classmethod
     def parse(cls, key: str) -> Cell:
-        """The cell of a key (``mode|size|seed|lr``).
+        """The cell of a key (``[encoders/]mode|size|seed|lr``).
 
         Raises:
-            ValueError: not a key of a known mode with finite numbers (a key read from a shared storage
-                is checked before it names a folder).
+            ValueError: not a key of a known mode with finite numbers and a plain pair name (a key read
+                from a shared storage is checked before it names a folder).
         """
-        mode, size, seed, lr = str(key).split("|")
-        cell = cls(mode, float(size), int(seed), float(lr))
-        if mode not in COMPARE_MODES or not (math.isfinite(cell.size) and math.isfinite(cell.lr)):
+        label, size, seed, lr = str(key).split("|")
+        encoders, _, mode = label.rpartition("/")
+        cell = cls(mode, float(size), int(seed), float(lr), encoders)
+        plain = not encoders or ENCODERS_NAME.match(encoders)
+        if (
+            mode not in COMPARE_MODES
+            or not plain
+            or not (math.isfinite(cell.size) and math.isfinite(cell.lr))
+        ):
             raise ValueError(f"not a study cell: {key!r}")
         return cell
 
     @property
     def folder(self) -> str:
-        return f"{self.mode}/size_{self.size:g}/lr_{self.lr:.6g}/seed_{self.seed}"
+        return f"{self.label}/size_{self.size:g}/lr_{self.lr:.6g}/seed_{self.seed}"
 
 
 def cell_of(trial: Any) -> str | None:
@@ -92,10 +113,11 @@ def lr_grid(cfg: Config) -> dict[str, list[float]]:
 
 
 def cells(cfg: Config) -> list[Cell]:
-    """Every cell of the study, in a fixed order (mode, size, rate, seed)."""
+    """Every cell of the study, in a fixed order (encoders, mode, size, rate, seed)."""
     grid = lr_grid(cfg)
     return [
-        Cell(mode, float(size), int(seed), lr)
+        Cell(mode, float(size), int(seed), lr, encoders)
+        for encoders in (list(cfg.study.encoders) or [""])
         for mode in cfg.study.modes
         for size in cfg.study.train_sizes
         for lr in grid[mode]
@@ -131,6 +153,8 @@ def trial_config(cfg: Config, cell: Cell, run_dir: Path) -> Config:
     """The run config of ``cell``: the mode's settings, the nested train subset, the seed and the rate; it
     evaluates the selection split and the report split only, at the end."""
     run = mode_config(cfg, cell.mode)  # a copy
+    if cell.encoders:
+        run = with_encoders(run, cell.encoders, cfg.study.encoders[cell.encoders])
     run.train.output_dir = str(run_dir)
     run.study.storage = None  # a run needs no storage (and its saved config must hold no password)
     run.train.seed = cell.seed
@@ -162,8 +186,9 @@ def extension_cells(cfg: Config, records: list[dict[str, Any]]) -> list[Cell]:
     configured = lr_grid(cfg)
     finished = {(r["mode"], r["size"], r["seed"], r["lr"]) for r in records}
     new = []
-    for (mode, size), choice in choose_rates(records).items():
-        mine = [(mode, float(size), seed, lr) for lr in configured.get(mode, []) for seed in cfg.study.seeds]
+    for (label, size), choice in choose_rates(records).items():
+        mode, encoders = mode_of(label), label.rpartition("/")[0]
+        mine = [(label, float(size), seed, lr) for lr in configured.get(mode, []) for seed in cfg.study.seeds]
         if choice["edge"] is None or not all(c in finished for c in mine):
             continue
         high = choice["edge"] == "highest"
@@ -175,5 +200,38 @@ def extension_cells(cfg: Config, records: list[dict[str, Any]]) -> list[Cell]:
         if len(beyond) >= cfg.study.extend_limit:
             continue
         rate = float(f"{choice['lr'] * (3 if high else 1 / 3):.3g}")
-        new += [Cell(mode, float(size), seed, rate) for seed in cfg.study.seeds]
+        new += [Cell(mode, float(size), seed, rate, encoders) for seed in cfg.study.seeds]
     return new
+
+
+def with_encoders(run: Config, name: str, pair: dict[str, Any]) -> Config:
+    """``run`` with the towers of the ``study.encoders`` pair ``name`` (its ``image_encoder`` and
+    ``text_encoder`` sections merged over the config's, as a config file's would be: a tower named anew
+    drops the other tower's ``kwargs``/``config_overrides``).
+
+    Raises:
+        ConfigError: a pair that is not sections of those two towers, or a key or value they refuse,
+            naming ``study.encoders.<name>``.
+    """
+    towers = {"image_encoder", "text_encoder"}
+    if (
+        not isinstance(pair, dict)
+        or not pair
+        or set(pair) - towers
+        or not all(isinstance(v, dict) for v in pair.values())
+    ):
+        raise ConfigError(
+            f"study.encoders.{name} must map image_encoder and/or text_encoder to their settings, e.g. "
+            "{image_encoder: {name: mobilenetv2_100, checkpoint: m.safetensors}}; got "
+            f"{sorted(pair) if isinstance(pair, dict) else pair!r}"
+        )
+    overrides = [
+        f"model.{tower}.{key}="
+        + yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
+        for tower, section in pair.items()
+        for key, value in (section or {}).items()
+    ]
+    try:
+        return merge_config(overrides=overrides, base=run)
+    except ConfigError as err:
+        raise ConfigError(f"study.encoders.{name}: {err}") from None

@@ -66,7 +66,8 @@ def clean_record(raw: Any, keys: list[str] | None = None) -> dict[str, Any]:
         raise ValueError(f"cell {cell.key!r} is not in this study's grid")
     record: dict[str, Any] = {
         "cell": cell.key,
-        "mode": cell.mode,
+        "mode": cell.label,  # what the report compares: <encoders>/<mode> with study.encoders
+        "encoders": cell.encoders,
         "size": cell.size,
         "seed": cell.seed,
         "lr": cell.lr,

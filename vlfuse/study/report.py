@@ -12,6 +12,7 @@ from typing import Any
 from vlfuse.compare import rewrite_card
 from vlfuse.hub import CONFIG_NAME
 from vlfuse.study.grid import Cell, cell_dir
+from vlfuse.study.pareto import plot_pareto
 from vlfuse.study.text import COST_COLUMNS, study_markdown
 
 
@@ -129,3 +130,4 @@ def write_report(result: dict[str, Any], records: list[dict[str, Any]], folder: 
     (folder / "study.json").write_text(json.dumps({**result, "records": shown}, indent=2))
     (folder / "study.md").write_text(study_markdown(result))
     plot_study(result, folder)
+    plot_pareto(result, folder)

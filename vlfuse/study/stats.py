@@ -45,6 +45,8 @@ import numpy as np
 from scipy import stats
 
 from vlfuse.study.curves import fit_curves
+from vlfuse.study.labels import frozen_label, mode_of
+from vlfuse.study.pareto import pareto_fronts
 
 DECISION_NAME = (
     "Bayesian paired t-test over seeds with a region of practical equivalence (Benavoli et al. 2017)"
@@ -214,6 +216,7 @@ def summarize(
         "rule": DECISION_NAME,
         "cost": cost,
         "total_by_mode": _totals(records),
+        "pareto": pareto_fronts(rows, sizes),
         "rope": rope,
         "probability": confidence,
     }
@@ -342,22 +345,23 @@ def _overtakes(
     """Per mode that tunes an encoder: the smallest size from which on it is better than the frozen mode
     (``none``) by more than the margin with probability ``probability``, at that size and at every larger
     one run (on the selection split). ``upper_bound``: that size is the smallest run, so it may overtake
-    earlier. Empty when no frozen mode was run."""
-    frozen = {r["size"]: r for r in rows if r["mode"] == "none"}
-    if not frozen:
-        return {}
+    earlier. With ``study.encoders``, each pair against its own frozen mode. Empty when no frozen mode
+    was run."""
+    frozen = {(r["mode"], r["size"]): r for r in rows if mode_of(r["mode"]) == "none"}
     result = {}
-    for mode in sorted({r["mode"] for r in rows} - {"none"}):
+    for mode in sorted({r["mode"] for r in rows if mode_of(r["mode"]) != "none"}):
+        base = frozen_label(mode)  # the frozen mode of the same towers
+        if not any(key[0] == base for key in frozen):
+            continue
         better = []
         for size in sizes:
             row = next((r for r in rows if r["mode"] == mode and r["size"] == size), None)
-            if row is None or size not in frozen:
+            if row is None or (base, size) not in frozen:
                 better.append(False)
                 continue
-            resolution = max(row["resolution"], frozen[size]["resolution"])
-            post = difference_posterior(
-                _paired(row, frozen[size], "selection"), rope, probability, resolution
-            )
+            against = frozen[(base, size)]
+            resolution = max(row["resolution"], against["resolution"])
+            post = difference_posterior(_paired(row, against, "selection"), rope, probability, resolution)
             better.append(decide(post, probability) == "better")
         since = next((i for i in range(len(sizes)) if all(better[i:])), None)
         result[mode] = {

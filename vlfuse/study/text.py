@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from vlfuse.study.labels import frozen_label
+
 COST_COLUMNS = {
     "train_time_s": "train time (s)",
     "peak_memory_mb": "peak memory (MiB)",
@@ -142,20 +144,21 @@ def decision_lines(result: dict[str, Any]) -> list[str]:
 def overtake_lines(result: dict[str, Any]) -> list[str]:
     lines = []
     for mode, info in result["summary"]["overtakes_frozen"].items():
+        frozen = frozen_label(mode)
         if info["size"] is None:
             at = ", ".join(f"{s:g}" for s in info["better_at"])
             lines.append(
-                f"- {mode} is not better than none (frozen) by more than the margin from any size on"
+                f"- {mode} is not better than {frozen} (frozen) by more than the margin from any size on"
                 + (f" (better at size {at} only)" if at else "")
             )
         elif info["upper_bound"]:
             lines.append(
-                f"- {mode} is better than none (frozen) at every size run, from the smallest "
+                f"- {mode} is better than {frozen} (frozen) at every size run, from the smallest "
                 f"({rows_label(info['train_rows'])}): it may overtake at fewer rows (not run)"
             )
         else:
             lines.append(
-                f"- {mode} is better than none (frozen) from {rows_label(info['train_rows'])} on "
+                f"- {mode} is better than {frozen} (frozen) from {rows_label(info['train_rows'])} on "
                 "(at that size and every larger one)"
             )
     return lines
@@ -226,6 +229,40 @@ def total_lines(result: dict[str, Any]) -> list[str]:
     ] or ["- nothing finished"]
 
 
+def pareto_lines(result: dict[str, Any]) -> list[str]:
+    """Per size, the modes (pairs and modes) no other beats on both the selection mean and a cost."""
+    names = {
+        "train_time_s": "train time",
+        "inference_ms_per_example": "inference time",
+        "peak_memory_mb": "memory",
+    }
+    lines = []
+    for front in result["summary"].get("pareto", []):
+        parts = [f"{names[k]}: {', '.join(front[k]) or '-'}" for k in names]
+        lines.append(f"- {rows_label(front['train_rows'], front['size'])}: " + "; ".join(parts))
+    return lines
+
+
+def _flat(tree: Any, prefix: str = "") -> list[str]:
+    if not isinstance(tree, dict):
+        return [f"{prefix}={tree}"]
+    return [item for k, v in tree.items() for item in _flat(v, f"{prefix}.{k}" if prefix else str(k))]
+
+
+def tower_lines(result: dict[str, Any]) -> list[str]:
+    """With ``study.encoders``: each pair's settings (what it overrides in ``model``)."""
+    pairs = result.get("config", {}).get("study", {}).get("encoders") or {}
+    if not pairs:
+        return []
+    named = [f"`{name}`: {', '.join(_flat(pair)) or 'the config as it is'}" for name, pair in pairs.items()]
+    return [
+        "**Towers.** Each label is `<encoders>/<mode>`; the encoder pairs (each overrides `model`): "
+        + "; ".join(named)
+        + ". Every pair is compared with every other and each mode by the same rule.",
+        "",
+    ]
+
+
 def rule_lines(result: dict[str, Any]) -> list[str]:
     """The rule the decisions follow, the step read, and the budget."""
     s = result["summary"]
@@ -245,6 +282,7 @@ def rule_lines(result: dict[str, Any]) -> list[str]:
             else ""
         ),
         "",
+        *tower_lines(result),
         *(
             [f"**Budget.** {result['budget']['description']}.", ""]
             if result.get("budget", {}).get("description")
@@ -282,6 +320,10 @@ def study_markdown(result: dict[str, Any]) -> str:
         "## Decisions",
         "",
         *decision_lines(result),
+        "",
+        "## Pareto fronts (metric on the selection split against each cost; `study_pareto.png`)",
+        "",
+        *pareto_lines(result),
         "",
         "## What the study cost",
         "",
