@@ -18,6 +18,7 @@ import pytest
 from conftest import tiny_config
 from test_recipes import ROOT, SMALL_DATA
 
+from vlfuse.schema import ConfigError
 from vlfuse.study import run_study
 from vlfuse.study.grid import Cell, cells, lr_grid
 from vlfuse.study.stats import choose_rates, difference_posterior, mean_ci, summarize
@@ -793,6 +794,74 @@ def test_budget_steps_converts_an_epoch_config_to_the_same_steps_at_every_size(t
     assert "train.epochs=2 becomes train.max_steps=12 for every trial" in capsys.readouterr().out
     assert result["budget"]["description"] == "12 steps of batch 8 for every mode and size"
     assert "**Budget.** 12 steps of batch 8 for every mode and size." in (tmp_path / "study.md").read_text()
+
+
+def test_budget_samples_gives_every_trial_the_same_examples(tmp_path, monkeypatch):
+    import vlfuse.study
+
+    steps = []
+
+    def fake_train(cfg, on_eval=None):
+        steps.append(cfg.train.max_steps)
+        return _fake_train([])(cfg, on_eval)
+
+    monkeypatch.setattr(vlfuse.study, "train", fake_train)
+    cfg = tiny_config(
+        *STUDY,
+        "study.budget=samples",
+        "study.budget_samples=20",
+        "study.lr_grid={none: [0.001], all: [0.001]}",
+        f"train.output_dir={tmp_path}",
+    )
+    result = run_study(cfg)
+    assert steps == [3] * 8  # 20 examples at batch 8: ceil(2.5) steps, every mode and size
+    assert result["budget"]["description"] == "20 training samples for every trial (3 steps of batch 8)"
+    with pytest.raises(ConfigError, match="study.budget=samples needs study.budget_samples"):
+        tiny_config(*STUDY, "study.budget=samples")
+
+
+def test_budget_flops_gives_every_mode_the_steps_its_flops_allow(tmp_path, monkeypatch, capsys):
+    import torch
+
+    import vlfuse.study
+    from vlfuse.model import VLFuseModel
+    from vlfuse.tasks import get_task
+    from vlfuse.training.speed import count_flops
+
+    steps = {}
+
+    def fake_train(cfg, on_eval=None):
+        steps.setdefault(cfg.model.trainable_encoders, set()).add(cfg.train.max_steps)
+        return _fake_train([])(cfg, on_eval)
+
+    monkeypatch.setattr(vlfuse.study, "train", fake_train)
+    budget = 2e10
+    cfg = tiny_config(
+        *STUDY,
+        "study.budget=flops",
+        f"study.budget_flops={budget}",
+        "study.lr_grid={none: [0.001], all: [0.001]}",
+        f"train.output_dir={tmp_path}",
+    )
+    result = run_study(cfg)
+    # the towers' forward on one batch of 8, counted here on the towers alone
+    model = VLFuseModel(cfg.model).eval()
+    task = get_task(cfg.model.task)
+    rows = task.build_dataset(cfg, model, cfg.data.train_split, train=True)
+    batch = task.collator(model, train=True)([rows[i] for i in range(8)])
+    with torch.no_grad():
+        towers = count_flops(lambda: model.image_encoder(batch["pixel_values"])) + count_flops(
+            lambda: model.text_encoder(batch["input_ids"], batch["attention_mask"])
+        )
+    per_step = {mode: budget / n for mode, n in result["budget"]["steps"].items()}
+    # frozen: the towers' forward plus the small head's forward and backward (a few % more);
+    # end-to-end adds the towers' backward, about twice their forward (input and weight gradients)
+    assert towers < per_step["none"] < 1.15 * towers
+    assert 1.7 * towers < per_step["all"] - per_step["none"] < 2.2 * towers
+    assert steps == {"none": {result["budget"]["steps"]["none"]}, "all": {result["budget"]["steps"]["all"]}}
+    assert result["budget"]["steps"]["none"] > 2.5 * result["budget"]["steps"]["all"]
+    assert "study.budget=flops: none costs" in capsys.readouterr().out
+    assert "training FLOPs per trial: none " in (tmp_path / "study.md").read_text()
 
 
 @pytest.mark.slow

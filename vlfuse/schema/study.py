@@ -10,7 +10,7 @@ from typing import Any
 from vlfuse.schema.fields import COMPARE_MODES, ConfigError, at_least, one_of
 
 # What every trial of a study gets (study.budget).
-BUDGETS = ("steps", "epochs", "seconds")
+BUDGETS = ("steps", "epochs", "samples", "seconds", "flops")
 # What "cheapest" means in the recommendation (study.cost).
 COSTS = ("time", "memory", "inference", "params")
 
@@ -45,13 +45,19 @@ class StudyConfig:
     lr_grid: dict[str, list[float]] = field(default_factory=dict)
     # What every trial gets: steps (train.max_steps for every mode and size; a config that trains by
     # train.epochs is converted to the steps of that many epochs of the whole train pool, and says so),
-    # epochs (train.epochs of its own subset: larger sizes train longer), or seconds (study.budget_seconds
-    # of training compute each; every mode trains as many steps as fit, measured by one calibration run
-    # per mode, so a faster mode trains more steps).
+    # epochs (train.epochs of its own subset: larger sizes train longer), samples (study.budget_samples
+    # training examples each), seconds (study.budget_seconds of training compute each; every mode trains as
+    # many steps as fit, measured by one calibration run per mode, so a faster mode trains more steps) or
+    # flops (study.budget_flops each: a mode's FLOPs per step counted once, as many steps as fit).
     budget: str = one_of("steps", BUDGETS)
+    # study.budget=samples: the training examples every trial sees (steps = samples / train.batch_size).
+    budget_samples: int | None = field(default=None, metadata={"min": 1})
     # study.budget=seconds: the training compute time (data loading and steps; evaluation and saving
     # excluded) every trial gets.
     budget_seconds: float | None = field(default=None, metadata={"min": 0})
+    # study.budget=flops: the training FLOPs every trial gets (torch.utils.flop_counter: forward of every
+    # tower, backward of what trains; a frozen tower's forward counts even when a feature cache skips it).
+    budget_flops: float | None = field(default=None, metadata={"min": 0})
     # study.budget=seconds: the steps of each mode's calibration run (its time per step sets its steps).
     calibration_steps: int = at_least(20, 2)
     # What "cheapest" means when the study recommends the cheapest mode as good as the best: time
@@ -146,9 +152,10 @@ def validate_study(cfg: StudyConfig) -> None:
         raise ConfigError(
             f"invalid name {bad[0]!r} in 'study.encoders': pair names are letters, digits, '_', '.', '-'"
         )
-    if cfg.budget == "seconds" and not cfg.budget_seconds:
+    needs = {"seconds": "budget_seconds", "samples": "budget_samples", "flops": "budget_flops"}
+    if cfg.budget in needs and not getattr(cfg, needs[cfg.budget]):
         raise ConfigError(
-            "study.budget=seconds needs study.budget_seconds (the training seconds of every trial)"
+            f"study.budget={cfg.budget} needs study.{needs[cfg.budget]} (what every trial gets)"
         )
     if not cfg.confidence < 1:
         raise ConfigError(f"invalid value {cfg.confidence!r} for 'study.confidence'; must be < 1")

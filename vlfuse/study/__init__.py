@@ -21,7 +21,7 @@ from accelerate.state import PartialState
 
 from vlfuse.data.feature_cache import folder_size
 from vlfuse.schema import Config, ConfigError, shown_dict
-from vlfuse.study.budget import seconds_budget, steps_budget
+from vlfuse.study.budget import flops_budget, seconds_budget, steps_budget
 from vlfuse.study.engine import (
     StudyError,
     failed_cells,
@@ -76,11 +76,15 @@ def run_study(cfg: Config) -> dict[str, Any]:
     study = open_study(cfg, grid)
     first_seed = min(cfg.study.seeds)
     start = time.perf_counter()
-    steps = seconds_budget(cfg, study, grid, train_run) if cfg.study.budget == "seconds" else {}
+    steps: dict[str, int] = {}
+    if cfg.study.budget == "seconds":
+        steps = seconds_budget(cfg, study, grid, train_run)
+        budget = f"{cfg.study.budget_seconds:g} s of training compute per trial: "
+    elif cfg.study.budget == "flops":
+        steps = flops_budget(cfg, study, grid)
+        budget = f"{cfg.study.budget_flops:.3g} training FLOPs per trial: "
     if steps:
-        budget = f"{cfg.study.budget_seconds:g} s of training compute per trial: " + ", ".join(
-            f"{mode} {n} steps" for mode, n in steps.items()
-        )
+        budget += ", ".join(f"{mode} {n} steps" for mode, n in steps.items())
     trained = run_grid(cfg, study, grid, first_seed, steps)
     records = finished_records(study, [c.key for c in grid])
     failed = failed_cells(study, [c.key for c in grid], cfg.study.max_retries)
@@ -140,7 +144,7 @@ def run_grid(cfg: Config, study, grid: list[Cell], first_seed: int, steps: dict[
             study,
             grid,
             lambda cell, run_dir, trial: run_cell(
-                cfg, cell, run_dir, first_seed, trial, steps.get(cell.mode)
+                cfg, cell, run_dir, first_seed, trial, steps.get(cell.label)
             ),
         )
         new = extend_grid(cfg, study, grid) if cfg.study.extend_grid else []
@@ -194,7 +198,7 @@ def run_cell(
     the recommended models, pruned by the report).
     """
     run_cfg = trial_config(cfg, cell, run_dir)
-    if max_steps is not None:  # study.budget=seconds: the steps this mode's calibration fits in the budget
+    if max_steps is not None:  # study.budget=seconds or flops: the steps this mode's budget holds
         run_cfg.train.max_steps = max_steps
     metric, selection = study_metric(cfg), selection_split(cfg)
     print(f"study trial {cell.key} -> {run_dir}", flush=True)

@@ -5,6 +5,8 @@
   train split less the held-out rows, at ``train.batch_size``), and the conversion is said: an
   epoch-based config would otherwise train more steps on larger subsets.
 - ``epochs``: ``train.epochs`` of each trial's own subset (larger sizes train longer; said as such).
+- ``samples``: ``study.budget_samples`` training examples for every trial: ``train.max_steps`` becomes
+  ``ceil(samples / train.batch_size)`` (a config's own ``max_steps`` or ``epochs`` is overridden, and said).
 - ``seconds``: ``study.budget_seconds`` of training compute for every trial (data loading and steps;
   evaluation and saving excluded). Each mode's time per step is measured once by a calibration run of
   ``study.calibration_steps`` steps (its first rate and seed at the largest size, run as its trials are:
@@ -12,6 +14,11 @@
   ``budget_seconds / seconds_per_step`` steps, so the learning-rate schedule runs its whole course and a
   faster mode (frozen towers, a feature cache) trains more steps. The calibrations are recorded in the
   study, so every worker trains the same steps.
+- ``flops``: ``study.budget_flops`` training FLOPs for every trial. Each mode's FLOPs per step are counted
+  once on one batch (``vlfuse.training.speed.train_step_flops``: forward of every tower, backward of what
+  trains), and every trial of the mode trains ``budget_flops / flops_per_step`` steps. Unlike seconds it
+  does not depend on the machine; a feature cache's saving is not counted (the frozen towers' forward
+  counts every step, as without the cache), so ``seconds`` is the budget that rewards it.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from vlfuse.data.subsets import row_count
 from vlfuse.schema import Config, ConfigError
 from vlfuse.study.grid import Cell, trial_config
 from vlfuse.tasks.base import load_task_split
+from vlfuse.training.speed import train_step_flops
 
 
 def steps_budget(cfg: Config) -> str:
@@ -48,6 +56,13 @@ def steps_budget(cfg: Config) -> str:
             f"{train.epochs} epoch(s) of each trial's own subset at batch {train.batch_size} (larger sizes "
             "train longer)"
         )
+    if cfg.study.budget == "samples":
+        samples = cfg.study.budget_samples
+        steps = math.ceil(samples / train.batch_size)
+        if train.max_steps not in (None, steps):
+            print(f"study.budget=samples: train.max_steps={train.max_steps} is replaced by {steps}")
+        train.max_steps = steps
+        return f"{samples:,} training samples for every trial ({steps} steps of batch {train.batch_size})"
     if cfg.study.budget != "steps":
         return ""
     if train.max_steps is None:
@@ -96,4 +111,25 @@ def seconds_budget(
         )
         shutil.rmtree(folder, ignore_errors=True)
         study.set_user_attr("calibration", {**study.user_attrs.get("calibration", {}), mode: recorded[mode]})
+    return {mode: int(entry["steps"]) for mode, entry in recorded.items()}
+
+
+def flops_budget(cfg: Config, study: Any, grid: list[Cell]) -> dict[str, int]:
+    """``study.budget=flops``: each mode's steps, from its FLOPs per step (counted now for a mode the
+    study has not counted yet, and recorded in the study)."""
+    recorded: dict[str, Any] = dict(study.user_attrs.get("flops", {}))
+    for mode in dict.fromkeys(c.label for c in grid):
+        if mode in recorded:
+            continue
+        first = next(c for c in grid if c.label == mode)
+        run_cfg = trial_config(cfg, first, Path(cfg.train.output_dir) / "calibration" / mode)
+        per_step = train_step_flops(run_cfg)
+        steps = max(1, int(cfg.study.budget_flops // per_step))
+        recorded[mode] = {"flops_per_step": per_step, "steps": steps}
+        print(
+            f"study.budget=flops: {mode} costs {per_step:.3g} FLOPs per step (batch "
+            f"{cfg.train.batch_size}): {recorded[mode]['steps']} steps per trial for "
+            f"{cfg.study.budget_flops:.3g} FLOPs"
+        )
+        study.set_user_attr("flops", {**study.user_attrs.get("flops", {}), mode: recorded[mode]})
     return {mode: int(entry["steps"]) for mode, entry in recorded.items()}

@@ -81,6 +81,26 @@ def count_flops(fn: Callable[[], Any]) -> int:
     return counter.get_total_flops()
 
 
+def train_step_flops(cfg: Any) -> int:
+    """The FLOPs of one training step of ``cfg`` (its model, task and ``train.batch_size``), counted on
+    the first batch of its train split, loss and backward included: every tower's forward, the backward
+    of what trains (a frozen tower runs under ``no_grad``). A feature cache is not used (its towers'
+    forward counts every step). A split smaller than a batch is counted on its rows, scaled to a batch.
+    """
+    from vlfuse.model import VLFuseModel
+    from vlfuse.tasks import get_task
+
+    torch.manual_seed(cfg.train.seed)
+    task = get_task(cfg.model.task)
+    model = VLFuseModel(cfg.model).train()
+    dataset = task.build_dataset(cfg, model, cfg.data.train_split, train=True)
+    n = min(cfg.train.batch_size, len(dataset))
+    batch = task.collator(model, train=True)([dataset[i] for i in range(n)])
+    batch.pop("bad_rows", None)
+    flops = count_flops(lambda: task.loss(model(**batch), batch)[0].backward())
+    return round(flops * cfg.train.batch_size / n)
+
+
 def peak_matmul_flops(
     device: torch.device, dtype: torch.dtype = torch.float32, size: int = 2048, seconds: float = 1.0
 ) -> float:
