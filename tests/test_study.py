@@ -307,6 +307,51 @@ def _fake_train(calls, fail=(), hang=()):
     return fake_train
 
 
+def test_a_model_is_kept_only_while_it_can_still_be_recommended(tmp_path, monkeypatch):
+    import vlfuse.study
+
+    root = tmp_path / "study"
+    runs, seen = [], []
+
+    def fake_train(cfg, on_eval=None):
+        out = Path(cfg.train.output_dir)
+        # before this trial: every (none, size) whose four cells all ran has dropped its losing rate's
+        # model (0.001: worse than 0.003 at every seed) and kept the winner's
+        for size in (16, 40):
+            group = [f"none/size_{size}/lr_{lr}/seed_{k}" for lr in (0.001, 0.003) for k in (0, 1)]
+            if all(any(r.endswith(g) for r in runs) for g in group):
+                base = root / "trials" / "none" / f"size_{size}"
+                seen.append(
+                    ((base / "lr_0.001/seed_0/final").exists(), (base / "lr_0.003/seed_0/final").exists())
+                )
+        runs.append(str(out))
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.json").write_text(json.dumps({"trainable_parameters": 1, "train_rows": 16}))
+        (out / "final").mkdir()
+        value = 0.4 + 10 * (cfg.train.lr if cfg.model.trainable_encoders == "none" else cfg.train.encoder_lr)
+        value += 0.01 * cfg.train.seed
+        return {"holdout": {"acc@0.5": value, "count": 100}, "validation": {"acc@0.5": value}}
+
+    monkeypatch.setattr(vlfuse.study, "train", fake_train)
+    cfg = tiny_config(
+        *STUDY, "study.lr_grid={none: [0.001, 0.003], all: [0.002]}", f"train.output_dir={root}"
+    )
+    run_study(cfg)
+    assert len(runs) == 12
+    assert seen and set(seen) == {(False, True)}, seen  # dropped while the study still ran
+    # with study.keep_models nothing is deleted, during the study or after it
+    kept = tmp_path / "kept"
+    runs.clear()
+    cfg = tiny_config(
+        *STUDY,
+        "study.lr_grid={none: [0.001, 0.003], all: [0.002]}",
+        f"train.output_dir={kept}",
+        "study.keep_models=true",
+    )
+    run_study(cfg)
+    assert len(list(kept.glob("trials/*/*/*/*/final"))) == 12
+
+
 def test_another_config_is_refused_naming_the_key_and_a_grown_grid_runs_only_its_new_cells(
     tmp_path, monkeypatch
 ):

@@ -40,7 +40,7 @@ from vlfuse.study.grid import (
     trial_config,
 )
 from vlfuse.study.records import finished_records
-from vlfuse.study.report import write_report
+from vlfuse.study.report import drop_lost_rates, write_report
 from vlfuse.study.stats import summarize
 from vlfuse.study.trial import LaunchError, launch
 from vlfuse.training import TrainingError, train
@@ -138,14 +138,12 @@ def run_grid(cfg: Config, study, grid: list[Cell], first_seed: int, steps: dict[
     while True:
         if cfg.study.extend_grid:  # the rates any worker added beyond the grid's edges
             known = {c.key for c in grid}
-            grid += [Cell.parse(k) for k in study.user_attrs.get("extended", []) if k not in known]
+            grid.extend(Cell.parse(k) for k in study.user_attrs.get("extended", []) if k not in known)
         trained += run_worker(
             cfg,
             study,
             grid,
-            lambda cell, run_dir, trial: run_cell(
-                cfg, cell, run_dir, first_seed, trial, steps.get(cell.label)
-            ),
+            lambda cell, run_dir, trial: run_kept(cfg, study, grid, cell, run_dir, first_seed, trial, steps),
         )
         new = extend_grid(cfg, study, grid) if cfg.study.extend_grid else []
         if not new:
@@ -153,6 +151,19 @@ def run_grid(cfg: Config, study, grid: list[Cell], first_seed: int, steps: dict[
         print(
             f"study.extend_grid: {len(new)} cell(s) beyond the rates tried: {', '.join(c.key for c in new)}"
         )
+
+
+def run_kept(
+    cfg: Config, study, grid: list[Cell], cell: Cell, run_dir: Path, first_seed: int, trial, steps: dict
+) -> dict[str, Any]:
+    """``run_cell``; then, unless ``study.keep_models``, deletes the models that can no longer be
+    recommended (``drop_lost_rates``): a study keeps a model only while it may still be chosen."""
+    out = run_cell(cfg, cell, run_dir, first_seed, trial, steps.get(cell.label))
+    if not cfg.study.keep_models:
+        records = [*finished_records(study, [c.key for c in grid]), {**out, "cell": cell.key}]
+        for dropped in drop_lost_rates(records, grid, Path(cfg.train.output_dir)):
+            print(f"study: {dropped.name} can no longer be recommended: its final/ deleted")
+    return out
 
 
 def extend_grid(cfg: Config, study, grid: list[Cell]) -> list[Cell]:

@@ -13,6 +13,7 @@ from vlfuse.compare import rewrite_card
 from vlfuse.hub import CONFIG_NAME
 from vlfuse.study.grid import Cell, cell_dir
 from vlfuse.study.pareto import plot_pareto
+from vlfuse.study.stats import choose_rates
 from vlfuse.study.text import COST_COLUMNS, study_markdown
 
 
@@ -117,6 +118,28 @@ def keep_recommended_models(
             rewrite_card(final, study=result)
             finals.append(final)
     return finals
+
+
+def drop_lost_rates(records: list[dict[str, Any]], grid: list[Cell], root: Path) -> list[Path]:
+    """Deletes the ``final/`` of each run that can no longer be recommended, while the study runs: once
+    every cell of a (mode, size) has finished, the runs at rates other than its chosen one (rates added
+    later by ``study.extend_grid`` can only take the choice from the chosen rate, never give it to
+    another). Returns the run folders whose ``final/`` was deleted (derived from cells, as in the report).
+    """
+    finished = {r["cell"] for r in records}
+    groups: dict[tuple[str, float], list[Cell]] = {}
+    for cell in grid:
+        groups.setdefault((cell.label, cell.size), []).append(cell)
+    complete = {g for g, members in groups.items() if all(c.key in finished for c in members)}
+    chosen = choose_rates([r for r in records if (r["mode"], r["size"]) in complete])
+    dropped = []
+    for group in complete:
+        for cell in groups[group]:
+            run_dir = cell_dir(root, cell)
+            if cell.lr != chosen[group]["lr"] and (run_dir / "final").is_dir():
+                shutil.rmtree(run_dir / "final", ignore_errors=True)
+                dropped.append(run_dir)
+    return dropped
 
 
 def write_report(result: dict[str, Any], records: list[dict[str, Any]], folder: Path, keep_all: bool) -> None:
