@@ -307,6 +307,28 @@ def _fake_train(calls, fail=(), hang=()):
     return fake_train
 
 
+def test_two_folders_of_the_same_name_on_one_storage_are_not_merged(tmp_path, monkeypatch):
+    import vlfuse.study
+    from vlfuse.study import StudyError
+
+    calls = []
+    monkeypatch.setattr(vlfuse.study, "train", _fake_train(calls))
+    shared = f"study.storage=sqlite:///{tmp_path / 'shared.db'}"
+    grid = "study.lr_grid={none: [0.001], all: [0.001]}"
+    run_study(tiny_config(*STUDY, grid, shared, f"train.output_dir={tmp_path / 'a' / 'study'}"))
+    assert len(calls) == 8
+    with pytest.raises(StudyError, match=r"is written to .*a/study, not to .*b/study"):
+        run_study(tiny_config(*STUDY, grid, shared, f"train.output_dir={tmp_path / 'b' / 'study'}"))
+    # named explicitly, a study may be written from another path (a worker's mount point): nothing re-runs
+    for folder in ("a", "b"):
+        run_study(
+            tiny_config(
+                *STUDY, grid, shared, "study.name=shared", f"train.output_dir={tmp_path / folder / 'study'}"
+            )
+        )
+    assert len(calls) == 16
+
+
 def test_a_model_is_kept_only_while_it_can_still_be_recommended(tmp_path, monkeypatch):
     import vlfuse.study
 

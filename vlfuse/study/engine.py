@@ -152,6 +152,7 @@ def open_study(cfg: Config, grid: list[Cell]) -> optuna.Study:
             "axes (study.modes, train_sizes, seeds, lr_grid) may change; use another study.name or "
             "train.output_dir for this config"
         )
+    _check_folder(cfg, study, url)
     pairs = dict(study.user_attrs.get("encoders", {}))
     changed = [n for n, pair in cfg.study.encoders.items() if n in pairs and pairs[n] != pair]
     if changed:
@@ -167,6 +168,27 @@ def open_study(cfg: Config, grid: list[Cell]) -> optuna.Study:
     if set(keys) - set(asked):
         study.set_user_attr("cells", asked + [k for k in keys if k not in asked])
     return study
+
+
+def _check_folder(cfg: Config, study: optuna.Study, url: str) -> None:
+    """A study named by default (its output folder's name) is written to one folder: another folder of
+    the same name on the same storage (``/a/study`` and ``/b/study`` on one PostgreSQL) is refused rather
+    than merged. With ``study.name`` set, workers may write to different folders (mount points differ
+    between machines).
+
+    Raises:
+        StudyError: the default name, and the study was written to another folder.
+    """
+    folder = str(Path(cfg.train.output_dir).resolve())
+    folders = list(study.user_attrs.get("folders", []))
+    if not cfg.study.name and folders and folder not in folders:
+        raise StudyError(
+            f"the study {study.study_name!r} in {shown_url(url)} is written to {folders[0]}, not to "
+            f"{folder}: two output folders of the same name would share one study. Set study.name (the same "
+            "on every worker of one study, a new one for a new study)"
+        )
+    if folder not in folders:
+        study.set_user_attr("folders", folders + [folder])
 
 
 def _storage(cfg: Config, url: str, attempts: int = 5) -> optuna.storages.RDBStorage:
