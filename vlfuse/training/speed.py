@@ -12,6 +12,9 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from vlfuse.model import VLFuseModel
+from vlfuse.tasks import get_task
+
 
 def convolutional(module: nn.Module) -> bool:
     """Whether ``module`` does real convolution work: a convolution wider than 1x1 that is not a patch
@@ -87,9 +90,6 @@ def train_step_flops(cfg: Any) -> int:
     of what trains (a frozen tower runs under ``no_grad``). A feature cache is not used (its towers'
     forward counts every step). A split smaller than a batch is counted on its rows, scaled to a batch.
     """
-    from vlfuse.model import VLFuseModel
-    from vlfuse.tasks import get_task
-
     torch.manual_seed(cfg.train.seed)
     task = get_task(cfg.model.task)
     model = VLFuseModel(cfg.model).train()
