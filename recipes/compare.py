@@ -9,26 +9,17 @@ budget.
 """
 
 import sys
-from pathlib import Path
 
-from vlfuse.compare import run_comparison
-from vlfuse.config import load_cli_config
+from vlfuse.cli import compare
 from vlfuse.training import USER_ERRORS
-
-DEFAULT_CONFIG = Path(__file__).parent / "configs" / "grounding" / "shapes.yaml"
-# The embedded default's budget, split over four runs.
-DEFAULT_OVERRIDES = ["train.output_dir=runs/compare", "train.max_steps=400", "train.eval_every=100"]
 
 
 def main(argv: list[str]) -> None:
-    cfg = load_cli_config(argv, DEFAULT_CONFIG, DEFAULT_OVERRIDES)
-    run_comparison(cfg)
-    print((Path(cfg.train.output_dir) / "comparison.md").read_text())
-    print(f"plot: {Path(cfg.train.output_dir) / 'comparison.png'}")
+    compare(argv)
 
 
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
-    except USER_ERRORS as err:
+    except USER_ERRORS as err:  # a clear message, not a stack trace, for a problem in the config or data
         sys.exit(f"error: {err}")

@@ -8,20 +8,13 @@ Metrics are printed per split and appended to train.output_dir/metrics.jsonl.
 """
 
 import sys
-from pathlib import Path
 
-from accelerate import PartialState
-
-from vlfuse.config import load_cli_config
-from vlfuse.training import USER_ERRORS, evaluate_saved, format_metrics
-
-DEFAULT_CONFIG = Path(__file__).parent / "configs" / "grounding" / "shapes.yaml"
+from vlfuse.cli import evaluate
+from vlfuse.training import USER_ERRORS
 
 
 def main(argv: list[str]) -> None:
-    cfg = load_cli_config(argv, DEFAULT_CONFIG)
-    results = evaluate_saved(cfg)
-    PartialState().print(format_metrics(results))  # once, not once per process
+    evaluate(argv)
 
 
 if __name__ == "__main__":

@@ -7,20 +7,13 @@ With no --config, trains on the embedded offline dataset (recipes/configs/ground
 """
 
 import sys
-from pathlib import Path
 
-from accelerate import PartialState
-
-from vlfuse.config import load_cli_config
-from vlfuse.training import USER_ERRORS, format_metrics, train
-
-DEFAULT_CONFIG = Path(__file__).parent / "configs" / "grounding" / "shapes.yaml"
+from vlfuse.cli import train_task
+from vlfuse.training import USER_ERRORS
 
 
 def main(argv: list[str], on_end=None) -> None:
-    cfg = load_cli_config(argv, DEFAULT_CONFIG, task="grounding")
-    metrics = train(cfg, on_end=on_end)
-    PartialState().print(format_metrics(metrics))  # once, not once per process
+    train_task("grounding", argv, on_end=on_end)
 
 
 if __name__ == "__main__":

@@ -8,25 +8,13 @@ and prints accuracy and ROC-AUC next to chance (0.5).
 """
 
 import sys
-from pathlib import Path
 
-from accelerate import PartialState
-
-from vlfuse.config import load_cli_config
-from vlfuse.training import USER_ERRORS, format_metrics, train
-
-DEFAULT_CONFIG = Path(__file__).parent / "configs" / "itm" / "shapes.yaml"
+from vlfuse.cli import train_task
+from vlfuse.training import USER_ERRORS
 
 
-def main(argv: list[str]) -> None:
-    cfg = load_cli_config(argv, DEFAULT_CONFIG, task="itm")
-    metrics = train(cfg)
-    PartialState().print(format_metrics(metrics))  # once, not once per process
-    for split, m in metrics.items():
-        print(
-            f"{split}: accuracy {m['accuracy']:.4f}, ROC-AUC {m['roc_auc']:.4f} over {m['pairs']:,} pairs "
-            "(half matching, half not); chance 0.5 for both"
-        )
+def main(argv: list[str], on_end=None) -> None:
+    train_task("itm", argv, on_end=on_end)
 
 
 if __name__ == "__main__":

@@ -8,27 +8,13 @@ and prints Recall@1 next to chance.
 """
 
 import sys
-from pathlib import Path
 
-from accelerate import PartialState
-
-from vlfuse.config import load_cli_config
-from vlfuse.training import USER_ERRORS, format_metrics, train
-
-DEFAULT_CONFIG = Path(__file__).parent / "configs" / "retrieval" / "shapes.yaml"
+from vlfuse.cli import train_task
+from vlfuse.training import USER_ERRORS
 
 
 def main(argv: list[str], on_end=None) -> None:
-    cfg = load_cli_config(argv, DEFAULT_CONFIG, task="retrieval")
-    metrics = train(cfg, on_end=on_end)
-    PartialState().print(format_metrics(metrics))  # once, not once per process
-    for split, m in metrics.items():
-        chance = m["chance_r1"]
-        print(
-            f"{split}: text->image R@1 {m['t2i_r@1']:.4f}, image->text R@1 {m['i2t_r@1']:.4f}; chance "
-            f"{chance:.4f} (1/{m['images']} images): {m['t2i_r@1'] / chance:.1f}x and "
-            f"{m['i2t_r@1'] / chance:.1f}x chance"
-        )
+    train_task("retrieval", argv, on_end=on_end)
 
 
 if __name__ == "__main__":

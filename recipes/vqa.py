@@ -8,27 +8,13 @@ and prints the accuracy next to the majority-answer baseline.
 """
 
 import sys
-from pathlib import Path
 
-from accelerate import PartialState
-
-from vlfuse.config import load_cli_config
-from vlfuse.training import USER_ERRORS, format_metrics, train
-
-DEFAULT_CONFIG = Path(__file__).parent / "configs" / "vqa" / "shapes.yaml"
+from vlfuse.cli import train_task
+from vlfuse.training import USER_ERRORS
 
 
 def main(argv: list[str], on_end=None) -> None:
-    cfg = load_cli_config(argv, DEFAULT_CONFIG, task="vqa")
-    metrics = train(cfg, on_end=on_end)
-    PartialState().print(format_metrics(metrics))  # once, not once per process
-    for split, m in metrics.items():
-        baseline = m["majority_baseline"]
-        ratio = m["accuracy"] / baseline if baseline > 0 else float("inf")
-        print(
-            f"{split}: accuracy {m['accuracy']:.4f}; majority-answer baseline {baseline:.4f} "
-            f"(always the most frequent train answer): {ratio:.2f}x"
-        )
+    train_task("vqa", argv, on_end=on_end)
 
 
 if __name__ == "__main__":

@@ -53,3 +53,15 @@ def test_the_site_builds_strictly(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-4000:]
     assert (tmp_path / "site" / "config-reference" / "index.html").is_file()
+
+
+def test_the_readme_stays_a_front_door():
+    """At most 250 lines: the switch, set-up and the commands, the study in a screen, one example per
+    task, loading safely, links; measurements and details live in docs/."""
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 250, f"README.md has {len(readme.splitlines())} lines (at most 250)"
+    for must in ("vlfuse train grounding", "vlfuse study", "accelerate launch -m vlfuse", "pip install"):
+        assert must in readme, must
+    for link in [part.split(")")[0] for part in readme.split("](")[1:]]:
+        if not link.startswith("http"):
+            assert (ROOT / link.split("#")[0]).exists(), f"README links to a missing file: {link}"

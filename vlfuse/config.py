@@ -10,6 +10,7 @@ module loads configs into it: ``load_config``, ``load_cli_config`` (with ``--hel
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -243,6 +244,40 @@ def load_config(
     return cfg
 
 
+# The configs that ship inside the package (recipes/configs links here): `vlfuse configs` lists them.
+SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+def shipped_configs() -> dict[str, Path]:
+    """Every shipped config by name (``grounding/refcoco_frozen``: its path under ``SHIPPED_CONFIGS``
+    without ``.yaml``), sorted."""
+    return {
+        p.relative_to(SHIPPED_CONFIGS).with_suffix("").as_posix(): p
+        for p in sorted(SHIPPED_CONFIGS.rglob("*.yaml"))
+    }
+
+
+def find_config(name: str | Path) -> Path:
+    """``name`` as a config file: a file that exists (a path wins), else a shipped config by name
+    (``grounding/refcoco_frozen``, with or without ``.yaml``).
+
+    Raises:
+        ConfigError: neither a file nor a shipped config (the closest shipped names listed).
+    """
+    path = Path(name)
+    if path.is_file():
+        return path
+    shipped = shipped_configs()
+    key = str(name).removesuffix(".yaml").removeprefix("recipes/configs/")
+    if key in shipped:
+        return shipped[key]
+    close = difflib.get_close_matches(key, list(shipped), n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join(close)}? " if close else ""
+    raise ConfigError(
+        f"no config file {str(name)!r} and no shipped config of that name ({hint}`vlfuse configs` lists them)"
+    )
+
+
 HELP_FLAGS = ("-h", "--help")
 PRINT_CONFIG_FLAG = "--print-config"
 
@@ -276,6 +311,7 @@ def load_cli_config(
     default_config: str | Path,
     default_overrides: Sequence[str] = (),
     task: str | None = None,
+    prog: str | None = None,
 ) -> Config:
     """A recipe's config from ``[--config FILE] [key=value ...]``: with no ``--config``, ``default_config``
     plus ``default_overrides``; the command line's overrides always apply last.
@@ -289,14 +325,14 @@ def load_cli_config(
     """
     args = list(argv)
     if any(a in HELP_FLAGS for a in args):
-        print(cli_help(load_config(default_config, default_overrides), default_config))
+        print(cli_help(load_config(default_config, default_overrides), default_config, prog))
         raise SystemExit(0)
     print_only = PRINT_CONFIG_FLAG in args
     config_path, overrides = parse_cli([a for a in args if a != PRINT_CONFIG_FLAG])
     if config_path is None:
         cfg = load_config(default_config, [*default_overrides, *overrides])
     else:
-        cfg = load_config(config_path, overrides)
+        cfg = load_config(find_config(config_path), overrides)
     if task is not None and cfg.model.task != task_name(task):
         source = config_path or default_config
         raise ConfigError(
@@ -312,6 +348,7 @@ def load_cli_config(
 __all__ = [
     "check_combinations",
     "cli_help",
+    "find_config",
     "load_cli_config",
     "load_config",
     "merge_config",
@@ -319,4 +356,5 @@ __all__ = [
     "reference",
     "reference_markdown",
     "section_from_dict",
+    "shipped_configs",
 ]

@@ -249,9 +249,9 @@ def predict(args: argparse.Namespace) -> Shown:
     return shown
 
 
-def parser() -> argparse.ArgumentParser:
+def parser(prog: str = "python -m vlfuse.predict") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m vlfuse.predict",
+        prog=prog,
         description="Runs a saved vlfuse model on images and texts; prints the answer and draws it.",
     )
     p.add_argument("model", help="a saved model folder (a run's final/) or a Hub model id")
@@ -268,8 +268,8 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> Shown:
-    args = parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, prog: str = "python -m vlfuse.predict") -> Shown:
+    args = parser(prog).parse_args(argv)
     try:
         shown = predict(args)
     except (PredictError, FileNotFoundError, ValueError, OSError) as err:

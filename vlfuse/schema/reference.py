@@ -43,14 +43,15 @@ def _inline(value: Any) -> str:
     return yaml.safe_dump(value, default_flow_style=True, width=1000).strip().removesuffix("...").strip()
 
 
-def cli_help(defaults: Config, default_config: str | Path) -> str:
+def cli_help(defaults: Config, default_config: str | Path, prog: str | None = None) -> str:
     """A recipe's ``--help``: its options, then every config key with this recipe's default and the
-    schema's documentation of it."""
-    prog = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "recipe"
+    schema's documentation of it. ``prog``: the command as typed (default: the script's name)."""
+    prog = prog or (Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "recipe")
     lines = [
         f"usage: {prog} [--config FILE] [key=value ...] [--print-config] [-h]",
         "",
-        f"  --config FILE    a YAML file of settings (default: {default_config})",
+        f"  --config FILE    a YAML file of settings, or a shipped config's name (grounding/refcoco_frozen;"
+        f" `vlfuse configs` lists them) (default: {default_config})",
         "  key=value        a dotted override, parsed as YAML (model.trainable_encoders=all train.lr=3e-4)",
         "  --print-config   print the resolved config (after --config and overrides) and exit (no training)",
         "  -h, --help       show this help and exit",
