@@ -20,10 +20,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from accelerate import PartialState
-
 from vlfuse.compare import run_comparison
 from vlfuse.config import SHIPPED_CONFIGS, load_cli_config, shipped_configs
+from vlfuse.distributed import process_state
 from vlfuse.predict import main as predict_main
 from vlfuse.study import StudyError, run_study
 from vlfuse.training import USER_ERRORS, evaluate_saved, format_metrics, train
@@ -64,7 +63,7 @@ def train_task(
     metrics, once (not once per process)."""
     cfg = load_cli_config(argv, SHIPPED_CONFIGS / task / "shapes.yaml", task=task, prog=prog)
     metrics = train(cfg, on_end=on_end)
-    state = PartialState()
+    state = process_state()
     state.print(format_metrics(metrics))
     for line in _task_lines(task, metrics):
         state.print(line)
@@ -73,7 +72,8 @@ def train_task(
 def evaluate(argv: Sequence[str], prog: str | None = None) -> None:
     """Scores a trained model (``model.init_from``) on one or several splits, without training."""
     cfg = load_cli_config(argv, SHIPPED_CONFIGS / "grounding" / "shapes.yaml", prog=prog)
-    PartialState().print(format_metrics(evaluate_saved(cfg)))
+    results = evaluate_saved(cfg)  # before the process state: the run's Accelerator makes it
+    process_state().print(format_metrics(results))
 
 
 # The embedded default's budget for compare, split over its runs.

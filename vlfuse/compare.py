@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from accelerate.state import PartialState
 
 from vlfuse.card import write_card
+from vlfuse.distributed import process_state
 from vlfuse.hub import CONFIG_NAME
 from vlfuse.schema import TUNING, Config
 from vlfuse.tasks import get_task
@@ -58,7 +58,7 @@ def run_comparison(cfg: Config) -> dict[str, Any]:
             }
         )
     result = {"task": cfg.model.task, "split": split, "metric": metric, "runs": rows}
-    if PartialState().is_main_process:
+    if process_state().is_main_process:
         root.mkdir(parents=True, exist_ok=True)
         (root / "comparison.json").write_text(json.dumps(result, indent=2))
         (root / "comparison.md").write_text(comparison_markdown(result))

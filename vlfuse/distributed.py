@@ -6,6 +6,8 @@
   broadcasting process 0's buffers is reproduced.
 - ``ignore_in_ddp``: towers that stay on the CPU are left out of DDP's broadcast (private:
   ``DistributedDataParallel._set_params_and_buffers_to_ignore_for_model``).
+- ``process_state``: Accelerate's ``PartialState`` as its ``Accelerator`` would build it (Accelerate 1.16's
+  ``PartialState()`` ignores ``ACCELERATE_USE_CPU`` and, made first, leaves CPU ranks each alone).
 - ``gather_with_grad`` / ``gather_ids``: every process's rows, uneven sizes allowed, with gradients (the
   contrastive loss's global batch).
 
@@ -19,10 +21,20 @@ import os
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator, PartialState
-from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, parse_flag_from_env
 from torch.nn.parallel import DistributedDataParallel
 
 from vlfuse.schema import ConfigError
+
+
+def process_state() -> PartialState:
+    """The launch's process state (rank, world size), the same an ``Accelerator`` made later gets.
+
+    ``Accelerator`` and ``AcceleratorState`` read ``ACCELERATE_USE_CPU``; Accelerate 1.16's ``PartialState()``
+    does not, and the first state made is shared by all later ones: made first on CPU ranks of a
+    ``use_cpu`` launch it would record one process each, and every later ``Accelerator`` with it.
+    """
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
 
 
 def use_fsdp_on_cpu_processes(accelerator: Accelerator) -> None:

@@ -17,9 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from accelerate.state import PartialState
-
 from vlfuse.data.feature_cache import folder_size
+from vlfuse.distributed import process_state
 from vlfuse.schema import Config, ConfigError, shown_dict
 from vlfuse.study.budget import flops_budget, seconds_budget, steps_budget
 from vlfuse.study.engine import (
@@ -59,7 +58,7 @@ def run_study(cfg: Config) -> dict[str, Any]:
         ConfigError: a setting the study cannot use (e.g. reporting on the split rates are chosen on).
         StudyError: the storage holds a study of that name with another grid.
     """
-    if PartialState().num_processes > 1:
+    if process_state().num_processes > 1:
         raise ConfigError(
             "recipes/study.py runs one trial at a time in its process: start it with python, once per "
             "worker (workers on one study.storage split the grid)"
