@@ -206,6 +206,8 @@ def render(model: dict[str, Any], parameters: dict[str, dict[str, int]], run: di
         lines += _run_sections(run)
     lines += ["", "## Use", "", "```python", "from vlfuse import VLFuseModel", ""]
     lines += ['model = VLFuseModel.from_pretrained("<this folder or Hub id>")', "```", ""]
+    lines += ['Try it in a browser (a Gradio page on 127.0.0.1:7860; `pip install "vlfuse[demo]"`):', ""]
+    lines += ["```bash", "vlfuse demo <this folder or Hub id>", "```", ""]
     return "\n".join(lines)
 
 

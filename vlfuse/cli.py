@@ -4,6 +4,7 @@ with the configs that ship inside the package.
     vlfuse train grounding [--config FILE|NAME] [key=value ...]   # grounding, retrieval, vqa, itm
     vlfuse evaluate [--config FILE|NAME] model.init_from=runs/grounding/final
     vlfuse predict MODEL --image photo.jpg --text "the red circle"
+    vlfuse demo MODEL                                             # a Gradio page on 127.0.0.1:7860
     vlfuse compare [--config FILE|NAME] [key=value ...]
     vlfuse study [--config FILE|NAME] [key=value ...]
     vlfuse configs                                                # the shipped configs, by name
@@ -22,6 +23,7 @@ from typing import Any
 
 from vlfuse.compare import run_comparison
 from vlfuse.config import SHIPPED_CONFIGS, load_cli_config, shipped_configs
+from vlfuse.demo import main as demo_main
 from vlfuse.distributed import process_state
 from vlfuse.predict import main as predict_main
 from vlfuse.study import StudyError, run_study
@@ -131,6 +133,7 @@ commands:
   predict      one image and texts -> the answer and a picture (vlfuse predict --help)
   compare      frozen vs end-to-end, side by side
   study        which mode (and towers) for this data: sizes x seeds, tuned, with a decision
+  demo         a Gradio page for a saved model on 127.0.0.1 (pip install "vlfuse[demo]")
   configs      list the shipped configs (use one by name: --config grounding/refcoco_frozen)
 
 `vlfuse <command> --help` lists a command's options and every config key with its default.
@@ -152,6 +155,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             train_task(rest[0], rest[1:], prog=f"vlfuse train {rest[0]}")
         elif command == "predict":
             predict_main(rest, prog=prog)
+        elif command == "demo":
+            demo_main(rest, prog=prog)
         elif command in COMMANDS:
             COMMANDS[command](rest, prog=prog)
         else:
