@@ -15,6 +15,7 @@ def test_notebooks_exist_and_have_no_outputs():
         "01_explore_data.ipynb",
         "02_frozen_vs_end_to_end.ipynb",
         "03_predict.ipynb",
+        "04_study.ipynb",
     ]
     for path in NOTEBOOKS:
         nb = nbformat.read(path, as_version=4)
@@ -32,6 +33,11 @@ def test_notebook_executes(path, tmp_path, monkeypatch):
     monkeypatch.setenv("VLFUSE_NB_STEPS", "12")
     monkeypatch.setenv("VLFUSE_NB_OUT", str(tmp_path / "compare"))
     monkeypatch.setenv("VLFUSE_NB_MODEL", str(tmp_path / "model" / "final"))
+    monkeypatch.setenv("VLFUSE_NB_STUDY_OUT", str(tmp_path / "study"))
+    # the study's grid at its smallest: 2 modes x 2 sizes x 3 seeds x 1 rate, then a fourth seed
+    small = ["data.shapes_train_size=300", "data.shapes_eval_size=60", "study.validation=60"]
+    small += ["study.train_sizes=[60,240]", "study.lr_grid.none=[0.003]", "study.lr_grid.all=[0.001]"]
+    monkeypatch.setenv("VLFUSE_NB_STUDY", " ".join(small))
     nb = nbformat.read(path, as_version=4)
     client = NotebookClient(
         nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT / "notebooks")}}
