@@ -82,7 +82,9 @@ def build_demo(model: VLFuseModel, title: str) -> Any:
                 top_k = gr.Slider(1, 10, value=5, step=1, label="top k", visible=task != "grounding")
                 button = gr.Button("Run", variant="primary", elem_id="run")
             with gr.Column():
-                pictures = gr.Gallery(label="answer", elem_id="pictures", columns=1, height="auto")
+                pictures = gr.Gallery(
+                    label="answer", elem_id="pictures", columns=1, height=620, object_fit="contain"
+                )
                 lines = gr.Textbox(label="as vlfuse predict prints it", lines=6, elem_id="answer")
         button.click(run, [files, text, top_k], [pictures, lines])
     return demo
