@@ -101,3 +101,15 @@ def postgres_url():
     finally:
         subprocess.run(["bash", str(script), "stop", folder], capture_output=True, timeout=60)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory):
+    """A 96x72 photograph with a red patch (the predict and demo tests' image)."""
+    from PIL import Image
+
+    path = tmp_path_factory.mktemp("images") / "photo.png"
+    image = Image.new("RGB", (96, 72), (20, 20, 20))
+    image.paste((220, 30, 30), (10, 12, 40, 50))
+    image.save(path)
+    return path

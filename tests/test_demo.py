@@ -40,15 +40,6 @@ def models(tmp_path_factory):
     return found
 
 
-@pytest.fixture(scope="module")
-def photo(tmp_path_factory):
-    path = tmp_path_factory.mktemp("images") / "photo.png"
-    image = Image.new("RGB", (96, 72), (20, 20, 20))
-    image.paste((220, 30, 30), (10, 12, 40, 50))
-    image.save(path)
-    return path
-
-
 def _printed(capsys, *argv: str) -> list[str]:
     predict_main(list(argv))
     return [line for line in capsys.readouterr().out.splitlines() if not line.startswith("picture: ")]

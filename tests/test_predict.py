@@ -28,15 +28,6 @@ def grounding_model(tmp_path_factory):
     return out / "final"
 
 
-@pytest.fixture(scope="module")
-def photo(tmp_path_factory):
-    path = tmp_path_factory.mktemp("images") / "photo.png"
-    image = Image.new("RGB", (96, 72), (20, 20, 20))
-    image.paste((220, 30, 30), (10, 12, 40, 50))
-    image.save(path)
-    return path
-
-
 def test_grounding_prints_the_box_and_draws_it_where_predict_puts_it(
     grounding_model, photo, tmp_path, capsys
 ):

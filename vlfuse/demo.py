@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from vlfuse.model import VLFuseModel
-from vlfuse.predict import SHOW, Inputs, PredictError, check_texts, read_image
+from vlfuse.predict import SHOW, Inputs, PredictError, add_loading_arguments, check_texts, read_image
 
 INSTALL = 'the demo needs Gradio: pip install "vlfuse[demo]" (or: pip install gradio)'
 # System fonts: the default theme's web fonts would be fetched from the internet by every browser.
@@ -105,10 +105,7 @@ def parser(prog: str = "vlfuse demo") -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="the address to serve on (default: loopback only)")
     p.add_argument("--port", type=int, default=7860, help="the port (default 7860)")
     p.add_argument("--share", action="store_true", help="also open a public Gradio share link")
-    p.add_argument("--revision", help="the Hub revision of a model id")
-    p.add_argument(
-        "--trust-remote-code", action="store_true", help="allow custom code the model's text tower asks for"
-    )
+    add_loading_arguments(p)
     return p
 
 

@@ -261,11 +261,16 @@ def parser(prog: str = "python -m vlfuse.predict") -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=5, help="answers / images to show (default 5)")
     p.add_argument("--output", default="prediction.png", help="the picture (several: <stem>_<i>.png)")
     p.add_argument("--task", help="refuse a model of another task (grounding, retrieval, ...)")
+    add_loading_arguments(p)
+    return p
+
+
+def add_loading_arguments(p: argparse.ArgumentParser) -> None:
+    """``--revision`` and ``--trust-remote-code``, as ``VLFuseModel.from_pretrained`` takes them."""
     p.add_argument("--revision", help="the Hub revision of a model id")
     p.add_argument(
         "--trust-remote-code", action="store_true", help="allow custom code the model's text tower asks for"
     )
-    return p
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "python -m vlfuse.predict") -> Shown:
