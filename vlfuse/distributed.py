@@ -8,8 +8,8 @@
   ``DistributedDataParallel._set_params_and_buffers_to_ignore_for_model``).
 - ``process_state``: Accelerate's ``PartialState`` as its ``Accelerator`` would build it (Accelerate 1.16's
   ``PartialState()`` ignores ``ACCELERATE_USE_CPU`` and, made first, leaves CPU ranks each alone).
-- ``gather_with_grad`` / ``gather_ids``: every process's rows, uneven sizes allowed, with gradients (the
-  contrastive loss's global batch).
+- ``gather_with_grad`` / ``gather_ids`` / ``gather_rows``: every process's rows, uneven sizes allowed, with
+  gradients (the contrastive loss's global batch) or without (retrieval evaluation's distinct inputs).
 
 Each private name is said beside its use, and ``tests/test_distributed.py`` fails if it disappears.
 """
@@ -136,17 +136,23 @@ def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     return _AllGather.apply(x, sizes, rank), sum(sizes[:rank]), sum(sizes)
 
 
-def gather_ids(ids: torch.Tensor) -> torch.Tensor:
-    """Every rank's ``[n]`` ids concatenated in rank order (sizes may differ; no gradient)."""
+def gather_rows(x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """Every rank's rows of ``x`` (``[n, ...]``, ``n`` may differ by rank; the other dims may not)
+    concatenated in rank order, without gradient, and each rank's ``n``."""
     world, _ = world_and_rank()
     if world == 1:
-        return ids
-    n = torch.tensor([ids.shape[0]], device=ids.device)
+        return x, [x.shape[0]]
+    n = torch.tensor([x.shape[0]], device=x.device)
     sizes = [torch.zeros_like(n) for _ in range(world)]
     dist.all_gather(sizes, n)
-    sizes = [int(x) for x in sizes]
-    padded = ids.new_full((max(sizes),), -1)
-    padded[: ids.shape[0]] = ids
+    sizes = [int(s) for s in sizes]
+    padded = x.new_zeros((max(sizes), *x.shape[1:]))
+    padded[: x.shape[0]] = x
     parts = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(parts, padded)
-    return torch.cat([part[:size] for part, size in zip(parts, sizes, strict=True)])
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([part[:size] for part, size in zip(parts, sizes, strict=True)]), sizes
+
+
+def gather_ids(ids: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``[n]`` ids concatenated in rank order (sizes may differ; no gradient)."""
+    return gather_rows(ids)[0]

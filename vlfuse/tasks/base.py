@@ -9,7 +9,7 @@ training loop, the config loader, the comparison and the recipes only go through
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar, Protocol
 
 import torch
@@ -115,6 +115,19 @@ class Task:
     def loss(self, outputs: Batch, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The training loss and its parts (for logging)."""
         raise NotImplementedError
+
+    def eval_loop(self, accelerator: Accelerator, model: nn.Module, loader: Iterable[Batch]) -> Batch:
+        """Runs ``model`` (in eval mode, without gradients) over an evaluation split and returns its
+        per-example values (``eval_values``) gathered over all processes, in the split's order: the
+        duplicates Accelerate adds to even out the processes' last batches are dropped. Every process
+        runs the model the same number of times (DDP and FSDP need it)."""
+        values: dict[str, list[torch.Tensor]] = {}
+        for batch in loader:
+            batch.pop("bad_rows")
+            gathered = accelerator.gather_for_metrics(self.eval_values(model(**batch), batch))
+            for k, v in gathered.items():
+                values.setdefault(k, []).append(v.detach().float().cpu())
+        return {k: torch.cat(v) for k, v in values.items()}
 
     def eval_values(self, outputs: Batch, batch: Batch) -> Batch:
         """Per-example tensors (first dim = batch) gathered over all processes for ``metrics``: the task's

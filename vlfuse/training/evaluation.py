@@ -3,8 +3,6 @@ model (``recipes/evaluate.py``)."""
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
@@ -19,19 +17,12 @@ from vlfuse.training.setup import build_model, start_run
 @torch.no_grad()
 def evaluate(accelerator: Accelerator, model, task: Task, loader: DataLoader) -> dict[str, float]:
     """Metrics over the whole split on any number of processes: per-example values are gathered (the
-    duplicates added to even out the processes are dropped) before reduction. Unusable rows are masked
-    out (the task's ``valid`` value) and reported as ``bad_rows``."""
+    duplicates added to even out the processes are dropped) before reduction (``Task.eval_loop``).
+    Unusable rows are masked out (the task's ``valid`` value) and reported as ``bad_rows``."""
     was_training = model.training
     model.eval()
-    values: dict[str, list[torch.Tensor]] = defaultdict(list)
-    for batch in loader:
-        batch.pop("bad_rows")
-        outputs = model(**batch)
-        gathered = accelerator.gather_for_metrics(task.eval_values(outputs, batch))
-        for k, v in gathered.items():
-            values[k].append(v.detach().float().cpu())
+    values = task.eval_loop(accelerator, model, loader)
     model.train(was_training)
-    values = {k: torch.cat(v) for k, v in values.items()}
     metrics = task.metrics(values)
     # Counted from the gathered mask: a bad row that Accelerate repeats to even out the last batches is
     # dropped with the other repeats, so it counts once (a per-process count would count it twice).

@@ -8,10 +8,11 @@ whole global batch (transformers' dual encoders gather without gradients).
 
 Metrics are Recall@1/5/10 in both directions over the whole evaluation split: an image counts as found
 for a caption if it ranks in the top K; for an image, if any of its captions does. Evaluation batches hold
-images with all of their captions, so each image is encoded once. Exact ties are scored by their expected
-value under a random order of the tied items (tie-aware recall, McSherry & Najork 2008): without ties
-this is the usual sort-based recall, and a collapsed model that scores everything alike gets chance
-level, neither 0 nor 1.
+images with all of their captions; each distinct image and caption (by pixels, by token ids) is embedded
+once and every row reads its embedding, so identical inputs score exactly alike. Exact ties are scored by
+their expected value under a random order of the tied items (tie-aware recall, McSherry & Najork 2008):
+without ties this is the usual sort-based recall, and a collapsed model that scores everything alike gets
+chance level, neither 0 nor 1.
 
 Examples: training reads one (image, caption) pair per caption of a row (a caption column may hold one
 string or a list; Flickr30k and COCO layouts give five per image). Evaluation reads one example per
@@ -32,6 +33,7 @@ from vlfuse.data.captions import CaptionDataset, ImageCaptions
 from vlfuse.fusion import FusionOutput
 from vlfuse.tasks.base import Task, build_image_text_dataset
 from vlfuse.tasks.retrieval.data import RetrievalCollator, RetrievalImagesCollator
+from vlfuse.tasks.retrieval.evaluation import distinct_eval_values
 from vlfuse.tasks.retrieval.loss import contrastive_loss
 from vlfuse.tasks.retrieval.metrics import recall_from_similarity, retrieval_metrics
 
@@ -95,6 +97,11 @@ class RetrievalTask(Task):
         return contrastive_loss(
             outputs["image_embeds"], outputs["text_embeds"], outputs["logit_scale"], batch["image_ids"]
         )
+
+    def eval_loop(self, accelerator, model, loader):
+        """Each distinct image and caption embedded once, every row scored through its entry (identical
+        inputs score bitwise alike: ``vlfuse.tasks.retrieval.evaluation``)."""
+        return distinct_eval_values(accelerator, model, loader)
 
     def example_values(self, outputs, batch):
         b, c = batch["text_valid"].shape

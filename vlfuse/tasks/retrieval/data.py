@@ -9,6 +9,7 @@ import torch
 
 from vlfuse.data.captions import ImageCaptionsExample
 from vlfuse.data.examples import ExampleCollator
+from vlfuse.tasks.retrieval.evaluation import input_keys
 
 
 class RetrievalCollator(ExampleCollator):
@@ -20,7 +21,9 @@ class RetrievalCollator(ExampleCollator):
 
 class RetrievalImagesCollator(ExampleCollator):
     """Evaluation batches of images with their captions: ``pixel_values`` ``[B, ...]``, the captions
-    tokenized flat ``[B * C, T]`` (image-major), ``text_valid`` ``[B, C]`` and ``image_ids`` ``[B]``."""
+    tokenized flat ``[B * C, T]`` (image-major), ``text_valid`` ``[B, C]``, ``image_ids`` ``[B]``, and the
+    inputs' keys (``image_keys`` ``[B, 2]``, ``text_keys`` ``[B * C, 2]``: what makes two of them one
+    input, ``vlfuse.tasks.retrieval.evaluation``), computed here on the CPU (in the loader's workers)."""
 
     fields = {"image_ids": "image_id", "text_valid": "text_valid"}
 
@@ -35,4 +38,5 @@ class RetrievalImagesCollator(ExampleCollator):
         for key in ("text_tokens", "text_mask", "text_pooled"):  # cached, [B, C, ...] -> [B * C, ...]
             if key in batch:
                 batch[key] = batch[key].flatten(0, 1)
+        batch["image_keys"], batch["text_keys"] = input_keys(batch)
         return batch

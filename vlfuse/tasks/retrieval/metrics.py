@@ -58,10 +58,35 @@ def _recalls(i2t: dict[int, torch.Tensor], t2i: dict[int, torch.Tensor]) -> dict
     return out
 
 
+def _hits_by_entry(
+    queries: torch.Tensor, keys: torch.Tensor, query_owner: torch.Tensor, key_owner: torch.Tensor, chunk: int
+) -> dict[int, torch.Tensor]:
+    """Hit@K of each query row over all key rows (a key is a positive when its owner is the query's).
+
+    Each score between a distinct query and a distinct key (bitwise-equal rows are one) is computed once
+    and every row reads it, so identical inputs score exactly alike however the rows are laid out (a
+    matrix product may round the same dot product differently in another tile)."""
+    query_u, query_entry = torch.unique(queries, dim=0, return_inverse=True)
+    key_u, key_entry = torch.unique(keys, dim=0, return_inverse=True)
+    hits = {k: torch.empty(len(queries), dtype=torch.float64) for k in RECALL_AT}
+    for start in range(0, len(query_u), chunk):
+        scores = query_u[start : start + chunk] @ key_u.T  # [chunk, distinct keys]: each pair once
+        in_chunk = ((query_entry >= start) & (query_entry < start + chunk)).nonzero().squeeze(1)
+        for part in in_chunk.split(chunk):  # rows of the queries whose entries are in this chunk
+            similarity = scores[query_entry[part] - start][:, key_entry]
+            positive = query_owner[part, None] == key_owner[None, :]
+            for k, h in _hits(similarity, positive).items():
+                hits[k][part] = h
+    return hits
+
+
 def retrieval_metrics(
     image_embeds: torch.Tensor, text_embeds: torch.Tensor, text_image: torch.Tensor, chunk: int = 1024
 ) -> dict[str, float]:
     """Recall@1/5/10 both ways over a split.
+
+    Rows that are bitwise equal (the same input: evaluation embeds each distinct input once) are scored
+    through one entry, so they tie exactly.
 
     Args:
         image_embeds: ``[I, D]``, one row per image.
@@ -74,15 +99,10 @@ def retrieval_metrics(
         nan = {f"{d}_r@{k}": float("nan") for d in ("i2t", "t2i") for k in RECALL_AT}
         return {**nan, "mean_recall": float("nan"), "images": n_images, "texts": n_texts}
     images, texts = image_embeds.float(), text_embeds.float()
-    i2t_parts, t2i_parts = [], []
-    for s in range(0, n_images, chunk):
-        positive = text_image[None, :] == torch.arange(s, min(s + chunk, n_images))[:, None]
-        i2t_parts.append(_hits(images[s : s + chunk] @ texts.T, positive))
-    for s in range(0, n_texts, chunk):
-        positive = text_image[s : s + chunk, None] == torch.arange(n_images)[None, :]
-        t2i_parts.append(_hits(texts[s : s + chunk] @ images.T, positive))
-    i2t = {k: torch.cat([part[k] for part in i2t_parts]) for k in RECALL_AT}
-    t2i = {k: torch.cat([part[k] for part in t2i_parts]) for k in RECALL_AT}
+    text_image = text_image.long()
+    image_owner = torch.arange(n_images)
+    i2t = _hits_by_entry(images, texts, image_owner, text_image, chunk)
+    t2i = _hits_by_entry(texts, images, text_image, image_owner, chunk)
     out = _recalls(i2t, t2i)
     out.update(images=n_images, texts=n_texts, chance_r1=1.0 / n_images)
     return out
