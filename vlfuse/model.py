@@ -203,6 +203,11 @@ class VLFuseModel(HubMixin, nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.tower_is_trainable("image")):
             return self._on_tower(self.image_encoder, pixel_values, with_pooled=self.fusion.uses_image_pooled)
 
+    def encode_image_prefix(self, prefix: torch.Tensor) -> EncoderOutput:
+        """The image tower from its frozen prefix's cached output (``ImageEncoder.forward_from_prefix``)."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.tower_is_trainable("image")):
+            return self.image_encoder.forward_from_prefix(prefix, with_pooled=self.fusion.uses_image_pooled)
+
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> EncoderOutput:
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.tower_is_trainable("text")):
             return self._on_tower(self.text_encoder, input_ids, attention_mask)
@@ -237,6 +242,7 @@ class VLFuseModel(HubMixin, nn.Module):
         attention_mask: torch.Tensor | None = None,
         image_tokens: torch.Tensor | None = None,
         image_pooled: torch.Tensor | None = None,
+        image_prefix: torch.Tensor | None = None,
         text_tokens: torch.Tensor | None = None,
         text_mask: torch.Tensor | None = None,
         text_pooled: torch.Tensor | None = None,
@@ -245,7 +251,8 @@ class VLFuseModel(HubMixin, nn.Module):
         **_: Any,
     ) -> dict[str, torch.Tensor]:
         """Runs the towers, or takes their cached features (``image_tokens``/``image_pooled``,
-        ``text_tokens``/``text_mask``/``text_pooled``), then the fusion and the task head.
+        ``text_tokens``/``text_mask``/``text_pooled``; ``image_prefix``, the cached output of the frozen
+        blocks of an image tower that trains its last ones), then the fusion and the task head.
 
         ``image_index`` and ``text_index`` (``[P]`` each) pair the inputs by index: the fusion sees image
         ``image_index[p]`` with text ``text_index[p]``, so each image and text is encoded once however many
@@ -258,6 +265,8 @@ class VLFuseModel(HubMixin, nn.Module):
         image = text = None
         if image_tokens is not None or image_pooled is not None:
             image = EncoderOutput(image_tokens, image_pooled, grid=self.image_encoder.grid)
+        elif image_prefix is not None:
+            image = self.encode_image_prefix(image_prefix)
         elif pixel_values is not None:
             image = self.encode_image(pixel_values)
         if text_tokens is not None or text_pooled is not None:

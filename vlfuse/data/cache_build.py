@@ -20,7 +20,10 @@ from vlfuse.data.loading import DataError, load_image
 # Example fields that are not labels: the image (replaced by its cached features) and the text.
 _INPUT_FIELDS = ("pixel_values", "text", "features")
 
-FEATURES = {"image": ("image_tokens", "image_pooled"), "text": ("text_tokens", "text_mask", "text_pooled")}
+FEATURES = {
+    "image": ("image_tokens", "image_pooled", "image_prefix"),
+    "text": ("text_tokens", "text_mask", "text_pooled"),
+}
 
 
 def label_fields(dataset: ImageTextDataset) -> dict[str, torch.Tensor]:
@@ -146,12 +149,17 @@ def _keep_entries(arrays: dict[str, np.ndarray], names: tuple[str, ...], count: 
 
 
 def _run_image_tower(model, todo: list[tuple[int, Any]], arrays: dict, np_dtype, device) -> None:
-    """Runs the image tower on ``todo``'s (entry, example) pairs and stores their features."""
+    """Runs the image tower (or its frozen prefix, for an ``image_prefix`` cache) on ``todo``'s (entry,
+    example) pairs and stores their features."""
     if not todo:
         return
     pixels = torch.stack([ex.pixel_values for _, ex in todo]).to(device)
-    out = model.image_encoder(pixels, with_pooled=model.fusion.uses_image_pooled)
     slots = [slot for slot, _ in todo]
+    if "image_prefix" in arrays:
+        prefix = model.image_encoder.prefix(pixels)
+        arrays["image_prefix"][slots] = prefix.float().cpu().numpy().astype(np_dtype)
+        return
+    out = model.image_encoder(pixels, with_pooled=model.fusion.uses_image_pooled)
     if "image_tokens" in arrays:
         arrays["image_tokens"][slots] = out.tokens.float().cpu().numpy().astype(np_dtype)
     if "image_pooled" in arrays:
@@ -159,10 +167,13 @@ def _run_image_tower(model, todo: list[tuple[int, Any]], arrays: dict, np_dtype,
 
 
 @torch.no_grad()
-def compute_image(model, dataset: ImageTextDataset, folder: Path, dtype: str, batch_size: int, device):
+def compute_image(
+    model, dataset: ImageTextDataset, folder: Path, dtype: str, batch_size: int, device, prefix: bool = False
+):
     """Runs the frozen image tower once per distinct image (``image_content_key``), and stores the
     examples' labels beside it (a cached image needs no decoding at all). ``image_row`` maps each example
-    to its entry."""
+    to its entry. With ``prefix``, only the frozen prefix of a tower that trains its last blocks runs,
+    and its output is stored (``image_prefix``)."""
     np_dtype = np.float16 if dtype == "float16" else np.float32
     n, enc = len(dataset), model.image_encoder
     labels = label_fields(dataset)
@@ -172,16 +183,20 @@ def compute_image(model, dataset: ImageTextDataset, folder: Path, dtype: str, ba
     arrays["valid"] = np.zeros((n,), np.bool_)
     arrays["image_row"] = np.zeros((n,), np.int64)
     most = max(1, len({row for row, _ in dataset.index}))  # never more entries than image rows
-    if model.fusion.uses_tokens:
+    if prefix:
+        shape = enc.split().prefix_shape
+        arrays["image_prefix"] = _open_features(folder, "image_prefix", most, shape, np_dtype, memmap=True)
+    if model.fusion.uses_tokens and not prefix:
         shape = (enc.num_tokens, enc.token_dim)
         arrays["image_tokens"] = _open_features(folder, "image_tokens", most, shape, np_dtype, memmap=True)
-    if model.fusion.uses_image_pooled:
+    if model.fusion.uses_image_pooled and not prefix:
         arrays["image_pooled"] = _open_features(
             folder, "image_pooled", most, (enc.pooled_dim,), np_dtype, False
         )
     reader = ImageReader(dataset)
     todo: list[tuple[int, Any]] = []  # (entry, example) of images not run yet: full tower batches
-    for idx in _batches(n, batch_size, f"caching frozen image features ({folder.name[:24]})"):
+    what = "frozen prefix" if prefix else "frozen image features"
+    for idx in _batches(n, batch_size, f"caching {what} ({folder.name[:24]})"):
         for i in idx:
             ex, entry, new = reader.read(i)
             if entry is None:
@@ -199,6 +214,11 @@ def compute_image(model, dataset: ImageTextDataset, folder: Path, dtype: str, ba
     _keep_entries(arrays, FEATURES["image"], max(1, count), folder)
     _save(arrays, folder)
     return {"entries": count, "examples": n}
+
+
+def compute_image_prefix(model, dataset: ImageTextDataset, folder: Path, dtype: str, batch_size: int, device):
+    """``compute_image`` of the frozen prefix (``image_prefix``)."""
+    return compute_image(model, dataset, folder, dtype, batch_size, device, prefix=True)
 
 
 @torch.no_grad()

@@ -59,7 +59,7 @@ def expected_arrays(model, dataset: ImageTextDataset, tower: str, dtype: str) ->
     """The arrays a tower's cache folder holds: name -> (rows: ``examples`` or ``entries``, the shape of
     one row, the numpy dtype kind). What ``compute_image`` / ``compute_text`` write, and nothing else."""
     feature = "f"  # float16 or float32, as the key's dtype says (checked by the itemsize below)
-    if tower == "image":
+    if tower in ("image", "image_prefix"):
         enc = model.image_encoder
         arrays = {
             name: ("examples", tuple(value.shape), value.numpy().dtype.kind)
@@ -67,6 +67,9 @@ def expected_arrays(model, dataset: ImageTextDataset, tower: str, dtype: str) ->
         }
         arrays["valid"] = ("examples", (), "b")
         arrays["image_row"] = ("examples", (), "i")
+        if tower == "image_prefix":  # the output of the frozen blocks before the learnable ones
+            arrays["image_prefix"] = ("entries", tuple(enc.split().prefix_shape), feature)
+            return arrays
         if model.fusion.uses_tokens:
             arrays["image_tokens"] = ("entries", (enc.num_tokens, enc.token_dim), feature)
         if model.fusion.uses_image_pooled:

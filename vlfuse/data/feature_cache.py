@@ -39,9 +39,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from vlfuse.data.cache_build import FEATURES, compute_image, compute_text, label_fields
+from vlfuse.data.cache_build import FEATURES, compute_image, compute_image_prefix, compute_text, label_fields
 from vlfuse.data.cache_check import META_FILE, cache_problem, expected_arrays, image_files_key
 from vlfuse.data.examples import BadExample, ImageTextDataset
+from vlfuse.schema import trains_top_only
 
 CACHE_FORMAT_VERSION = 3  # 3: one entry per distinct input (image_row / text_row map examples to it)
 
@@ -92,19 +93,27 @@ def tower_key(model, dataset: ImageTextDataset, split: str, dtype: str, tower: s
     folder's name, so a changed file rebuilds the folder in place, saying why.
     """
     key = {**dataset_key(dataset, split, dtype), "tower": tower, "tokens": bool(model.fusion.uses_tokens)}
-    if tower == "image":
+    if tower in ("image", "image_prefix"):
         enc = model.image_encoder
         key["image_files"] = image_files_key(dataset)
+        if tower == "image_prefix":  # only the frozen prefix's weights: the learnable blocks may differ
+            split_ = enc.split()
+            state = enc.model.state_dict()
+            weights = state_fingerprint({n: state[n] for n in split_.prefix_state})
+            key["prefix"] = {"boundary": split_.boundary, "shape": list(split_.prefix_shape)}
+            key["tokens"] = None  # the fusion's reading does not change the prefix
+        else:
+            weights = module_fingerprint(enc)
         key["encoder"] = {
             "name": enc.cfg.name,
-            "weights": module_fingerprint(enc),
+            "weights": weights,
             # timm kwargs can change what the same weights compute (e.g. output_stride).
             "kwargs": _plain(enc.cfg.kwargs),
             "image_size": dataset.image_size,
             "mean": list(dataset.mean),
             "std": list(dataset.std),
             "interpolation": dataset.interpolation,
-            "pooled": bool(model.fusion.uses_image_pooled),
+            "pooled": None if tower == "image_prefix" else bool(model.fusion.uses_image_pooled),
         }
     else:
         enc = model.text_encoder
@@ -139,7 +148,7 @@ def folder_size(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-_COMPUTE = {"image": compute_image, "text": compute_text}
+_COMPUTE = {"image": compute_image, "image_prefix": compute_image_prefix, "text": compute_text}
 
 
 @dataclass
@@ -259,18 +268,22 @@ def cached_dataset(
     root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     folders, names = {}, {}
     for tower in ("image", "text"):
+        kind = tower
         if model.tower_is_trainable(tower):
-            continue
-        key = tower_key(model, dataset, split, dtype, tower)
-        arrays = expected_arrays(model, dataset, tower, dtype)
-        folder = root / f"{split}-{tower}-{_digest(key)}"
+            if tower != "image" or not prefix_cacheable(model, accelerator):
+                continue
+            kind = "image_prefix"  # the frozen blocks before the learnable ones
+        key = tower_key(model, dataset, split, dtype, kind)
+        arrays = expected_arrays(model, dataset, kind, dtype)
+        folder = root / f"{split}-{kind}-{_digest(key)}"
         folders[tower], names[tower] = folder, list(arrays)
+        what = "image tower's frozen prefix" if kind == "image_prefix" else f"{tower} tower"
         with accelerator.main_process_first():
             problem = None
             if accelerator.is_main_process and (folder / META_FILE).is_file():
                 problem = cache_problem(folder, key, arrays, len(dataset))
                 if problem:
-                    accelerator.print(f"feature cache rebuilt ({tower} tower): {folder}: {problem}")
+                    accelerator.print(f"feature cache rebuilt ({what}): {folder}: {problem}")
             if accelerator.is_main_process and (problem or not (folder / META_FILE).is_file()):
                 tmp = root / f".tmp-{folder.name}-{os.getpid()}"
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -278,10 +291,13 @@ def cached_dataset(
                 encoder = getattr(model, f"{tower}_encoder")
                 home = next(encoder.parameters()).device  # where training wants it (see VLFuseModel)
                 encoder.to(accelerator.device)
+                was_training = model.training
+                model.train()  # what the frozen part computes in training (its frozen layers in eval mode)
                 start = time.perf_counter()
-                stats = _COMPUTE[tower](model, dataset, tmp, dtype, batch_size, accelerator.device)
+                stats = _COMPUTE[kind](model, dataset, tmp, dtype, batch_size, accelerator.device)
                 stats["build_time_s"] = round(time.perf_counter() - start, 3)
                 stats["bytes"] = folder_size(tmp)
+                model.train(was_training)
                 encoder.to(home)
                 # The key says what it was computed from; the stats what it holds and what it cost.
                 (tmp / META_FILE).write_text(json.dumps({**key, "stats": stats}, indent=2))
@@ -292,12 +308,46 @@ def cached_dataset(
             else:
                 verb = "reused"
         stats = cache_stats(folder)
+        where = f", entering {key['prefix']['boundary']}" if kind == "image_prefix" else ""
+        beside = ""
+        if kind == "image_prefix":
+            whole = whole_tower_bytes(model, stats["entries"], dtype)
+            beside = f"; the whole tower's output would take {whole / 2**20:.1f} MiB"
         accelerator.print(
-            f"feature cache {verb} ({tower} tower): {folder} ({stats['bytes'] / 2**20:.1f} MiB; "
+            f"feature cache {verb} ({what}{where}): {folder} ({stats['bytes'] / 2**20:.1f} MiB{beside}; "
             f"{stats['entries']:,} distinct inputs for {stats['examples']:,} examples; built in "
             f"{stats['build_time_s']:.1f} s)"
         )
     return CachedDataset(dataset, folders, names)
+
+
+def prefix_cacheable(model, accelerator) -> bool:
+    """Whether the trainable image tower's frozen prefix can be cached: it trains only its last blocks and
+    can be cut there (``ImageEncoder.split``), and the run does not shard the model (FSDP and DeepSpeed
+    run the whole tower's modules themselves). Says why not when the tower trains only its top."""
+    from accelerate.utils import DistributedType
+
+    enc = model.image_encoder
+    if not trains_top_only(enc.cfg):
+        return False
+    split = enc.split()
+    if isinstance(split, str):
+        reason = split
+    elif accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        reason = f"{accelerator.distributed_type.value} runs the sharded tower whole"
+    else:
+        return True
+    accelerator.print(f"feature cache: the image tower's frozen blocks are not cached ({reason}); it runs")
+    return False
+
+
+def whole_tower_bytes(model, entries: int, dtype: str) -> int:
+    """What a frozen image tower's cached output (tokens and/or pooled vector) takes for ``entries``."""
+    enc, itemsize = model.image_encoder, 2 if dtype == "float16" else 4
+    per = (enc.num_tokens * enc.token_dim if model.fusion.uses_tokens else 0) + (
+        enc.pooled_dim if model.fusion.uses_image_pooled else 0
+    )
+    return per * entries * itemsize
 
 
 def cache_stats(folder: Path) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from timm.models import group_parameters
 from torch import nn
 
 from vlfuse.encoders.base import EncoderOutput
+from vlfuse.encoders.prefix import TowerSplit, split_tower
 from vlfuse.encoders.tuning import TunableTower
 from vlfuse.schema import ConfigError, ImageEncoderConfig
 
@@ -181,6 +182,9 @@ class ImageEncoder(TunableTower, nn.Module):
         if self.channels_last:
             pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
         features = self.model.forward_features(pixel_values)
+        return self._output(features, pixel_values.shape[-2:], with_pooled)
+
+    def _output(self, features: torch.Tensor, image_hw, with_pooled: bool) -> EncoderOutput:
         pooled = self.model.forward_head(features, pre_logits=True) if with_pooled else None
         if features.ndim == 4:
             if self.output_fmt == "NHWC":
@@ -189,10 +193,39 @@ class ImageEncoder(TunableTower, nn.Module):
             tokens = features.flatten(2).transpose(1, 2)
         elif features.ndim == 3:
             tokens = features[:, self.num_prefix_tokens :]
-            grid = _square_grid(tokens.shape[1], pixel_values.shape[-2:])
+            grid = _square_grid(tokens.shape[1], image_hw)
         else:
             raise ValueError(f"{self.cfg.name}: unexpected feature shape {tuple(features.shape)}")
         return EncoderOutput(tokens=tokens, pooled=pooled, grid=grid)
+
+    # ----------------------------------------------------------------------------------- frozen prefix
+    def split(self) -> TowerSplit | str:
+        """The tower cut before its first learnable block (``vlfuse.encoders.prefix``), for the
+        parameters that learn now; or why it cannot be cut."""
+        learnable = frozenset(n[len("model.") :] for n, p in self.named_parameters() if p.requires_grad)
+        cached = getattr(self, "_split", None)
+        if cached is None or cached[0] != learnable:
+            found = split_tower(self.model, set(learnable), self.cfg.image_size)
+            self._split = (learnable, found)
+        return self._split[1]
+
+    def prefix(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The frozen prefix's output for ``pixel_values`` (what the feature cache stores)."""
+        split = self._require_split()
+        if self.channels_last:
+            pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
+        return split.prefix(pixel_values)
+
+    def forward_from_prefix(self, prefix: torch.Tensor, with_pooled: bool = True) -> EncoderOutput:
+        """``forward`` from the frozen prefix's output: only the learnable blocks and the head run."""
+        features = self._require_split().suffix(prefix)
+        return self._output(features, (self.cfg.image_size, self.cfg.image_size), with_pooled)
+
+    def _require_split(self) -> TowerSplit:
+        split = self.split()
+        if isinstance(split, str):
+            raise ValueError(f"{self.KEY}: the tower cannot be cut before its learnable blocks: {split}")
+        return split
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.model.set_grad_checkpointing(enable)

@@ -47,8 +47,12 @@ class TunableTower:
 
     def add_adapters(self) -> None:
         """LoRA adapters on ``cfg.lora``'s targets (default: the attention q/k/v projections; a CNN's
-        convolutions)."""
-        add_lora(self.model, self.cfg.lora, self.KEY)
+        convolutions), in every block or, with ``lora.last_blocks``, in the last ones only."""
+        within = None
+        if self.cfg.lora.last_blocks is not None:
+            top = last_blocks_of(self.blocks(), self.cfg.lora.last_blocks, f"{self.KEY}.lora")
+            within = {n.removeprefix("model.").rpartition(".")[0] for n in top}
+        add_lora(self.model, self.cfg.lora, self.KEY, within)
 
     def learnable_parameter_names(self) -> set[str]:
         """The parameters that learn when this tower is trainable, as ``cfg.tuning`` says."""
@@ -81,12 +85,13 @@ def _dilated(module: nn.Module) -> bool:
     return isinstance(module, nn.Conv2d) and tuple(module.dilation) != (1, 1)
 
 
-def add_lora(model: nn.Module, settings: LoraSettings, key: str) -> int:
+def add_lora(model: nn.Module, settings: LoraSettings, key: str, within: set[str] | None = None) -> int:
     """Injects LoRA adapters into ``model`` in place (peft; the base weights are untouched and the update
     starts at zero, so the outputs do not change).
 
     Args:
         key: the config section, for messages (``model.image_encoder``).
+        within: only modules of these names (``lora.last_blocks``: the last blocks' modules) are adapted.
 
     Returns:
         The number of adapted modules.
@@ -104,6 +109,13 @@ def add_lora(model: nn.Module, settings: LoraSettings, key: str) -> int:
             f"{key}.lora.target_modules: {unmatched} match no module of the tower (names are module names "
             f"or their last parts, e.g. {_examples(model)})"
         )
+    if within is not None:  # the targets' full names inside the last blocks (peft matches full names)
+        targets = [n for n in names if n in within and any(n == t or n.endswith("." + t) for t in targets)]
+        if not targets:
+            raise ConfigError(
+                f"{key}.lora.last_blocks={settings.last_blocks}: no target module "
+                f"({list(settings.target_modules) or 'the default ones'}) is in the last blocks"
+            )
     dilated = [
         n
         for n, m in model.named_modules()
@@ -175,12 +187,21 @@ def learnable_names(
         return set(names)
     if tuning == "lora":
         return {n for n in names if LORA_MARK in n}
+    return set(last_blocks_of(blocks, last_blocks, key))
+
+
+def last_blocks_of(blocks: list[list[str]], last_blocks: int, key: str) -> list[str]:
+    """The parameter names of the last ``last_blocks`` blocks (``blocks``: stem first, then each block).
+
+    Raises:
+        ConfigError: more blocks asked for than the tower has, naming ``key``.
+    """
     available = len(blocks) - 1
     if last_blocks > available:
         raise ConfigError(
             f"{key}.last_blocks={last_blocks}, but the tower has {available} blocks; use 1 to {available}"
         )
-    return {n for block in blocks[-last_blocks:] for n in block}
+    return [n for block in blocks[-last_blocks:] for n in block]
 
 
 def blocks_by_prefix(names: Iterable[str], stack: str, size: int) -> list[list[str]]:

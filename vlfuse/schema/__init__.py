@@ -73,6 +73,16 @@ class LoraSettings:
     # [query, value]. Empty: automatic: the attention q/k/v projections of transformers and timm ViTs;
     # a CNN's convolutions.
     target_modules: list[str] = field(default_factory=list)
+    # Adapt only the targets in the tower's last N blocks (as last_blocks counts them); null = every block.
+    # With the feature cache on, an image tower's frozen earlier blocks are then computed once per image.
+    last_blocks: int | None = at_least(None, 1)
+
+
+def trains_top_only(encoder: Any) -> bool:
+    """Whether a tower's tuning leaves its stem and earlier blocks frozen when it trains (``last_blocks``,
+    or ``lora`` with ``lora.last_blocks``): the frozen prefix the feature cache can serve."""
+    lora_top = encoder.tuning == "lora" and encoder.lora.last_blocks is not None
+    return encoder.tuning == "last_blocks" or lora_top
 
 
 def _tuning() -> Any:
@@ -286,7 +296,8 @@ class TrainConfig:
     resume_from: str | None = None
     # Recompute activations of trainable encoders in the backward pass (less memory, more compute).
     gradient_checkpointing: bool = False
-    # Frozen encoders only: compute their features once per split and read them back.
+    # Compute frozen encoders' features once per split and read them back; an image tower that trains only
+    # its last blocks (tuning last_blocks, or lora with lora.last_blocks) reads its frozen prefix's output.
     cache_features: bool = False
     # Where cached features live; null = $VLFUSE_CACHE or ~/.cache/vlfuse, then features/.
     cache_dir: str | None = None

@@ -1,0 +1,273 @@
+"""The prefix cache: an image tower that trains only its last blocks reads its frozen blocks' output from
+the feature cache. Training with it equals training without it (a CNN with BatchNorm in the prefix, a
+ViT), resumes bitwise, is computed once for several trials and rebuilt for another cut; LoRA restricted
+to the last blocks leaves the earlier ones without adapters and exports in peft's format."""
+
+import json
+import re
+
+import pytest
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from conftest import tiny_config
+from helpers import train_until_crash_after_checkpoint
+from safetensors.torch import load_file
+from test_recipes import SMALL_DATA
+
+from vlfuse.data.feature_cache import cached_dataset
+from vlfuse.encoders.prefix import TowerSplit, split_tower
+from vlfuse.model import VLFuseModel
+from vlfuse.schema import ConfigError
+from vlfuse.tasks.grounding import GroundingTask
+from vlfuse.training import train
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
+def _losses(run) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (run / "train_log.jsonl").read_text().splitlines())}
+
+
+TOWERS = {
+    # test_resnet: BatchNorm in the frozen prefix (eval mode, its statistics fixed) and in the trained block
+    "test_resnet": ["model.image_encoder.name=test_resnet"],
+    "test_vit": ["model.image_encoder.name=test_vit"],
+}
+
+
+def _common(tmp_path, tower, *extra):
+    return [
+        *SMALL_DATA,
+        *TOWERS[tower],
+        "model.fusion.name=transformer",
+        "model.fusion.dropout=0.2",  # the same dropout draws with and without the cache
+        # the text tower trains its last layer (live in both runs: a cached text tower would pad to
+        # max_length, and the fusion's dropout masks would be drawn for other shapes)
+        "model.trainable_encoders=all",
+        "model.text_encoder.tuning=last_blocks",
+        "model.image_encoder.tuning=last_blocks",
+        "model.image_encoder.last_blocks=1",
+        "train.log_every=1",
+        "train.max_steps=6",
+        "train.eval_every=6",
+        "train.checkpoint_every=3",
+        f"train.cache_dir={tmp_path / 'cache'}",
+        *extra,
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tower", list(TOWERS))
+def test_prefix_cached_training_equals_live_and_resumes_bitwise(tmp_path, monkeypatch, capsys, tower):
+    common = _common(tmp_path, tower)
+    live = train(tiny_config(*common, f"train.output_dir={tmp_path / 'live'}"))
+    AcceleratorState._reset_state(True)
+    capsys.readouterr()
+    cached = train(
+        tiny_config(*common, "train.cache_features=true", f"train.output_dir={tmp_path / 'cached'}")
+    )
+    out = capsys.readouterr().out
+    boundary = {"test_resnet": "layer4.0", "test_vit": "blocks.5"}[tower]
+    assert f"feature cache written (image tower's frozen prefix, entering {boundary})" in out
+    assert "(text tower)" not in out  # it trains
+
+    # Per-step losses and final weights within 1e-5 of the live run (float32, same seed).
+    a, b = _losses(tmp_path / "live"), _losses(tmp_path / "cached")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
+    for step in a:
+        assert b[step] == pytest.approx(a[step], abs=1e-5), step
+    live_w = load_file(str(tmp_path / "live" / "final" / "model.safetensors"))
+    cached_w = load_file(str(tmp_path / "cached" / "final" / "model.safetensors"))
+    assert live_w.keys() == cached_w.keys()
+    for k in live_w:
+        torch.testing.assert_close(cached_w[k], live_w[k], atol=1e-5, rtol=0, msg=k)
+    assert any(not torch.equal(live_w[k], v) for k, v in load_file(str(_init(tmp_path, tower))).items())
+    for key, value in live["validation"].items():
+        assert cached["validation"][key] == pytest.approx(value, abs=1e-5), key
+
+    # A cached run killed after its step-3 checkpoint and resumed ends bitwise as the uninterrupted one.
+    resumed = [*common, "train.cache_features=true", f"train.output_dir={tmp_path / 'resumed'}"]
+    train_until_crash_after_checkpoint(monkeypatch, tiny_config(*resumed), step=3)
+    AcceleratorState._reset_state(True)
+    train(tiny_config(*resumed, "train.resume_from=latest"))
+    again = load_file(str(tmp_path / "resumed" / "final" / "model.safetensors"))
+    assert all(torch.equal(again[k], cached_w[k]) for k in cached_w)
+    assert _losses(tmp_path / "resumed") == b
+
+
+def _init(tmp_path, tower):
+    """The untrained model's weights (the same seed as the runs), to show that training moved them."""
+    torch.manual_seed(0)
+    model = VLFuseModel(tiny_config(*_common(tmp_path, tower)).model)
+    path = tmp_path / "init.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def _model(*overrides):
+    cfg = tiny_config(
+        *SMALL_DATA,
+        "model.fusion.name=dense",
+        "model.trainable_encoders=image",
+        "model.image_encoder.tuning=last_blocks",
+        *overrides,
+    )
+    torch.manual_seed(0)
+    return cfg, VLFuseModel(cfg.model)
+
+
+def _cache(tmp_path, *overrides, model=None, base=None):
+    cfg, built = _model(*overrides)
+    model = model or built
+    base = base or GroundingTask().build_dataset(cfg, model, "validation", train=False)
+    AcceleratorState._reset_state(True)
+    return model, cached_dataset(
+        model, base, "validation", tmp_path / "c", "float32", 8, Accelerator(cpu=True)
+    )
+
+
+def test_a_prefix_cache_serves_every_trial_of_one_cut_and_another_cut_gets_its_own(tmp_path, capsys):
+    model, first = _cache(tmp_path, "model.image_encoder.last_blocks=1")
+    out = capsys.readouterr().out
+    assert re.search(r"feature cache written \(image tower's frozen prefix, entering layer4\.0\)", out)
+    key = json.loads((first.folders["image"] / "cache.json").read_text())
+    assert key["tower"] == "image_prefix" and key["prefix"]["boundary"] == "layer4.0"
+    built = key["stats"]["build_time_s"]
+    # Rows read the prefix's output: what the prefix computes on the live example's pixels.
+    with torch.no_grad():
+        model.train()
+        expected = model.image_encoder.prefix(first.base[0].pixel_values[None])[0]
+    row = first[0]
+    assert row.pixel_values is None
+    torch.testing.assert_close(row.features["image_prefix"], expected, atol=1e-6, rtol=1e-6)
+    # Trials differ in rate and seed of the learnable block: their last block's weights differ, the
+    # prefix does not, so every trial after the first reads the same folder (counted: 2 reused).
+    for trial in range(2):
+        _, model = _model("model.image_encoder.last_blocks=1")
+        with torch.no_grad():
+            for p in model.image_encoder.parameters():
+                if p.requires_grad:
+                    p.add_(0.1 * (trial + 1))
+        _, again = _cache(tmp_path, "model.image_encoder.last_blocks=1", model=model, base=first.base)
+        assert again.folders["image"] == first.folders["image"]
+    out = capsys.readouterr().out
+    assert out.count("feature cache reused (image tower's frozen prefix") == 2
+    assert "feature cache written (image tower's frozen prefix" not in out
+    assert json.loads((first.folders["image"] / "cache.json").read_text())["stats"]["build_time_s"] == built
+    # Another cut (two learnable blocks) is another prefix: its own folder, built for it.
+    _, other = _cache(tmp_path, "model.image_encoder.last_blocks=2")
+    assert other.folders["image"] != first.folders["image"]
+    assert "written (image tower's frozen prefix, entering layer3.0)" in capsys.readouterr().out
+    # A folder whose key says another cut (as if written for it under this name) is rebuilt, saying why.
+    meta = other.folders["image"] / "cache.json"
+    stored = json.loads(meta.read_text())
+    stored["prefix"]["boundary"] = "layer4.0"
+    meta.write_text(json.dumps(stored))
+    _cache(tmp_path, "model.image_encoder.last_blocks=2")
+    out = capsys.readouterr().out
+    assert re.search(
+        r"feature cache rebuilt \(image tower's frozen prefix\).*differs in prefix\.boundary", out
+    )
+
+
+def test_a_tower_that_cannot_be_cut_says_why_and_runs_whole(tmp_path, capsys):
+    # drop path makes the frozen blocks random in training: their output cannot be cached
+    _, dataset = _cache(
+        tmp_path, "model.image_encoder.name=test_vit", "model.image_encoder.kwargs.drop_path_rate=0.1"
+    )
+    assert "image" not in dataset.folders
+    out = capsys.readouterr().out
+    assert (
+        "the image tower's frozen blocks are not cached (the prefix is not the same every step: DropPath"
+        in out
+    )
+
+
+def test_split_tower_reproduces_forward_features_and_refuses_a_learnable_prefix():
+    import timm
+
+    model = timm.create_model("test_resnet", pretrained=False, num_classes=0).eval()
+    learnable = {n for n, _ in model.named_parameters() if n.startswith("layer4.")}
+    split = split_tower(model, learnable, 64)
+    names = [u.name for u in split.prefix_units]  # a deep stem (conv1 a Sequential), then the blocks
+    assert split.boundary == "layer4.0" and names[0] == "conv1.0" and names[-1] == "layer3.0"
+    assert "maxpool" in names and "bn1" in names
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(split.suffix(split.prefix(x)), model.forward_features(x))
+    assert "conv1.0.weight" in split.prefix_state
+    assert not [n for n in split.prefix_state if n.startswith("layer4.")]
+    # a learnable stem: nothing before it is frozen
+    assert "no frozen prefix" in split_tower(model, {"conv1.0.weight"}, 64)
+    # a model whose forward_features is not its modules in sequence
+    assert "do not compute its forward_features" in split_tower(
+        model, learnable, 64, forward_features=lambda x: model.forward_features(x) * 2
+    )
+
+
+def test_top_block_lora_adapts_only_the_last_blocks_and_exports_in_peft_format(tmp_path):
+    from PIL import Image
+
+    torch.manual_seed(0)
+    cfg = tiny_config(
+        "model.image_encoder.name=test_vit",
+        "model.trainable_encoders=all",
+        "model.image_encoder.tuning=lora",
+        "model.image_encoder.lora.last_blocks=2",
+        "model.text_encoder.tuning=lora",
+        "model.text_encoder.lora.last_blocks=1",
+    )
+    model = VLFuseModel(cfg.model)
+    blocks = model.image_encoder.blocks()
+    adapted = {n.split(".lora_")[0] for n, _ in model.image_encoder.named_parameters() if ".lora_" in n}
+    top = {n for block in blocks[-2:] for n in block}
+    assert adapted and all(any(t.startswith(a + ".") for t in top) for a in adapted)
+    earlier = {n for block in blocks[:-2] for n in block}
+    assert not any(a + "." in n for a in adapted for n in earlier)
+    assert {n.split(".lora_")[0] for n, _ in model.text_encoder.named_parameters() if ".lora_" in n} == {
+        f"model.encoder.layer.1.attention.self.{p}" for p in ("query", "key", "value")
+    }  # the 2-layer BERT: its last layer only
+    assert isinstance(model.image_encoder.split(), TowerSplit)  # nothing learns before the last 2 blocks
+    with torch.no_grad():  # non-zero updates, as after training
+        for name, p in model.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(0, 0.2)
+    images = [Image.new("RGB", (50, 40), (200, 30, 30))]
+    expected = model.predict(images, ["the red circle"])
+    model.save_pretrained(tmp_path / "saved")
+    adapter = json.loads(
+        (tmp_path / "saved" / "adapters" / "image_encoder" / "adapter_config.json").read_text()
+    )
+    assert adapter["peft_type"] == "LORA" and sorted(adapter["target_modules"]) == sorted(
+        a.removeprefix("model.") for a in adapted
+    )
+    loaded = VLFuseModel.from_pretrained(tmp_path / "saved")
+    assert not loaded.image_encoder.has_adapters
+    torch.testing.assert_close(loaded.predict(images, ["the red circle"]), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_settings_name_the_key():
+    with pytest.raises(ConfigError, match="lora.last_blocks"):
+        tiny_config("model.image_encoder.lora.last_blocks=0")
+    with pytest.raises(ConfigError, match=r"model.image_encoder.lora.last_blocks=9, but the tower has"):
+        VLFuseModel(
+            tiny_config(
+                "model.trainable_encoders=all",
+                "model.image_encoder.tuning=lora",
+                "model.image_encoder.lora.last_blocks=9",
+            ).model
+        )
+    # the cache with both towers trained whole is refused; with the image tower's top only it is not
+    with pytest.raises(ConfigError, match="needs a frozen encoder or an image tower"):
+        tiny_config("train.cache_features=true", "model.trainable_encoders=all")
+    tiny_config(
+        "train.cache_features=true", "model.trainable_encoders=all", "model.image_encoder.tuning=last_blocks"
+    )
