@@ -271,3 +271,52 @@ def test_settings_name_the_key():
     tiny_config(
         "train.cache_features=true", "model.trainable_encoders=all", "model.image_encoder.tuning=last_blocks"
     )
+
+
+def test_the_study_and_compare_use_the_prefix_cache_where_it_applies(tmp_path):
+    from vlfuse.compare import mode_config
+    from vlfuse.study.grid import Cell, trial_config
+
+    cfg = tiny_config(*SMALL_DATA, "study.modes=[none,all,last_blocks,lora]")
+    cached = {
+        mode: trial_config(cfg, Cell(mode, 16.0, 0, 1e-3), tmp_path).train.cache_features
+        for mode in cfg.study.modes
+    }
+    # a frozen tower (none), the image tower's frozen prefix (last_blocks); nothing for towers trained whole
+    assert cached == {"none": True, "all": False, "last_blocks": True, "lora": False}
+    top_lora = tiny_config(*SMALL_DATA, "model.image_encoder.lora.last_blocks=1")
+    assert trial_config(top_lora, Cell("lora", 16.0, 0, 1e-3), tmp_path).train.cache_features
+    on = tiny_config(*SMALL_DATA, "train.cache_features=true")
+    assert (
+        mode_config(on, "last_blocks").train.cache_features
+        and not mode_config(on, "all").train.cache_features
+    )
+
+
+@pytest.mark.slow
+def test_a_study_computes_the_prefix_once_for_all_its_last_blocks_trials(tmp_path, capsys):
+    from vlfuse.study import run_study
+
+    cfg = tiny_config(
+        *SMALL_DATA,
+        "data.shapes_train_size=60",
+        "model.fusion.name=dense",
+        "train.max_steps=2",
+        "train.eval_every=2",
+        f"train.cache_dir={tmp_path / 'cache'}",
+        "study.modes=[last_blocks]",
+        "study.train_sizes=[16]",
+        "study.seeds=[0]",
+        "study.validation=12",
+        "study.lr_grid={last_blocks: [0.001, 0.003]}",
+        f"train.output_dir={tmp_path / 'study'}",
+    )
+    result = run_study(cfg)
+    assert result["complete"] and result["trials"] == 2
+    out = capsys.readouterr().out
+    # one folder for the train split (its held-out rows read it too) and one for the report split, each
+    # written once (by the first trial); the second trial reads all three splits from them
+    written = re.findall(r"feature cache written \(image tower's frozen prefix", out)
+    reused = re.findall(r"feature cache reused \(image tower's frozen prefix", out)
+    assert len(written) == len(list((tmp_path / "cache").glob("*-image_prefix-*"))) == 2
+    assert len(reused) == 1 + 3
