@@ -320,3 +320,88 @@ def test_a_study_computes_the_prefix_once_for_all_its_last_blocks_trials(tmp_pat
     reused = re.findall(r"feature cache reused \(image tower's frozen prefix", out)
     assert len(written) == len(list((tmp_path / "cache").glob("*-image_prefix-*"))) == 2
     assert len(reused) == 1 + 3
+
+
+# ------------------------------------------------------------------------------------ LoRA and BN at speed
+def _peft_layers(kind):
+    from peft import LoraConfig, inject_adapter_in_model
+
+    torch.manual_seed(0)
+    if kind == "linear":
+        net = torch.nn.Sequential(torch.nn.Linear(12, 10))
+        x = torch.randn(3, 5, 12, requires_grad=True)
+    else:
+        net = torch.nn.Sequential(torch.nn.Conv2d(4, 6, 3, padding=1))
+        x = torch.randn(2, 4, 9, 9, requires_grad=True)
+    inject_adapter_in_model(LoraConfig(r=2, lora_alpha=6, target_modules=["0"]), net)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # a non-zero update
+            p.requires_grad_("lora_" in name)
+    return net, x
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_the_fast_lora_layer_computes_what_peft_computes(kind):
+    from peft.tuners.lora import LoraLayer
+
+    from vlfuse.encoders.fast import FAST_LORA, use_fast_lora
+
+    results = []
+    for fast in (False, True):
+        net, x = _peft_layers(kind)
+        layer = net[0]
+        assert isinstance(layer, LoraLayer) and type(layer) in FAST_LORA  # peft's classes, as named here
+        for attr in ("lora_A", "lora_B", "scaling", "lora_dropout", "active_adapters", "merged"):
+            assert hasattr(layer, attr), attr  # what the fast path reads: fails if peft renames it
+        if fast:
+            assert use_fast_lora(net) == 1 and type(net[0]).__name__.startswith("Fast")
+        out = net(x)
+        out.square().sum().backward()
+        grads = [x.grad] + [p.grad for p in net.parameters() if p.requires_grad]
+        results.append((out.detach(), grads))
+    (out, grads), (fast_out, fast_grads) = results
+    torch.testing.assert_close(fast_out, out, atol=1e-5, rtol=1e-5)
+    for a, b in zip(fast_grads, grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    # with dropout the fast path steps aside (peft's own forward draws the mask)
+    from peft import LoraConfig, inject_adapter_in_model
+
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    inject_adapter_in_model(LoraConfig(r=2, lora_dropout=0.5, target_modules=["0"]), net)
+    use_fast_lora(net)
+    torch.manual_seed(1)
+    a = net(torch.ones(2, 4))
+    net[0].__class__ = type(net[0]).__mro__[1]  # back to peft's class
+    torch.manual_seed(1)
+    torch.testing.assert_close(net(torch.ones(2, 4)), a)
+
+
+def test_a_frozen_batchnorm_runs_as_an_affine_map_and_trains_as_before():
+    from vlfuse.encoders.fast import FrozenBatchNorm2d, frozen_batchnorm_as_affine
+
+    torch.manual_seed(0)
+    plain = torch.nn.BatchNorm2d(5)
+    with torch.no_grad():
+        plain.running_mean.normal_()
+        plain.running_var.uniform_(0.5, 2)
+        plain.weight.normal_()
+        plain.bias.normal_()
+    fast = torch.nn.Sequential(plain.__class__(5))
+    fast[0].load_state_dict(plain.state_dict())
+    assert frozen_batchnorm_as_affine(fast) == 1 and isinstance(fast[0], FrozenBatchNorm2d)
+    assert fast[0].state_dict().keys() == plain.state_dict().keys()
+    x = torch.randn(3, 5, 4, 4)
+    for m in (plain, fast[0]):
+        m.eval().requires_grad_(False)
+    xs = [x.clone().requires_grad_(True) for _ in range(2)]
+    outs = [plain(xs[0]), fast(xs[1])]
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
+    for o in outs:
+        o.square().sum().backward()
+    torch.testing.assert_close(xs[1].grad, xs[0].grad, atol=1e-5, rtol=1e-5)
+    # trainable or in training mode it is an ordinary BatchNorm: the same output bitwise, statistics move
+    for m in (plain, fast[0]):
+        m.train().requires_grad_(True)
+    assert torch.equal(fast(x), plain(x)) and torch.equal(fast[0].running_mean, plain.running_mean)

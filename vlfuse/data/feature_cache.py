@@ -285,25 +285,7 @@ def cached_dataset(
                 if problem:
                     accelerator.print(f"feature cache rebuilt ({what}): {folder}: {problem}")
             if accelerator.is_main_process and (problem or not (folder / META_FILE).is_file()):
-                tmp = root / f".tmp-{folder.name}-{os.getpid()}"
-                shutil.rmtree(tmp, ignore_errors=True)
-                tmp.mkdir(parents=True)
-                encoder = getattr(model, f"{tower}_encoder")
-                home = next(encoder.parameters()).device  # where training wants it (see VLFuseModel)
-                encoder.to(accelerator.device)
-                was_training = model.training
-                model.train()  # what the frozen part computes in training (its frozen layers in eval mode)
-                start = time.perf_counter()
-                stats = _COMPUTE[kind](model, dataset, tmp, dtype, batch_size, accelerator.device)
-                stats["build_time_s"] = round(time.perf_counter() - start, 3)
-                stats["bytes"] = folder_size(tmp)
-                model.train(was_training)
-                encoder.to(home)
-                # The key says what it was computed from; the stats what it holds and what it cost.
-                (tmp / META_FILE).write_text(json.dumps({**key, "stats": stats}, indent=2))
-                if folder.exists():
-                    shutil.rmtree(folder)
-                os.replace(tmp, folder)
+                _build(model, dataset, tower, kind, key, folder, dtype, batch_size, accelerator)
                 verb = "written"
             else:
                 verb = "reused"
@@ -319,6 +301,31 @@ def cached_dataset(
             f"{stats['build_time_s']:.1f} s)"
         )
     return CachedDataset(dataset, folders, names)
+
+
+def _build(
+    model, dataset, tower: str, kind: str, key: dict, folder: Path, dtype: str, batch_size: int, accelerator
+):
+    """Computes one cache folder under a temporary name and publishes it by rename."""
+    tmp = folder.parent / f".tmp-{folder.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    encoder = getattr(model, f"{tower}_encoder")
+    home = next(encoder.parameters()).device  # where training wants it (see VLFuseModel)
+    encoder.to(accelerator.device)
+    was_training = model.training
+    model.train()  # what the frozen part computes in training (its frozen layers in eval mode)
+    start = time.perf_counter()
+    stats = _COMPUTE[kind](model, dataset, tmp, dtype, batch_size, accelerator.device)
+    stats["build_time_s"] = round(time.perf_counter() - start, 3)
+    stats["bytes"] = folder_size(tmp)
+    model.train(was_training)
+    encoder.to(home)
+    # The key says what it was computed from; the stats what it holds and what it cost.
+    (tmp / META_FILE).write_text(json.dumps({**key, "stats": stats}, indent=2))
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
 
 
 def prefix_cacheable(model, accelerator) -> bool:

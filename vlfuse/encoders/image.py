@@ -13,6 +13,7 @@ from timm.models import group_parameters
 from torch import nn
 
 from vlfuse.encoders.base import EncoderOutput
+from vlfuse.encoders.fast import frozen_batchnorm_as_affine
 from vlfuse.encoders.prefix import TowerSplit, split_tower
 from vlfuse.encoders.tuning import TunableTower
 from vlfuse.schema import ConfigError, ImageEncoderConfig
@@ -142,6 +143,7 @@ class ImageEncoder(TunableTower, nn.Module):
         # Turns the input to channels-last order (``vlfuse.training.speed.use_channels_last`` sets it).
         self.channels_last = False
         self.model = _create(cfg, cfg.pretrained if pretrained is None else pretrained, source)
+        frozen_batchnorm_as_affine(self.model)  # frozen BatchNorm layers run as a per-channel affine map
         self.num_prefix_tokens = int(getattr(self.model, "num_prefix_tokens", 0) or 0)
         self.output_fmt = str(getattr(self.model, "output_fmt", "NCHW"))
         if data_config is None:
