@@ -55,8 +55,7 @@ LORA_RUNS = [
 def _config(args, tower: str, mode: str, cache: str, work: Path):
     from vlfuse.config import load_config
 
-    cached = cache != "off"
-    steps = args.steps * (args.cached_factor if cached else 1)
+    steps = args.lora_steps if mode.startswith("lora") else args.steps
     tuning = {
         "last_blocks": [
             "model.trainable_encoders=image",
@@ -81,6 +80,7 @@ def _config(args, tower: str, mode: str, cache: str, work: Path):
         "model.text_encoder.pretrained=false",
         "model.text_encoder.max_length=16",
         "model.fusion.name=transformer",
+        *([f"model.fusion.dropout={args.fusion_dropout}"] if args.fusion_dropout is not None else []),
         f"train.cache_features={str(mode.startswith('last') or mode == 'bare').lower()}",
         f"train.cache_dtype={'float16' if cache == 'float16' else 'float32'}",
         f"train.batch_size={args.batch_size}",
@@ -144,18 +144,25 @@ def run_vlfuse(args, tower: str, mode: str, cache: str, work: Path) -> dict:
     AcceleratorState._reset_state(True)
     run = Path(cfg.train.output_dir)
     summary = json.loads((run / "summary.json").read_text())
-    losses = [json.loads(line)["loss"] for line in (run / "train_log.jsonl").read_text().splitlines()]
+    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    losses = [row["loss"] for row in log]
+    # the measured steps: those after the warm-up (the log holds each step's own rate, log_every=1)
+    s_per_step = sum(args.batch_size / row["samples_per_s"] for row in log[args.warmup :]) / len(
+        log[args.warmup :]
+    )
     folders = [p for p in Path(cfg.train.cache_dir).glob("train-image*") if p.is_dir()]
     cache_mb = sum(f.stat().st_size for p in folders for f in p.iterdir()) / 2**20
     stats = json.loads((folders[0] / "cache.json").read_text())["stats"] if folders else {}
     return {
-        "samples_per_s": summary["train_samples_per_s"],
-        "s_per_step": args.batch_size / summary["train_samples_per_s"],
+        "samples_per_s": args.batch_size / s_per_step,
+        "s_per_step": s_per_step,
+        "all_steps_samples_per_s": summary["train_samples_per_s"],
         "peak_mb": _peak_mb(),
         "caching_s": caching_s,
         "cache_mb": cache_mb,
         "cache_entries": stats.get("entries"),
         "losses": losses,
+        "miou": summary["metrics"]["validation"]["miou"],
         "flops_per_sample": flops_per_sample(cfg, "grounding", cfg.train.cache_features),
     }
 
@@ -185,7 +192,7 @@ def run_bare(args, tower: str, mode: str, cache: str, work: Path) -> dict:
     groups = model.param_groups(cfg.train.lr, cfg.train.encoder_lr, cfg.train.weight_decay)
     params = [p for g in groups for p in g["params"]]
     optimizer = torch.optim.AdamW(groups, **optimizer_options(params, cfg.train.fused_optimizer))
-    steps = args.steps * args.cached_factor
+    steps = args.steps
     start = None
     for i in range(args.warmup + steps):
         if i == args.warmup:
@@ -203,8 +210,10 @@ def run_bare(args, tower: str, mode: str, cache: str, work: Path) -> dict:
 def _measure(args, label: str, run: tuple[str, str, str], work: Path) -> dict:
     tower, mode, cache = run
     cmd = [sys.executable, __file__, "--one", f"{tower}:{mode}:{cache}"]
-    for flag in ("steps", "warmup", "batch_size", "train_images", "last_blocks", "cached_factor"):
+    for flag in ("steps", "lora_steps", "warmup", "batch_size", "train_images", "last_blocks"):
         cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    if args.fusion_dropout is not None:
+        cmd += ["--fusion-dropout", str(args.fusion_dropout)]
     # the runs of one tower share its caches (the bare loop reads the float32 prefix cache)
     env = {**os.environ, "VLFUSE_BENCH_WORK": str(work / f"{tower}-{mode}-{cache}")}
     if mode == "bare":
@@ -224,8 +233,11 @@ def main() -> None:
         "--towers", default="resnet50,vit_small_patch16_224", help="comma-separated timm names"
     )
     parser.add_argument("--last-blocks", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=6, help="measured steps without a cache")
-    parser.add_argument("--cached-factor", type=int, default=5, help="x steps for the cached runs")
+    parser.add_argument("--steps", type=int, default=20, help="measured steps of the last_blocks runs")
+    parser.add_argument("--lora-steps", type=int, default=6, help="measured steps of the LoRA runs")
+    parser.add_argument(
+        "--fusion-dropout", type=float, help="model.fusion.dropout (default: the config's, 0.1)"
+    )
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--train-images", type=int, default=320, help="embedded train images (cache size)")
@@ -283,13 +295,14 @@ def _report(args, rows: dict, peak: float) -> None:
             f"  {tower}: cached step / trainable part alone: "
             f"{on['s_per_step'] / alone['s_per_step']:.2f}x (<= 1.3)"
         )
-        n = len(off["losses"])  # the steps of the uncached run: the cached runs' first n losses
-        a, b, c = off["losses"][-1], on["losses"][n - 1], half["losses"][n - 1]
+        n = len(off["losses"])  # same seed, same steps (and so the same learning-rate schedule)
+        a, b, c = off["losses"][-1], on["losses"][-1], half["losses"][-1]
         print(
-            f"  {tower}: loss at step {n} without / with the cache: {a:.6f} / {b:.6f} "
+            f"  {tower}: final loss (step {n}) without / with the cache: {a:.6f} / {b:.6f} "
             f"(|diff| {abs(a - b):.1e}); "
             f"float16 storage: {c:.6f} (|diff| {abs(a - c):.1e}), {half['cache_mb']:.0f} MiB"
         )
+        print(f"  {tower}: final eval mIoU without / with the cache: {off['miou']:.6f} / {on['miou']:.6f}")
         print(f"  {tower}: caching the prefix took {on['caching_s']:.1f} s for {on['cache_entries']} images")
     if ("resnet50", "LoRA") in rows:
         before, after = rows[("resnet50", "LoRA, before")], rows[("resnet50", "LoRA")]

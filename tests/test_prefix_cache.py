@@ -3,6 +3,7 @@ the feature cache. Training with it equals training without it (a CNN with Batch
 ViT), resumes bitwise, is computed once for several trials and rebuilt for another cut; LoRA restricted
 to the last blocks leaves the earlier ones without adapters and exports in peft's format."""
 
+import copy
 import json
 import re
 
@@ -353,16 +354,35 @@ def test_the_fast_lora_layer_computes_what_peft_computes(kind):
         net, x = _peft_layers(kind)
         layer = net[0]
         assert isinstance(layer, LoraLayer) and type(layer) in FAST_LORA  # peft's classes, as named here
-        for attr in ("lora_A", "lora_B", "scaling", "lora_dropout", "active_adapters", "merged"):
+        for attr in (
+            "lora_A",
+            "lora_B",
+            "scaling",
+            "lora_dropout",
+            "active_adapters",
+            "merged",
+            "get_delta_weight",
+        ):
             assert hasattr(layer, attr), attr  # what the fast path reads: fails if peft renames it
         if fast:
             assert use_fast_lora(net) == 1 and type(net[0]).__name__.startswith("Fast")
         out = net(x)
         out.square().sum().backward()
         grads = [x.grad] + [p.grad for p in net.parameters() if p.requires_grad]
-        results.append((out.detach(), grads))
-    (out, grads), (fast_out, fast_grads) = results
+        # evaluation (eval mode, no gradient): the fast layer runs the base layer once with the merged
+        # weight (its adapter's own layers do not run) and leaves the module's weights as they were
+        calls = []
+        net[0].lora_A["default"].register_forward_hook(lambda *_, calls=calls: calls.append(1))
+        before = {k: v.clone() for k, v in net.state_dict().items()}
+        with torch.no_grad():
+            evaluated = net.eval()(x)
+        assert len(calls) == (0 if fast else 1)
+        assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+        results.append((out.detach(), grads, evaluated))
+    (out, grads, evaluated), (fast_out, fast_grads, fast_evaluated) = results
     torch.testing.assert_close(fast_out, out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast_evaluated, evaluated, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(evaluated, out, atol=1e-5, rtol=1e-5)
     for a, b in zip(fast_grads, grads, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     # with dropout the fast path steps aside (peft's own forward draws the mask)
@@ -378,19 +398,23 @@ def test_the_fast_lora_layer_computes_what_peft_computes(kind):
     torch.testing.assert_close(net(torch.ones(2, 4)), a)
 
 
-def test_a_frozen_batchnorm_runs_as_an_affine_map_and_trains_as_before():
-    from vlfuse.encoders.fast import FrozenBatchNorm2d, frozen_batchnorm_as_affine
+@pytest.mark.parametrize("kind", ["torch", "timm"])
+def test_a_frozen_batchnorm_runs_as_an_affine_map_and_trains_as_before(kind):
+    from timm.layers import BatchNormAct2d
+
+    from vlfuse.encoders.fast import FrozenBatchNorm2d, FrozenBatchNormAct2d, frozen_batchnorm_as_affine
 
     torch.manual_seed(0)
-    plain = torch.nn.BatchNorm2d(5)
+    # timm's norm + activation (MobileNetV2's ReLU6, in place as timm builds it)
+    plain = torch.nn.BatchNorm2d(5) if kind == "torch" else BatchNormAct2d(5, act_layer=torch.nn.ReLU6)
     with torch.no_grad():
         plain.running_mean.normal_()
         plain.running_var.uniform_(0.5, 2)
         plain.weight.normal_()
         plain.bias.normal_()
-    fast = torch.nn.Sequential(plain.__class__(5))
-    fast[0].load_state_dict(plain.state_dict())
-    assert frozen_batchnorm_as_affine(fast) == 1 and isinstance(fast[0], FrozenBatchNorm2d)
+    fast = torch.nn.Sequential(copy.deepcopy(plain))
+    assert frozen_batchnorm_as_affine(fast) == 1
+    assert isinstance(fast[0], FrozenBatchNorm2d if kind == "torch" else FrozenBatchNormAct2d)
     assert fast[0].state_dict().keys() == plain.state_dict().keys()
     x = torch.randn(3, 5, 4, 4)
     for m in (plain, fast[0]):
