@@ -247,3 +247,33 @@ def test_on_two_processes_duplicates_score_alike_and_each_caption_runs_once(tmp_
     expected = _reference_metrics(values["image_embeds"], values["text_embeds"][valid], owner)
     for key, value in expected.items():
         assert ranks[0]["metrics"][key] == pytest.approx(value, abs=1e-9), key
+
+
+def test_retrieval_evaluates_from_the_prefix_cache_as_it_does_live(tmp_path):
+    """A tower that trains its last blocks evaluates from its cached frozen prefix: the evaluation keys its
+    images by that input (it once found no image input in the batch and failed) and scores as the live run."""
+    from vlfuse.config import load_config
+    from vlfuse.training import train
+
+    metrics = {}
+    for cache in ("true", "false"):
+        cfg = load_config(
+            "vlfuse/configs/retrieval/shapes.yaml",
+            [
+                "model.trainable_encoders=all",
+                "model.image_encoder.tuning=last_blocks",
+                "model.text_encoder.tuning=last_blocks",
+                f"train.cache_features={cache}",
+                "train.max_steps=2",
+                "train.eval_every=2",
+                "train.batch_size=8",
+                f"train.output_dir={tmp_path / cache}",
+                f"train.cache_dir={tmp_path / 'cache'}",
+                "data.shapes_train_size=32",
+                "data.shapes_eval_size=16",
+            ],
+        )
+        metrics[cache] = train(cfg)["validation"]
+    assert list((tmp_path / "cache").glob("validation-image_prefix-*"))  # the cached run read the prefix
+    for key in ("i2t_r@1", "i2t_r@5", "t2i_r@1", "t2i_r@5", "mean_recall"):
+        assert abs(metrics["true"][key] - metrics["false"][key]) < 1e-5, key

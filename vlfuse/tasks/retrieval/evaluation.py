@@ -23,16 +23,20 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
+from vlfuse.data.cache_build import FEATURES
 from vlfuse.distributed import gather_rows
 
 # The model's inputs of one image (first dim: the batch's images) and of one caption (first dim: its
-# captions, image-major): the live tower's or the frozen tower's cached features.
-IMAGE_INPUTS = ("pixel_values", "image_tokens", "image_pooled")
-TEXT_INPUTS = ("input_ids", "attention_mask", "text_tokens", "text_mask", "text_pooled")
+# captions, image-major): the live tower's, or what the feature cache serves (a frozen tower's features,
+# the frozen prefix's output of a tower that trains its last blocks).
+IMAGE_INPUTS = ("pixel_values", *FEATURES["image"])
+TEXT_INPUTS = ("input_ids", "attention_mask", *FEATURES["text"])
 
 
 def content_keys(*tensors: torch.Tensor) -> torch.Tensor:
     """``[n, 2]`` int64: a 128-bit BLAKE2b digest of each row's bytes over ``tensors`` (one row each)."""
+    if not tensors:
+        raise ValueError("an evaluation batch holds none of the model's inputs to key its rows by")
     n = tensors[0].shape[0]
     flat = [t.detach().cpu().contiguous().reshape(n, -1).view(torch.uint8).numpy() for t in tensors]
     digests = b"".join(
