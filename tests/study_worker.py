@@ -1,8 +1,11 @@
 """A study worker for the storage tests, run as a process of its own: the real engine (Optuna, the storage,
 heartbeats, retries) over a stand-in for training that takes ``--seconds`` per trial and writes what a run
 writes for the report (``summary.json``); ``--hang CELL`` never finishes that cell (a worker to kill).
+``--ask N --at T`` only opens the study as a worker does, waits for the clock time T and takes N trials
+(``study.ask``: the oldest waiting one, else a new one), printing their numbers.
 
     python tests/study_worker.py OUTPUT_DIR STORAGE_URL [--seconds S] [--hang CELL] [key=value ...]
+    python tests/study_worker.py OUTPUT_DIR STORAGE_URL --ask N --at T [key=value ...]
 """
 
 import argparse
@@ -13,6 +16,8 @@ from pathlib import Path
 
 import vlfuse.study
 from vlfuse.config import load_config
+from vlfuse.study.engine import open_study
+from vlfuse.study.grid import cells
 
 GRID = [
     "model.image_encoder.name=test_resnet",
@@ -41,6 +46,8 @@ def main() -> None:
     parser.add_argument("storage")
     parser.add_argument("--seconds", type=float, default=0.2)
     parser.add_argument("--hang", default=None)
+    parser.add_argument("--ask", type=int, default=0)
+    parser.add_argument("--at", type=float, default=0.0)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args()  # key=value overrides may follow the options
 
@@ -64,7 +71,13 @@ def main() -> None:
         f"study.storage={args.storage}",
         *args.overrides,
     ]
-    result = vlfuse.study.run_study(load_config(overrides=overrides))
+    cfg = load_config(overrides=overrides)
+    if args.ask:
+        study = open_study(cfg, cells(cfg))
+        time.sleep(max(0.0, args.at - time.time()))
+        print(json.dumps([study.ask().number for _ in range(args.ask)]))
+        return
+    result = vlfuse.study.run_study(cfg)
     print(json.dumps({"trials": result["trials"], "complete": result["complete"]}))
 
 

@@ -528,6 +528,33 @@ def test_a_killed_workers_trial_runs_again_once_when_two_workers_restart_togethe
     assert len(list(out.glob("trials/**/summary.json"))) == 8
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_sqlite_workers_pop_each_waiting_trial_once(tmp_path, backend, request):
+    """Two workers take trials at the same instant, 40 each, from 60 waiting ones: each waiting trial goes
+    to one of them. Optuna's read-then-write on SQLite gave 8-10 of the 60 to both workers (3 runs of 3)
+    before ``serialize_sqlite``; PostgreSQL locks the row (``FOR UPDATE``)."""
+    storage = (
+        f"sqlite:///{tmp_path / 'ask.db'}" if backend == "sqlite" else request.getfixturevalue("postgres_url")
+    )
+    name = f"ask-{backend}-{os.getpid()}-{time.time_ns()}"
+    out = tmp_path / "ask"
+    first = _worker(out, storage, "--ask", "1", f"study.name={name}")  # creates the study and its tables
+    assert first.wait(timeout=120) == 0, first.stdout.read()
+    study = optuna.load_study(study_name=name, storage=_sqlalchemy(storage))
+    for i in range(60):
+        study.enqueue_trial({}, user_attrs={"i": i})
+    at = time.time() + 8  # both processes started and connected by then
+    workers = [_worker(out, storage, "--ask", "40", "--at", str(at), f"study.name={name}") for _ in range(2)]
+    logs = [w.communicate(timeout=300)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], "\n\n".join(logs)
+    taken = Counter(n for log in logs for n in json.loads(log.strip().splitlines()[-1]))
+    assert sum(taken.values()) == 80 and max(taken.values()) == 1, taken.most_common(3)
+    waiting = {t.number for t in study.trials if "i" in t.user_attrs}
+    assert waiting <= set(taken)  # every waiting trial was taken (60 of the 80), none by both
+
+
 # ---------------------------------------------------------------------------------------------- command
 @pytest.mark.slow
 def test_the_study_command_writes_the_report_the_plots_and_keeps_the_recommended_models(tmp_path):
