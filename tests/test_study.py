@@ -374,6 +374,35 @@ def test_a_model_is_kept_only_while_it_can_still_be_recommended(tmp_path, monkey
     assert len(list(kept.glob("trials/*/*/*/*/final"))) == 12
 
 
+def test_a_study_begun_before_a_setting_existed_continues_while_that_setting_keeps_its_default(
+    tmp_path, monkeypatch
+):
+    import vlfuse.study
+    from vlfuse.study import StudyError
+    from vlfuse.study.engine import storage_url, study_identity, study_name
+
+    calls = []
+    monkeypatch.setattr(vlfuse.study, "train", _fake_train(calls))
+    base = [*STUDY, "study.lr_grid={none: [0.001], all: [0.001]}", f"train.output_dir={tmp_path}"]
+    cfg = tiny_config(*base)
+    assert run_study(cfg)["complete"] and len(calls) == 8
+    # the identity an older vlfuse recorded: without lora.last_blocks (a setting added later)
+    study = optuna.load_study(study_name=study_name(cfg), storage=storage_url(cfg))
+    key = "model.image_encoder.lora.last_blocks"
+    older = {k: v for k, v in study_identity(cfg)["config"].items() if k != key}
+    study.set_user_attr("identity", {"fingerprint": "recorded-by-an-older-version", "config": older})
+    again = run_study(cfg)  # continued: nothing runs again, the identity is brought up to date
+    assert again["complete"] and len(calls) == 8
+    assert study.user_attrs["identity"] == json.loads(json.dumps(study_identity(cfg), default=repr))
+    # the new setting at another value is another config, named; so is any other key's change
+    study.set_user_attr("identity", {"fingerprint": "recorded-by-an-older-version", "config": older})
+    with pytest.raises(StudyError, match=rf"another config \({re.escape(key)}: '<unset>' -> 1\)"):
+        run_study(tiny_config(*base, "model.image_encoder.lora.last_blocks=1"))
+    with pytest.raises(StudyError, match=r"another config \(train\.max_steps: 2 -> 3\)"):
+        run_study(tiny_config(*base, "train.max_steps=3"))
+    assert len(calls) == 8
+
+
 def test_another_config_is_refused_naming_the_key_and_a_grown_grid_runs_only_its_new_cells(
     tmp_path, monkeypatch
 ):

@@ -119,6 +119,23 @@ def study_identity(cfg: Config) -> dict[str, Any]:
     return {"fingerprint": digest, "config": flat}
 
 
+def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The keys whose values differ between two identities' flat configs, but for a setting vlfuse has
+    added since the study began (absent from ``old``) that ``new`` leaves at its default: the study ran
+    then as it runs now."""
+
+    def as_stored(config: dict[str, Any]) -> dict[str, Any]:  # as the storage gives it back (JSON)
+        return json.loads(json.dumps(config, default=repr))
+
+    new, defaults = as_stored(new), as_stored(study_identity(Config())["config"])
+    return [
+        k
+        for k in sorted(set(old) | set(new))
+        if old.get(k, "<unset>") != new.get(k, "<unset>")
+        and not (k not in old and k in defaults and new.get(k) == defaults[k])
+    ]
+
+
 def open_study(cfg: Config, grid: list[Cell]) -> optuna.Study:
     """Creates or loads the study, with heartbeats and the retry of trials of dead workers; records its
     identity (``study_identity``) and every cell it has been asked for.
@@ -140,11 +157,10 @@ def open_study(cfg: Config, grid: list[Cell]) -> optuna.Study:
     )
     identity = study_identity(cfg)
     recorded = study.user_attrs.get("identity")
-    if recorded is None:
-        study.set_user_attr("identity", identity)
-    elif recorded["fingerprint"] != identity["fingerprint"]:
-        old, new = recorded["config"], identity["config"]
-        differ = sorted(k for k in set(old) | set(new) if old.get(k, "<unset>") != new.get(k, "<unset>"))
+    same = recorded is not None and recorded["fingerprint"] == identity["fingerprint"]
+    old, new = (recorded or identity)["config"], identity["config"]
+    differ = [] if recorded is None or same else changed_keys(old, new)
+    if differ:
         shown = ", ".join(f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}" for k in differ[:5])
         raise StudyError(
             f"the study {study.study_name!r} in {shown_url(url)} was run with another config ({shown}"
@@ -152,6 +168,8 @@ def open_study(cfg: Config, grid: list[Cell]) -> optuna.Study:
             "axes (study.modes, train_sizes, seeds, lr_grid) may change; use another study.name or "
             "train.output_dir for this config"
         )
+    if not same:  # a new study, or one begun before vlfuse added a setting (at its default here)
+        study.set_user_attr("identity", identity)
     _check_folder(cfg, study, url)
     pairs = dict(study.user_attrs.get("encoders", {}))
     changed = [n for n, pair in cfg.study.encoders.items() if n in pairs and pairs[n] != pair]
