@@ -379,7 +379,8 @@ def test_a_study_begun_before_a_setting_existed_continues_while_that_setting_kee
 ):
     import vlfuse.study
     from vlfuse.study import StudyError
-    from vlfuse.study.engine import storage_url, study_identity, study_name
+    from vlfuse.study.engine import study_identity, study_name
+    from vlfuse.study.storage import storage_url
 
     calls = []
     monkeypatch.setattr(vlfuse.study, "train", _fake_train(calls))
@@ -772,8 +773,8 @@ def test_a_launched_trial_past_its_timeout_is_ended_with_its_processes(tmp_path)
 
 
 def test_a_storage_password_is_never_printed_or_saved(tmp_path):
-    from vlfuse.study.engine import shown_url, storage_url
     from vlfuse.study.grid import trial_config
+    from vlfuse.study.storage import shown_url, storage_url
 
     cfg = tiny_config(*STUDY, "study.storage=postgresql://me:s3cret@db-host/studies")
     assert storage_url(cfg).startswith("postgresql+psycopg://me:s3cret@")  # psycopg 3, as installed

@@ -26,8 +26,6 @@ from vlfuse.study.engine import (
     failed_cells,
     open_study,
     run_worker,
-    shown_url,
-    storage_url,
 )
 from vlfuse.study.grid import (
     Cell,
@@ -41,6 +39,7 @@ from vlfuse.study.grid import (
 from vlfuse.study.records import finished_records
 from vlfuse.study.report import drop_lost_rates, write_report
 from vlfuse.study.stats import summarize
+from vlfuse.study.storage import shown_url, storage_url
 from vlfuse.study.trial import LaunchError, launch
 from vlfuse.training import TrainingError, train
 
