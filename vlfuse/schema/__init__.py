@@ -205,9 +205,8 @@ class DataConfig:
     max_train_samples: int | None = None
     # The same cap for each evaluation split; null = all.
     max_eval_samples: int | None = None
-    # Rows of the train split held out for choosing settings: a count, or a fraction when at most 1, drawn at
-    # random (data.subset_seed). Training never reads them; the evaluation split named "holdout" does.
-    # 0 = none.
+    # Rows of the train split held out for choosing settings (0 = none): a count, or a fraction when at most
+    # 1, drawn at random (data.subset_seed). Training never reads them; the evaluation split "holdout" does.
     holdout: float = at_least(0, 0)
     # Train on a random part of the train split's (remaining) rows: a count, or a fraction when at most 1.
     # Nested: one seeded order of the rows, each size its first rows. null = all.
@@ -313,13 +312,15 @@ class TrainConfig:
     # Run a CNN image tower and the dense fusion's convolutions in channels-last memory order (faster
     # convolutions on CPUs and GPUs; values and saved weights unchanged). Not applied under FSDP/DeepSpeed.
     channels_last: bool = True
+    # Keep freed CPU memory for reuse, process-wide (glibc's mallopt; Linux): no page faults on each step's
+    # activations (CPU steps up to 1.3x faster), resident memory stays near its peak.
+    reuse_cpu_memory: bool = True
     # torch.compile the towers that run, the fusion and the head (slower start, faster steps); without a
     # working compiler (no C++ compiler on CPU, no Triton on GPU) the run says so and stays eager.
     compile: bool = False
-    # Deterministic algorithms only (torch.use_deterministic_algorithms, process-wide, through Accelerate's
-    # set_seed): what makes a compiled run bitwise reproducible and resumable (compiled embedding
-    # gradients are otherwise summed in a varying order). Can slow training; on CUDA also set
-    # CUBLAS_WORKSPACE_CONFIG=:4096:8.
+    # Deterministic algorithms only (torch.use_deterministic_algorithms, process-wide, via Accelerate's
+    # set_seed): makes a compiled run bitwise reproducible and resumable (compiled embedding gradients are
+    # otherwise summed in a varying order). Slower; on CUDA also set CUBLAS_WORKSPACE_CONFIG=:4096:8.
     deterministic: bool = False
     # AdamW's fused kernel where the device has one (CUDA, CPU), else its multi-tensor (foreach) kernel.
     fused_optimizer: bool = True

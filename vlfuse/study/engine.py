@@ -80,6 +80,7 @@ NOT_IDENTITY = (
     "train.cache_dir",
     "train.log_with",
     "train.log_every",
+    "train.reuse_cpu_memory",
     "data.num_workers",
     "compare.",
 )

@@ -24,7 +24,13 @@ from vlfuse.schema import Config, ConfigError, shown_yaml
 from vlfuse.tasks import Task, get_task
 from vlfuse.tracking import JsonlWriter, PeakMemory
 from vlfuse.training.data import MapData, StreamData, build_eval_loaders, build_train_data
-from vlfuse.training.speed import compile_parts, compiler_available, optimizer_options, use_channels_last
+from vlfuse.training.speed import (
+    compile_parts,
+    compiler_available,
+    optimizer_options,
+    reuse_freed_cpu_memory,
+    use_channels_last,
+)
 
 
 def build_accelerator(cfg: Config) -> Accelerator:
@@ -173,10 +179,17 @@ def build_optimizer_and_scheduler(cfg: Config, model: VLFuseModel, total_steps: 
 
 
 def speed_up(cfg: Config, accelerator: Accelerator, model: VLFuseModel) -> None:
-    """``train.channels_last`` and ``train.compile`` on the model, before it is prepared (neither under
-    FSDP/DeepSpeed, which shard the weights themselves). Towers the feature cache serves are not
-    compiled: they never run."""
+    """``train.reuse_cpu_memory`` for the process; ``train.channels_last`` and ``train.compile`` on the
+    model, before it is prepared (neither under FSDP/DeepSpeed, which shard the weights themselves).
+    Towers the feature cache serves are not compiled: they never run."""
     sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    if cfg.train.reuse_cpu_memory:
+        why_not = reuse_freed_cpu_memory()
+        accelerator.print(
+            "freed CPU memory kept for reuse (train.reuse_cpu_memory)"
+            if why_not is None
+            else f"train.reuse_cpu_memory=true, but not applied: {why_not}"
+        )
     if cfg.train.channels_last and not sharded and (parts := use_channels_last(model)):
         accelerator.print(f"channels-last memory order for {', '.join(parts)} (train.channels_last)")
     if not cfg.train.compile:

@@ -1,9 +1,12 @@
-"""Speed options of a training run (``train.channels_last``, ``train.compile``, ``train.fused_optimizer``)
+"""Speed options of a training run (``train.channels_last``, ``train.compile``, ``train.fused_optimizer``,
+``train.reuse_cpu_memory``)
 and the measurements that say how close a run is to the machine's limit (FLOPs of a step, the peak
 matmul rate). ``benchmarks/throughput.py`` prints both; ``docs/benchmarks.md`` has the figures."""
 
 from __future__ import annotations
 
+import ctypes
+import platform
 import time
 from collections.abc import Callable
 from typing import Any
@@ -43,6 +46,32 @@ def use_channels_last(model: nn.Module) -> list[str]:
                 part.channels_last = True
             converted.append(name)
     return converted
+
+
+# glibc's mallopt parameters (<malloc.h>, documented in mallopt(3))
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+
+
+def reuse_freed_cpu_memory() -> str | None:
+    """Makes this process keep the CPU memory it frees for its next allocations (glibc's ``mallopt``: no
+    ``mmap`` for large blocks, no trimming of the heap). By default glibc serves each block over 32 MiB
+    (a batch's activations, most of them) with a fresh ``mmap`` and returns it on free, so every step
+    faults its activations' pages in again: on a 2-core CPU a ResNet-50 LoRA step spent 12 s of system
+    time in 5 steps, and ran 1.33x faster with this (4.83 -> 3.64 s per step); resident memory stays near
+    its peak (3068 -> 3588 MiB there). Process-wide and not undone; DataLoader workers forked later
+    inherit it. glibc's own counterpart of the jemalloc/tcmalloc preload that Intel's PyTorch CPU tuning
+    guide recommends, without a library to install.
+
+    Returns:
+        None when applied; else why not (not Linux with glibc, or ``mallopt`` refused a value).
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return f"not Linux with glibc ({platform.system()} {platform.libc_ver()[0] or 'unknown libc'})"
+    libc = ctypes.CDLL(None)
+    # mallopt returns 1 on success; the trim threshold is an int (2 GiB - 1: never trimmed in practice)
+    if libc.mallopt(M_MMAP_MAX, 0) != 1 or libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1) != 1:
+        return "glibc's mallopt refused the settings"
+    return None
 
 
 def compiler_available(device: torch.device) -> str | None:
