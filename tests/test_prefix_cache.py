@@ -429,3 +429,17 @@ def test_a_frozen_batchnorm_runs_as_an_affine_map_and_trains_as_before(kind):
     for m in (plain, fast[0]):
         m.train().requires_grad_(True)
     assert torch.equal(fast(x), plain(x)) and torch.equal(fast[0].running_mean, plain.running_mean)
+
+
+def test_a_text_tower_that_trains_its_last_layers_says_it_runs_whole(tmp_path, capsys):
+    # both towers train their last block: the image prefix is cached, the text tower is not
+    _, dataset = _cache(
+        tmp_path,
+        "model.trainable_encoders=all",
+        "model.text_encoder.tuning=last_blocks",
+        "model.text_encoder.last_blocks=1",
+    )
+    assert set(dataset.folders) == {"image"}
+    out = capsys.readouterr().out
+    assert "the text tower's frozen layers are not cached" in out
+    assert "written (image tower's frozen prefix" in out

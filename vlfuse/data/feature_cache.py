@@ -270,6 +270,13 @@ def cached_dataset(
     for tower in ("image", "text"):
         kind = tower
         if model.tower_is_trainable(tower):
+            if tower == "text" and trains_top_only(model.text_encoder.cfg):
+                # Not built: transformers encoders share no call that resumes a layer stack from a cached
+                # hidden state, and their frozen layers keep dropout active in training (docs/caching.md).
+                accelerator.print(
+                    "feature cache: the text tower's frozen layers are not cached (the prefix cache "
+                    "serves an image tower only); it runs whole every step"
+                )
             if tower != "image" or not prefix_cacheable(model, accelerator):
                 continue
             kind = "image_prefix"  # the frozen blocks before the learnable ones
