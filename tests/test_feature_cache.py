@@ -299,16 +299,24 @@ def test_retrieval_cached_evaluation_equals_live(tmp_path):
     assert a == pytest.approx(b)
 
 
-@pytest.mark.parametrize("mode", ["none", "text"])
-def test_retrieval_run_with_and_without_cache_reach_the_same_metrics(tmp_path, mode):
-    # none: only the projections learn; text: LiT (a locked, cached image tower, the text tower learns)
+NO_TEXT_DROPOUT = (
+    'model.text_encoder.config_overrides={"hidden_dropout_prob": 0, "attention_probs_dropout_prob": 0}'
+)
+TEXT_TOP = ["model.text_encoder.tuning=last_blocks", "model.text_encoder.last_blocks=1", NO_TEXT_DROPOUT]
+
+
+@pytest.mark.parametrize("mode", ["none", "text", "text_top"])
+def test_retrieval_run_with_and_without_cache_reach_the_same_metrics(tmp_path, capsys, mode):
+    # none: only the projections learn; text: LiT (a locked, cached image tower, the text tower learns);
+    # text_top: LiT with the text tower's last layer learning, its frozen layer's output cached
     from helpers import write_flickr_layout
 
     folder = write_flickr_layout(tmp_path)
     common = [
         *RETRIEVAL,
         f"data.dataset={folder}",
-        f"model.trainable_encoders={mode}",
+        f"model.trainable_encoders={mode.removesuffix('_top')}",
+        *(TEXT_TOP if mode == "text_top" else []),
         "data.train_split=train",
         "data.eval_split=test",
         "train.batch_size=8",
@@ -324,6 +332,8 @@ def test_retrieval_run_with_and_without_cache_reach_the_same_metrics(tmp_path, m
     assert cached["images"] == live["images"] == 8 and cached["texts"] == live["texts"] == 32
     for key in ("i2t_r@1", "t2i_r@1", "mean_recall"):
         assert cached[key] == pytest.approx(live[key], abs=1e-4), key
+    out = capsys.readouterr().out
+    assert ("written (text tower's frozen prefix, entering encoder.layer.1)" in out) == (mode == "text_top")
 
 
 def test_towers_served_by_the_cache_stay_off_the_accelerator():

@@ -266,12 +266,15 @@ def test_settings_name_the_key():
                 "model.image_encoder.lora.last_blocks=9",
             ).model
         )
-    # the cache with both towers trained whole is refused; with the image tower's top only it is not
-    with pytest.raises(ConfigError, match="needs a frozen encoder or an image tower"):
+    # the cache with both towers trained whole is refused; with either tower's top only it is not
+    with pytest.raises(ConfigError, match="needs a frozen encoder or a tower that trains only its last"):
         tiny_config("train.cache_features=true", "model.trainable_encoders=all")
-    tiny_config(
-        "train.cache_features=true", "model.trainable_encoders=all", "model.image_encoder.tuning=last_blocks"
-    )
+    for tower in ("image", "text"):
+        tiny_config(
+            "train.cache_features=true",
+            "model.trainable_encoders=all",
+            f"model.{tower}_encoder.tuning=last_blocks",
+        )
 
 
 def test_the_study_and_compare_use_the_prefix_cache_where_it_applies(tmp_path):
@@ -287,6 +290,8 @@ def test_the_study_and_compare_use_the_prefix_cache_where_it_applies(tmp_path):
     assert cached == {"none": True, "all": False, "last_blocks": True, "lora": False}
     top_lora = tiny_config(*SMALL_DATA, "model.image_encoder.lora.last_blocks=1")
     assert trial_config(top_lora, Cell("lora", 16.0, 0, 1e-3), tmp_path).train.cache_features
+    top_text_lora = tiny_config(*SMALL_DATA, "model.text_encoder.lora.last_blocks=1")
+    assert trial_config(top_text_lora, Cell("lora", 16.0, 0, 1e-3), tmp_path).train.cache_features
     on = tiny_config(*SMALL_DATA, "train.cache_features=true")
     assert (
         mode_config(on, "last_blocks").train.cache_features
@@ -431,8 +436,8 @@ def test_a_frozen_batchnorm_runs_as_an_affine_map_and_trains_as_before(kind):
     assert torch.equal(fast(x), plain(x)) and torch.equal(fast[0].running_mean, plain.running_mean)
 
 
-def test_a_text_tower_that_trains_its_last_layers_says_it_runs_whole(tmp_path, capsys):
-    # both towers train their last block: the image prefix is cached, the text tower is not
+def test_a_text_tower_with_dropout_in_its_frozen_layers_says_why_and_runs_whole(tmp_path, capsys):
+    # tiny-bert's config has dropout 0.1: a frozen layer keeps it in training, so its output is random
     _, dataset = _cache(
         tmp_path,
         "model.trainable_encoders=all",
@@ -441,5 +446,159 @@ def test_a_text_tower_that_trains_its_last_layers_says_it_runs_whole(tmp_path, c
     )
     assert set(dataset.folders) == {"image"}
     out = capsys.readouterr().out
-    assert "the text tower's frozen layers are not cached" in out
+    assert (
+        "the text tower's frozen blocks are not cached (the prefix is not the same every step: Dropout "
+        "(rate 0.1) at embeddings.dropout" in out
+    )
     assert "written (image tower's frozen prefix" in out
+
+
+NO_TEXT_DROPOUT = (
+    'model.text_encoder.config_overrides={"hidden_dropout_prob": 0, "attention_probs_dropout_prob": 0}'
+)
+
+
+def test_text_prefix_cached_training_equals_live(tmp_path, capsys):
+    # Both towers train their last block; the text tower without dropout, so its frozen layer is the
+    # same every step. The transformer fusion's dropout draws the same masks only if the cached text
+    # batch is as wide as the live one: padding columns are dropped before the learnable layer runs.
+    common = [
+        *_common(tmp_path, "test_resnet", NO_TEXT_DROPOUT),
+        "model.text_encoder.last_blocks=1",
+        "train.checkpoint_every=null",
+    ]
+    live = train(tiny_config(*common, f"train.output_dir={tmp_path / 'live'}"))
+    AcceleratorState._reset_state(True)
+    capsys.readouterr()
+    cached = train(
+        tiny_config(*common, "train.cache_features=true", f"train.output_dir={tmp_path / 'cached'}")
+    )
+    out = capsys.readouterr().out
+    assert "feature cache written (text tower's frozen prefix, entering encoder.layer.1)" in out
+    assert "feature cache written (image tower's frozen prefix, entering layer4.0)" in out
+    a, b = _losses(tmp_path / "live"), _losses(tmp_path / "cached")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
+    for step in a:
+        assert b[step] == pytest.approx(a[step], abs=1e-5), step
+    live_w = load_file(str(tmp_path / "live" / "final" / "model.safetensors"))
+    cached_w = load_file(str(tmp_path / "cached" / "final" / "model.safetensors"))
+    for k in live_w:
+        a_k, b_k = live_w[k], cached_w[k]
+        if k.endswith("self_attn.in_proj_bias"):
+            # The key bias's true gradient is 0 (softmax ignores a shift shared by every key): Adam
+            # scales the ~1e-12 rounding noise left in it to full steps, whose signs are arbitrary.
+            d = a_k.numel() // 3
+            a_k, b_k = torch.cat([a_k[:d], a_k[2 * d :]]), torch.cat([b_k[:d], b_k[2 * d :]])
+        torch.testing.assert_close(b_k, a_k, atol=1e-5, rtol=0, msg=k)
+    for key, value in live["validation"].items():
+        assert cached["validation"][key] == pytest.approx(value, abs=1e-5), key
+
+
+def test_split_text_tower_resumes_the_forward_and_refuses_what_it_cannot_cut():
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    from vlfuse.encoders.text import resolve_text_encoder_name
+    from vlfuse.encoders.text_prefix import split_text_tower
+
+    tokenizer = BertTokenizer.from_pretrained(resolve_text_encoder_name("vlfuse:tiny-bert"))
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+    model = BertModel(config, add_pooling_layer=False).eval()
+    names = [n for n, _ in model.named_parameters()]
+    blocks = [[n for n in names if not n.startswith("encoder.layer.")]] + [
+        [n for n in names if n.startswith(f"encoder.layer.{i}.")] for i in range(3)
+    ]
+    split = split_text_tower(model, "encoder.layer", blocks, set(blocks[3]), tokenizer)
+    assert split.boundary == "encoder.layer.2"
+    assert not [n for n in split.prefix_state if n.startswith("encoder.layer.2.")]
+    assert "encoder.layer.1.output.dense.weight" in split.prefix_state
+    assert "embeddings.word_embeddings.weight" in split.prefix_state
+    ids = tokenizer(["one two three four", "five"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = model(**ids).last_hidden_state
+        hidden = split.prefix(model, ids["input_ids"], ids["attention_mask"])
+        got = split.suffix(model, hidden, ids["attention_mask"])
+        # the prefix is the input of layer 2: layers 0 and 1 run on the embeddings
+        manual = model.embeddings(input_ids=ids["input_ids"])
+        torch.testing.assert_close(hidden[0], model.encoder.layer[1](model.encoder.layer[0](manual))[0])
+    keep = ids["attention_mask"].bool()
+    torch.testing.assert_close(got[keep], expected[keep], atol=1e-6, rtol=1e-6)
+    assert "embeddings learn" in split_text_tower(model, "encoder.layer", blocks, set(names), tokenizer)
+    assert "first layer" in split_text_tower(model, "encoder.layer", blocks, set(blocks[1]), tokenizer)
+    dropout = BertModel(
+        BertConfig(**{**config.to_dict(), "hidden_dropout_prob": 0.1}), add_pooling_layer=False
+    )
+    assert "Dropout (rate 0.1)" in split_text_tower(
+        dropout, "encoder.layer", blocks, set(blocks[3]), tokenizer
+    )
+
+    class KeywordLayers(torch.nn.Module):  # layers called with another keyword: the forward cannot be resumed
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(tokenizer.vocab_size, 8)
+            self.layers = torch.nn.ModuleList(torch.nn.Linear(8, 8) for _ in range(3))
+
+        def forward(self, input_ids, attention_mask):
+            x = self.embed(input_ids)
+            for layer in self.layers:
+                x = layer(input=x)
+            return type("Out", (), {"last_hidden_state": x})()
+
+    odd = KeywordLayers()
+    odd_blocks = [["embed.weight"]] + [[f"layers.{i}.weight", f"layers.{i}.bias"] for i in range(3)]
+    reason = split_text_tower(odd, "layers", odd_blocks, set(odd_blocks[3]), tokenizer)
+    assert "cannot be resumed at layers.2" in reason
+
+
+def _family(name: str, vocab: int):
+    import transformers as tf
+
+    small = {"vocab_size": vocab, "num_attention_heads": 2}
+    layers = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 3,
+        "max_position_embeddings": 64,
+    }
+    no_dropout = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    if name == "clip":
+        return tf.CLIPTextModel(tf.CLIPTextConfig(**small, **layers)), "encoder.layers"
+    if name == "siglip":
+        return tf.SiglipTextModel(tf.SiglipTextConfig(**small, **layers)), "encoder.layers"
+    if name == "distilbert":
+        config = tf.DistilBertConfig(
+            vocab_size=vocab, dim=32, hidden_dim=64, n_layers=3, n_heads=2, dropout=0.0, attention_dropout=0.0
+        )
+        return tf.DistilBertModel(config), "transformer.layer"
+    config = tf.RobertaConfig(**small, **layers, **no_dropout, pad_token_id=0)
+    return tf.RobertaModel(config, add_pooling_layer=False), "encoder.layer"
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip", "distilbert", "roberta"])
+def test_other_text_encoder_families_resume_their_forward_at_the_cut(family):
+    # each builds its mask and layer arguments its own way (CLIP a causal mask, DistilBERT its own layer call)
+    from transformers import BertTokenizer
+
+    from vlfuse.encoders.text import resolve_text_encoder_name
+    from vlfuse.encoders.text_prefix import split_text_tower
+    from vlfuse.encoders.tuning import blocks_by_prefix
+
+    tokenizer = BertTokenizer.from_pretrained(resolve_text_encoder_name("vlfuse:tiny-bert"))
+    torch.manual_seed(0)
+    model, stack = _family(family, tokenizer.vocab_size)
+    model.eval()
+    blocks = blocks_by_prefix([n for n, _ in model.named_parameters()], stack, 3)
+    split = split_text_tower(model, stack, blocks, set(blocks[3]), tokenizer)
+    assert not isinstance(split, str), split
+    assert split.boundary == f"{stack}.2"
+    ids = tokenizer(["a small red circle left of a square", "a dog"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = model(**ids).last_hidden_state
+        got = split.suffix(
+            model, split.prefix(model, ids["input_ids"], ids["attention_mask"]), ids["attention_mask"]
+        )
+    keep = ids["attention_mask"].bool()
+    torch.testing.assert_close(got[keep], expected[keep], atol=1e-5, rtol=1e-5)

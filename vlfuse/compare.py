@@ -18,7 +18,7 @@ import yaml
 from vlfuse.card import write_card
 from vlfuse.distributed import process_state
 from vlfuse.hub import CONFIG_NAME
-from vlfuse.schema import TUNING, Config, trains_top_only
+from vlfuse.schema import TUNING, Config, top_only
 from vlfuse.tasks import get_task
 from vlfuse.training import push_final, train
 from vlfuse.training.data import eval_splits
@@ -89,15 +89,15 @@ def rewrite_card(final: Path, **extra: Any) -> None:
 
 def mode_config(cfg: Config, mode: str) -> Config:
     """The config of one comparison run: ``trainable_encoders=mode``, or for ``lora`` / ``last_blocks``
-    both towers trainable with that tuning; the feature cache only where a tower is frozen or the image
-    tower trains only its last blocks (its frozen prefix is cached)."""
+    both towers trainable with that tuning; the feature cache only where a tower is frozen or trains
+    only its last blocks (its frozen prefix is cached)."""
     run_cfg = copy.deepcopy(cfg)
     if mode in TUNING:
         run_cfg.model.trainable_encoders = "all"
         run_cfg.model.image_encoder.tuning = run_cfg.model.text_encoder.tuning = mode
     else:
         run_cfg.model.trainable_encoders = mode
-    if run_cfg.model.trainable_encoders == "all" and not trains_top_only(run_cfg.model.image_encoder):
+    if run_cfg.model.trainable_encoders == "all" and not top_only(run_cfg.model):
         run_cfg.train.cache_features = False
     run_cfg.train.push_to_hub = False  # pushed after the comparison, with the table in each card
     return run_cfg

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from vlfuse.data.subsets import HOLDOUT
-from vlfuse.schema import Config, ConfigError, shown_yaml, trains_top_only, validate
+from vlfuse.schema import Config, ConfigError, shown_yaml, top_only, validate
 from vlfuse.schema.reference import cli_help, reference, reference_markdown
 from vlfuse.schema.trust import refuse_interpolation, refuse_resolvers
 from vlfuse.tasks import TASKS, check_task_fusion, get_task, task_name
@@ -181,15 +181,12 @@ def check_combinations(cfg: Config) -> None:
             f"train.cache_features=true is implemented for model.task={served} only (not {task.name}); "
             "turn it off"
         )
-    if (
-        cfg.train.cache_features
-        and cfg.model.trainable_encoders == "all"
-        and not trains_top_only(cfg.model.image_encoder)
-    ):
+    if cfg.train.cache_features and cfg.model.trainable_encoders == "all" and not top_only(cfg.model):
         raise ConfigError(
-            "train.cache_features=true needs a frozen encoder or an image tower that trains only its last "
+            "train.cache_features=true needs a frozen encoder or a tower that trains only its last "
             "blocks, but model.trainable_encoders=all trains both whole; use none, image or text, "
-            "model.image_encoder.tuning=last_blocks (or lora with lora.last_blocks), or turn the cache off"
+            "model.image_encoder.tuning=last_blocks or model.text_encoder.tuning=last_blocks (or lora with "
+            "lora.last_blocks), or turn the cache off"
         )
     if cfg.train.cache_features and cfg.data.hflip_prob > 0:
         raise ConfigError(

@@ -208,6 +208,11 @@ class VLFuseModel(HubMixin, nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.tower_is_trainable("image")):
             return self.image_encoder.forward_from_prefix(prefix, with_pooled=self.fusion.uses_image_pooled)
 
+    def encode_text_prefix(self, prefix: torch.Tensor, mask: torch.Tensor) -> EncoderOutput:
+        """The text tower from its frozen layers' cached output (``TextEncoder.forward_from_prefix``)."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.tower_is_trainable("text")):
+            return self.text_encoder.forward_from_prefix(prefix, mask)
+
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> EncoderOutput:
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.tower_is_trainable("text")):
             return self._on_tower(self.text_encoder, input_ids, attention_mask)
@@ -246,13 +251,15 @@ class VLFuseModel(HubMixin, nn.Module):
         text_tokens: torch.Tensor | None = None,
         text_mask: torch.Tensor | None = None,
         text_pooled: torch.Tensor | None = None,
+        text_prefix: torch.Tensor | None = None,
         image_index: torch.Tensor | None = None,
         text_index: torch.Tensor | None = None,
         **_: Any,
     ) -> dict[str, torch.Tensor]:
         """Runs the towers, or takes their cached features (``image_tokens``/``image_pooled``,
-        ``text_tokens``/``text_mask``/``text_pooled``; ``image_prefix``, the cached output of the frozen
-        blocks of an image tower that trains its last ones), then the fusion and the task head.
+        ``text_tokens``/``text_mask``/``text_pooled``; ``image_prefix`` and ``text_prefix`` (with
+        ``text_mask``), the cached output of the frozen blocks of a tower that trains its last ones), then
+        the fusion and the task head.
 
         ``image_index`` and ``text_index`` (``[P]`` each) pair the inputs by index: the fusion sees image
         ``image_index[p]`` with text ``text_index[p]``, so each image and text is encoded once however many
@@ -273,6 +280,8 @@ class VLFuseModel(HubMixin, nn.Module):
             text = EncoderOutput(
                 text_tokens, text_pooled, mask=None if text_mask is None else text_mask.bool()
             )
+        elif text_prefix is not None:
+            text = self.encode_text_prefix(text_prefix, text_mask)
         elif input_ids is not None:
             text = self.encode_text(input_ids, attention_mask)
         if image is None and text is None:

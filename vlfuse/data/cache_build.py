@@ -22,7 +22,7 @@ _INPUT_FIELDS = ("pixel_values", "text", "features")
 
 FEATURES = {
     "image": ("image_tokens", "image_pooled", "image_prefix"),
-    "text": ("text_tokens", "text_mask", "text_pooled"),
+    "text": ("text_tokens", "text_mask", "text_pooled", "text_prefix"),
 }
 
 
@@ -222,14 +222,23 @@ def compute_image_prefix(model, dataset: ImageTextDataset, folder: Path, dtype: 
 
 
 @torch.no_grad()
-def compute_text(model, dataset: ImageTextDataset, folder: Path, dtype: str, batch_size: int, device):
+def compute_text(
+    model, dataset: ImageTextDataset, folder: Path, dtype: str, batch_size: int, device, prefix: bool = False
+):
     """Runs the frozen text tower once per distinct text as the tower sees it (its token ids); no image is
-    read. ``text_row`` maps each example to its entry."""
+    read. ``text_row`` maps each example to its entry. With ``prefix``, only the frozen layers before the
+    learnable ones run, and the hidden states entering the first learnable layer are stored
+    (``text_prefix``, padded to ``max_length``, with ``text_mask``)."""
     np_dtype = np.float16 if dtype == "float16" else np.float32
     n, enc = len(dataset), model.text_encoder
-    arrays: dict[str, np.ndarray] = {"text_pooled": np.zeros((max(1, n), enc.dim), np_dtype)}
-    arrays["text_row"] = np.zeros((n,), np.int64)
-    if model.fusion.uses_tokens:
+    arrays: dict[str, np.ndarray] = {"text_row": np.zeros((n,), np.int64)}
+    if prefix:
+        shape = (enc.max_length, enc.dim)
+        arrays["text_prefix"] = _open_features(folder, "text_prefix", max(1, n), shape, np_dtype, memmap=True)
+        arrays["text_mask"] = np.zeros((max(1, n), enc.max_length), np.bool_)
+    else:
+        arrays["text_pooled"] = np.zeros((max(1, n), enc.dim), np_dtype)
+    if model.fusion.uses_tokens and not prefix:
         shape = (enc.max_length, enc.dim)
         arrays["text_tokens"] = _open_features(folder, "text_tokens", max(1, n), shape, np_dtype, memmap=True)
         arrays["text_mask"] = np.zeros((max(1, n), enc.max_length), np.bool_)
@@ -246,7 +255,12 @@ def compute_text(model, dataset: ImageTextDataset, folder: Path, dtype: str, bat
         if not new:
             continue
         slots = [int(arrays["text_row"][idx[j]]) for j in new]
-        out = enc(tokens["input_ids"][new].to(device), tokens["attention_mask"][new].to(device))
+        ids, mask = tokens["input_ids"][new].to(device), tokens["attention_mask"][new].to(device)
+        if prefix:
+            arrays["text_prefix"][slots] = enc.prefix(ids, mask).float().cpu().numpy().astype(np_dtype)
+            arrays["text_mask"][slots] = mask.bool().cpu().numpy()
+            continue
+        out = enc(ids, mask)
         arrays["text_pooled"][slots] = out.pooled.float().cpu().numpy().astype(np_dtype)
         if "text_tokens" in arrays:
             arrays["text_tokens"][slots] = out.tokens.float().cpu().numpy().astype(np_dtype)
@@ -254,6 +268,11 @@ def compute_text(model, dataset: ImageTextDataset, folder: Path, dtype: str, bat
     _keep_entries(arrays, FEATURES["text"], max(1, len(entries)), folder)
     _save(arrays, folder)
     return {"entries": len(entries), "examples": n}
+
+
+def compute_text_prefix(model, dataset: ImageTextDataset, folder: Path, dtype: str, batch_size: int, device):
+    """``compute_text`` of the frozen prefix (``text_prefix``)."""
+    return compute_text(model, dataset, folder, dtype, batch_size, device, prefix=True)
 
 
 def _save(arrays: dict[str, np.ndarray], folder: Path) -> None:

@@ -76,6 +76,12 @@ def expected_arrays(model, dataset: ImageTextDataset, tower: str, dtype: str) ->
             arrays["image_pooled"] = ("entries", (enc.pooled_dim,), feature)
         return arrays
     enc = model.text_encoder
+    if tower == "text_prefix":  # the hidden states entering the first learnable layer, and their mask
+        return {
+            "text_row": ("examples", (), "i"),
+            "text_prefix": ("entries", (enc.max_length, enc.dim), feature),
+            "text_mask": ("entries", (enc.max_length,), "b"),
+        }
     arrays = {"text_row": ("examples", (), "i"), "text_pooled": ("entries", (enc.dim,), feature)}
     if model.fusion.uses_tokens:
         arrays["text_tokens"] = ("entries", (enc.max_length, enc.dim), feature)

@@ -323,7 +323,7 @@ class ExampleCollator:
             batch["pixel_values"] = torch.stack([e.pixel_values for e in examples])
         for name in examples[0].features:
             batch[name] = torch.stack([e.features[name] for e in examples])
-        if "text_pooled" not in batch:  # not cached: tokenize for the text tower
+        if "text_pooled" not in batch and "text_prefix" not in batch:  # not cached: tokenize for the tower
             batch.update(self.tokenize(self.texts(examples)))
         for key, attr in self.fields.items():
             batch[key] = torch.stack([torch.as_tensor(getattr(e, attr)) for e in examples])

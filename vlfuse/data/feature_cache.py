@@ -39,7 +39,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from vlfuse.data.cache_build import FEATURES, compute_image, compute_image_prefix, compute_text, label_fields
+from vlfuse.data.cache_build import (
+    FEATURES,
+    compute_image,
+    compute_image_prefix,
+    compute_text,
+    compute_text_prefix,
+    label_fields,
+)
 from vlfuse.data.cache_check import META_FILE, cache_problem, expected_arrays, image_files_key
 from vlfuse.data.examples import BadExample, ImageTextDataset
 from vlfuse.schema import trains_top_only
@@ -118,9 +125,16 @@ def tower_key(model, dataset: ImageTextDataset, split: str, dtype: str, tower: s
     else:
         enc = model.text_encoder
         vocab = json.dumps(enc.tokenizer.get_vocab(), sort_keys=True).encode()
+        weights = module_fingerprint(enc)
+        if tower == "text_prefix":  # only the frozen layers' weights: the learnable ones may differ
+            split_ = enc.split()
+            state = enc.model.state_dict()
+            weights = state_fingerprint({n: state[n] for n in split_.prefix_state})
+            key["prefix"] = {"boundary": split_.boundary}
+            key["tokens"] = None
         key["encoder"] = {
             "name": enc.cfg.name,
-            "weights": module_fingerprint(enc),
+            "weights": weights,
             # config overrides can change what the same weights compute (e.g. hidden_act).
             "config_overrides": _plain(enc.cfg.config_overrides),
             "tokenizer": type(enc.tokenizer).__name__,
@@ -148,7 +162,12 @@ def folder_size(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-_COMPUTE = {"image": compute_image, "image_prefix": compute_image_prefix, "text": compute_text}
+_COMPUTE = {
+    "image": compute_image,
+    "image_prefix": compute_image_prefix,
+    "text": compute_text,
+    "text_prefix": compute_text_prefix,
+}
 
 
 @dataclass
@@ -270,21 +289,15 @@ def cached_dataset(
     for tower in ("image", "text"):
         kind = tower
         if model.tower_is_trainable(tower):
-            if tower == "text" and trains_top_only(model.text_encoder.cfg):
-                # Not built: transformers encoders share no call that resumes a layer stack from a cached
-                # hidden state, and their frozen layers keep dropout active in training (docs/caching.md).
-                accelerator.print(
-                    "feature cache: the text tower's frozen layers are not cached (the prefix cache "
-                    "serves an image tower only); it runs whole every step"
-                )
-            if tower != "image" or not prefix_cacheable(model, accelerator):
+            if not prefix_cacheable(model, accelerator, tower):
                 continue
-            kind = "image_prefix"  # the frozen blocks before the learnable ones
+            kind = f"{tower}_prefix"  # the frozen blocks before the learnable ones
         key = tower_key(model, dataset, split, dtype, kind)
         arrays = expected_arrays(model, dataset, kind, dtype)
         folder = root / f"{split}-{kind}-{_digest(key)}"
         folders[tower], names[tower] = folder, list(arrays)
-        what = "image tower's frozen prefix" if kind == "image_prefix" else f"{tower} tower"
+        prefix = kind.endswith("_prefix")
+        what = f"{tower} tower's frozen prefix" if prefix else f"{tower} tower"
         with accelerator.main_process_first():
             problem = None
             if accelerator.is_main_process and (folder / META_FILE).is_file():
@@ -297,10 +310,10 @@ def cached_dataset(
             else:
                 verb = "reused"
         stats = cache_stats(folder)
-        where = f", entering {key['prefix']['boundary']}" if kind == "image_prefix" else ""
+        where = f", entering {key['prefix']['boundary']}" if prefix else ""
         beside = ""
-        if kind == "image_prefix":
-            whole = whole_tower_bytes(model, stats["entries"], dtype)
+        if prefix:
+            whole = whole_tower_bytes(model, tower, stats["entries"], dtype)
             beside = f"; the whole tower's output would take {whole / 2**20:.1f} MiB"
         accelerator.print(
             f"feature cache {verb} ({what}{where}): {folder} ({stats['bytes'] / 2**20:.1f} MiB{beside}; "
@@ -335,13 +348,14 @@ def _build(
     os.replace(tmp, folder)
 
 
-def prefix_cacheable(model, accelerator) -> bool:
-    """Whether the trainable image tower's frozen prefix can be cached: it trains only its last blocks and
-    can be cut there (``ImageEncoder.split``), and the run does not shard the model (FSDP and DeepSpeed
-    run the whole tower's modules themselves). Says why not when the tower trains only its top."""
+def prefix_cacheable(model, accelerator, tower: str = "image") -> bool:
+    """Whether a trainable tower's frozen prefix can be cached: it trains only its last blocks and can be
+    cut there (``ImageEncoder.split``, ``TextEncoder.split``), and the run does not shard the model (FSDP
+    and DeepSpeed run the whole tower's modules themselves). Says why not when the tower trains only its
+    top."""
     from accelerate.utils import DistributedType
 
-    enc = model.image_encoder
+    enc = getattr(model, f"{tower}_encoder")
     if not trains_top_only(enc.cfg):
         return False
     split = enc.split()
@@ -351,13 +365,19 @@ def prefix_cacheable(model, accelerator) -> bool:
         reason = f"{accelerator.distributed_type.value} runs the sharded tower whole"
     else:
         return True
-    accelerator.print(f"feature cache: the image tower's frozen blocks are not cached ({reason}); it runs")
+    accelerator.print(f"feature cache: the {tower} tower's frozen blocks are not cached ({reason}); it runs")
     return False
 
 
-def whole_tower_bytes(model, entries: int, dtype: str) -> int:
-    """What a frozen image tower's cached output (tokens and/or pooled vector) takes for ``entries``."""
-    enc, itemsize = model.image_encoder, 2 if dtype == "float16" else 4
+def whole_tower_bytes(model, tower: str, entries: int, dtype: str) -> int:
+    """What a frozen tower's cached output (tokens and/or pooled vector, a text's mask) takes for
+    ``entries``."""
+    itemsize = 2 if dtype == "float16" else 4
+    if tower == "text":
+        enc = model.text_encoder
+        tokens = enc.max_length * (enc.dim * itemsize + 1) if model.fusion.uses_tokens else 0
+        return (tokens + enc.dim * itemsize) * entries
+    enc = model.image_encoder
     per = (enc.num_tokens * enc.token_dim if model.fusion.uses_tokens else 0) + (
         enc.pooled_dim if model.fusion.uses_image_pooled else 0
     )

@@ -86,11 +86,14 @@ def trunk(model: nn.Module) -> list[Unit]:
     return units
 
 
-def _random_or_batch_dependent(module: nn.Module) -> str | None:
+def random_or_batch_dependent(module: nn.Module, skip: tuple[str, ...] = ()) -> str | None:
     """Why ``module`` (in training mode) would not map an input to the same output every step: a dropout
     of any kind (torch's ``p``, timm's ``drop_prob`` / ``prob``) above 0, or a BatchNorm without
-    parameters (``freeze_mode`` cannot tell it is frozen, so it normalizes with batch statistics)."""
+    parameters (``freeze_mode`` cannot tell it is frozen, so it normalizes with batch statistics).
+    Submodules whose names start with one of ``skip`` are not looked at."""
     for name, m in module.named_modules():
+        if skip and f"{name}.".startswith(skip):
+            continue
         kind = type(m).__name__
         rates = [getattr(m, a, None) for a in ("p", "drop_prob", "prob")]
         rate = next((r for r in rates if isinstance(r, int | float) and not isinstance(r, bool)), 0)
@@ -130,7 +133,7 @@ def split_tower(
     if stem_learnable:
         return f"{stem_learnable[0]} learns but is not in a block after the cut"
     for unit in units[:cut]:
-        reason = unit.module is not None and _random_or_batch_dependent(unit.module)
+        reason = unit.module is not None and random_or_batch_dependent(unit.module)
         if reason:
             return f"the prefix is not the same every step: {reason}"
     split = TowerSplit(

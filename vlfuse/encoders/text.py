@@ -11,6 +11,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
 from vlfuse.encoders.base import EncoderOutput
+from vlfuse.encoders.text_prefix import TextSplit, split_text_tower
 from vlfuse.encoders.tuning import TunableTower, blocks_by_prefix
 from vlfuse.schema import TextEncoderConfig
 
@@ -185,16 +186,54 @@ class TextEncoder(TunableTower, nn.Module):
             self.add_adapters()
 
     # ------------------------------------------------------------------------------------------ tuning
-    def blocks(self) -> list[list[str]]:
-        """Parameter names in blocks: the embeddings, then each layer of the model's layer stack (its
-        longest ``nn.ModuleList``); a final norm after the stack goes with the last layer."""
+    def _stack(self) -> tuple[str, nn.ModuleList]:
+        """The model's layer stack (its longest ``nn.ModuleList``) and its name in the model."""
         lists = [(n, m) for n, m in self.model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
         if not lists:
             raise ValueError(
                 f"{self.KEY}.tuning=last_blocks: found no layer stack in {type(self.model).__name__}"
             )
-        stack, layers = max(lists, key=lambda nm: len(nm[1]))
+        return max(lists, key=lambda nm: len(nm[1]))
+
+    def blocks(self) -> list[list[str]]:
+        """Parameter names in blocks: the embeddings, then each layer of the model's layer stack (its
+        longest ``nn.ModuleList``); a final norm after the stack goes with the last layer."""
+        stack, layers = self._stack()
         return blocks_by_prefix([n for n, _ in self.named_parameters()], f"model.{stack}", len(layers))
+
+    # ----------------------------------------------------------------------------------- frozen prefix
+    def split(self) -> TextSplit | str:
+        """The tower cut before its first learnable layer (``vlfuse.encoders.text_prefix``), for the
+        parameters that learn now; or why it cannot be cut."""
+        learnable = frozenset(n[len("model.") :] for n, p in self.named_parameters() if p.requires_grad)
+        cached = getattr(self, "_split", None)
+        if cached is None or cached[0] != learnable:
+            stack, _ = self._stack()
+            blocks = [[n[len("model.") :] for n in block] for block in self.blocks()]
+            found = split_text_tower(self.model, stack, blocks, set(learnable), self.tokenizer)
+            self._split = (learnable, found)
+        return self._split[1]
+
+    def prefix(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The frozen prefix's output: the hidden states entering the first learnable layer (what the
+        feature cache stores)."""
+        return self._require_split().prefix(self.model, input_ids, attention_mask)
+
+    def forward_from_prefix(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> EncoderOutput:
+        """``forward`` from the frozen prefix's output: only the learnable layers run. Columns that are
+        padding in every row are dropped first (positions are already in the hidden states), so a batch
+        read from the cache (padded to ``max_length``) runs as wide as the same texts tokenized live."""
+        keep = attention_mask.bool().any(0)
+        if not bool(keep.all()):
+            hidden, attention_mask = hidden[:, keep], attention_mask[:, keep]
+        split = self._require_split()
+        return self._output(split.suffix(self.model, hidden, attention_mask.long()), attention_mask)
+
+    def _require_split(self) -> TextSplit:
+        split = self.split()
+        if isinstance(split, str):
+            raise ValueError(f"{self.KEY}: the tower cannot be cut before its learnable layers: {split}")
+        return split
 
     @property
     def max_length(self) -> int:
@@ -209,6 +248,10 @@ class TextEncoder(TunableTower, nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> EncoderOutput:
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self._output(hidden, attention_mask)
+
+    @staticmethod
+    def _output(hidden: torch.Tensor, attention_mask: torch.Tensor) -> EncoderOutput:
         mask = attention_mask.bool()
         weights = mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)

@@ -28,6 +28,8 @@ from vlfuse.schema.fields import (
     ConfigError,
     at_least,
     one_of,
+    top_only,
+    trains_top_only,
 )
 from vlfuse.schema.mixing import STOPPING, validate_mixing
 from vlfuse.schema.study import CompareConfig, StudyConfig, validate_compare, validate_study
@@ -52,6 +54,8 @@ __all__ = [
     "TextEncoderConfig",
     "TrainConfig",
     "to_dict",
+    "top_only",
+    "trains_top_only",
     "to_yaml",
     "shown_dict",
     "shown_yaml",
@@ -74,15 +78,8 @@ class LoraSettings:
     # a CNN's convolutions.
     target_modules: list[str] = field(default_factory=list)
     # Adapt only the targets in the tower's last N blocks (as last_blocks counts them); null = every block.
-    # With the feature cache on, an image tower's frozen earlier blocks are then computed once per image.
+    # With the feature cache on, the tower's frozen earlier blocks are then computed once per input.
     last_blocks: int | None = at_least(None, 1)
-
-
-def trains_top_only(encoder: Any) -> bool:
-    """Whether a tower's tuning leaves its stem and earlier blocks frozen when it trains (``last_blocks``,
-    or ``lora`` with ``lora.last_blocks``): the frozen prefix the feature cache can serve."""
-    lora_top = encoder.tuning == "lora" and encoder.lora.last_blocks is not None
-    return encoder.tuning == "last_blocks" or lora_top
 
 
 def _tuning() -> Any:
@@ -123,8 +120,8 @@ class TextEncoderConfig:
     # Hub revision (branch, tag or commit) of the text tower; pin a commit when trust_remote_code is on, so
     # the code that runs is the code you reviewed.
     revision: str | None = None
-    # Attributes of the model's transformers config to change before it is built (each must exist),
-    # e.g. {hidden_dropout_prob: 0.0, attention_probs_dropout_prob: 0.0}.
+    # Attributes of the model's transformers config to change before it is built (each must exist), e.g.
+    # {hidden_dropout_prob: 0.0, attention_probs_dropout_prob: 0.0}: a frozen layer's dropout is random.
     config_overrides: dict[str, Any] = field(default_factory=dict)
     # How the tower learns when model.trainable_encoders includes it: full, lora or last_blocks.
     tuning: str = _tuning()
@@ -295,8 +292,8 @@ class TrainConfig:
     resume_from: str | None = None
     # Recompute activations of trainable encoders in the backward pass (less memory, more compute).
     gradient_checkpointing: bool = False
-    # Compute frozen encoders' features once per split and read them back; an image tower that trains only
-    # its last blocks (tuning last_blocks, or lora with lora.last_blocks) reads its frozen prefix's output.
+    # Compute frozen encoders' features once per split and read them back; a tower that trains only its
+    # last blocks (tuning last_blocks, or lora with lora.last_blocks) reads its frozen prefix's output.
     cache_features: bool = False
     # Where cached features live; null = $VLFUSE_CACHE or ~/.cache/vlfuse, then features/.
     cache_dir: str | None = None

@@ -29,3 +29,15 @@ def one_of(default: str, choices: Sequence[str]) -> Any:
 def at_least(default: Any, minimum: float) -> Any:
     """A field whose value (when set) must be at least ``minimum``."""
     return field(default=default, metadata={"min": minimum})
+
+
+def trains_top_only(encoder: Any) -> bool:
+    """Whether a tower's tuning leaves its stem and earlier blocks frozen when it trains (``last_blocks``,
+    or ``lora`` with ``lora.last_blocks``): the frozen prefix the feature cache can serve."""
+    lora_top = encoder.tuning == "lora" and encoder.lora.last_blocks is not None
+    return encoder.tuning == "last_blocks" or lora_top
+
+
+def top_only(model: Any) -> bool:
+    """Whether either tower of a model config trains only its top (``trains_top_only``)."""
+    return trains_top_only(model.image_encoder) or trains_top_only(model.text_encoder)

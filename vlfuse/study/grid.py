@@ -13,7 +13,7 @@ import yaml
 from vlfuse.compare import mode_config
 from vlfuse.config import merge_config
 from vlfuse.data.subsets import HOLDOUT
-from vlfuse.schema import COMPARE_MODES, Config, ConfigError, trains_top_only
+from vlfuse.schema import COMPARE_MODES, Config, ConfigError, top_only
 from vlfuse.study.labels import mode_of
 from vlfuse.study.stats import choose_rates
 from vlfuse.tasks import get_task
@@ -173,8 +173,8 @@ def trial_config(cfg: Config, cell: Cell, run_dir: Path) -> Config:
         run.data.holdout = cfg.study.validation
     run.data.eval_split = [selection_split(cfg), report_split(cfg)]
     served = get_task(cfg.model.task).feature_cache and cfg.data.hflip_prob == 0
-    # a frozen tower, or the frozen prefix of an image tower that trains its last blocks: the cache serves it
-    frozen = run.model.trainable_encoders != "all" or trains_top_only(run.model.image_encoder)
+    # a frozen tower, or the frozen prefix of a tower that trains its last blocks: the cache serves it
+    frozen = run.model.trainable_encoders != "all" or top_only(run.model)
     run.train.cache_features = frozen and (run.train.cache_features or (cfg.study.cache_features and served))
     return run
 

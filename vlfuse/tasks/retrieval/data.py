@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from vlfuse.data.cache_build import FEATURES
 from vlfuse.data.captions import ImageCaptionsExample
 from vlfuse.data.examples import ExampleCollator
 from vlfuse.tasks.retrieval.evaluation import input_keys
@@ -35,7 +36,7 @@ class RetrievalImagesCollator(ExampleCollator):
 
     def __call__(self, examples: list[Any]) -> dict[str, torch.Tensor]:
         batch = super().__call__(examples)
-        for key in ("text_tokens", "text_mask", "text_pooled"):  # cached, [B, C, ...] -> [B * C, ...]
+        for key in FEATURES["text"]:  # cached, [B, C, ...] -> [B * C, ...]
             if key in batch:
                 batch[key] = batch[key].flatten(0, 1)
         batch["image_keys"], batch["text_keys"] = input_keys(batch)
