@@ -7,9 +7,10 @@ first learnable layer; the prefix is the hidden state entering that layer.
 
 transformers' encoders share no call that runs a layer stack from a given hidden state (each builds its
 own attention mask, position embeddings and layer arguments in its ``forward``), so both halves run
-through the model's own ``forward``, steered by hooks: ``prefix`` stops it when the first learnable layer
-is called (capturing its input); ``suffix`` lets the earlier layers pass their input through unchanged,
-hands the first learnable layer the cached hidden state in place of what arrives, and runs the rest as
+through the model's own ``forward``, steered: ``prefix`` stops it when the first learnable layer is called
+(a pre-hook captures its input); ``suffix`` replaces the earlier layers' ``forward`` for the call, each
+passing its input on and the last of them returning the cached hidden state, so the first learnable layer
+receives it as its input (which activation checkpointing stores and recomputes from), and the rest runs as
 usual (the embeddings still run on placeholder ids: a lookup and a norm, their output unused). The mask
 and every other argument the layers get are the model's own. A dry run checks that prefix then suffix
 computes the model's output on texts of different lengths; any model for which it does not is not cut.
@@ -74,24 +75,22 @@ class TextSplit:
         stack = model.get_submodule(self.stack_name)
         arity = self.tuple_arity
 
-        def pass_through(*args, **kwargs):
-            h = args[0] if args else kwargs["hidden_states"]
-            return (h, *([None] * (arity - 1))) if arity else h
+        def pass_through(out: torch.Tensor | None):
+            def forward(*args, **kwargs):
+                h = out if out is not None else (args[0] if args else kwargs["hidden_states"])
+                return (h, *([None] * (arity - 1))) if arity else h
 
-        def feed(module, args, kwargs):
-            if args:
-                return (hidden, *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": hidden}
+            return forward
 
+        # The layers before the cut pass their input on, the last of them the cached hidden state: layer
+        # ``cut`` receives it as its input (also what activation checkpointing stores and recomputes from).
         skipped = list(stack[: self.cut])
-        for layer in skipped:
-            layer.forward = pass_through  # an instance attribute: shadows the class's forward
-        handle = stack[self.cut].register_forward_pre_hook(feed, with_kwargs=True)
+        for i, layer in enumerate(skipped):
+            layer.forward = pass_through(hidden if i == self.cut - 1 else None)  # shadows the class's
         try:
             ids = torch.zeros(attention_mask.shape, dtype=torch.long, device=hidden.device)
             return model(input_ids=ids, attention_mask=attention_mask).last_hidden_state
         finally:
-            handle.remove()
             for layer in skipped:
                 del layer.forward
 
