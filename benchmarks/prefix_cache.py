@@ -106,7 +106,7 @@ def _config(args, tower: str, mode: str, cache: str, work: Path):
 def switch_off_prefix_cache() -> None:
     import vlfuse.data.feature_cache as feature_cache
 
-    feature_cache.prefix_cacheable = lambda model, accelerator: False
+    feature_cache.prefix_cacheable = lambda model, accelerator, tower="image": False
 
 
 def switch_off_fast_layers() -> None:

@@ -28,7 +28,7 @@ def run_comparison(cfg: Config) -> dict[str, Any]:
     """Trains one run per ``compare.modes`` value and writes the comparison files.
 
     ``train.cache_features`` applies to the modes with a frozen tower, and to ``last_blocks`` (and LoRA with
-    ``lora.last_blocks``) through the image tower's prefix cache; it is turned off for ``all``.
+    ``lora.last_blocks``) through the towers' prefix cache; it is turned off for ``all``.
 
     Returns:
         The content of ``comparison.json``.
