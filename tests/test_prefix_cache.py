@@ -35,6 +35,26 @@ def _losses(run) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in map(json.loads, (run / "train_log.jsonl").read_text().splitlines())}
 
 
+def _live_and_cached(tmp_path, capsys, common):
+    """The run without and with the feature cache (same seed), and what the cached one printed."""
+    live = train(tiny_config(*common, f"train.output_dir={tmp_path / 'live'}"))
+    AcceleratorState._reset_state(True)
+    capsys.readouterr()
+    cached = train(
+        tiny_config(*common, "train.cache_features=true", f"train.output_dir={tmp_path / 'cached'}")
+    )
+    return live, cached, capsys.readouterr().out
+
+
+def _same_losses(tmp_path) -> dict[int, float]:
+    """Asserts the cached run's per-step losses are the live run's within 1e-5; returns the cached ones."""
+    a, b = _losses(tmp_path / "live"), _losses(tmp_path / "cached")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
+    for step in a:
+        assert b[step] == pytest.approx(a[step], abs=1e-5), step
+    return b
+
+
 TOWERS = {
     # test_resnet: BatchNorm in the frozen prefix (eval mode, its statistics fixed) and in the trained block
     "test_resnet": ["model.image_encoder.name=test_resnet"],
@@ -67,22 +87,13 @@ def _common(tmp_path, tower, *extra):
 @pytest.mark.parametrize("tower", list(TOWERS))
 def test_prefix_cached_training_equals_live_and_resumes_bitwise(tmp_path, monkeypatch, capsys, tower):
     common = _common(tmp_path, tower)
-    live = train(tiny_config(*common, f"train.output_dir={tmp_path / 'live'}"))
-    AcceleratorState._reset_state(True)
-    capsys.readouterr()
-    cached = train(
-        tiny_config(*common, "train.cache_features=true", f"train.output_dir={tmp_path / 'cached'}")
-    )
-    out = capsys.readouterr().out
+    live, cached, out = _live_and_cached(tmp_path, capsys, common)
     boundary = {"test_resnet": "layer4.0", "test_vit": "blocks.5"}[tower]
     assert f"feature cache written (image tower's frozen prefix, entering {boundary})" in out
     assert "(text tower)" not in out  # it trains
 
     # Per-step losses and final weights within 1e-5 of the live run (float32, same seed).
-    a, b = _losses(tmp_path / "live"), _losses(tmp_path / "cached")
-    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
-    for step in a:
-        assert b[step] == pytest.approx(a[step], abs=1e-5), step
+    b = _same_losses(tmp_path)
     live_w = load_file(str(tmp_path / "live" / "final" / "model.safetensors"))
     cached_w = load_file(str(tmp_path / "cached" / "final" / "model.safetensors"))
     assert live_w.keys() == cached_w.keys()
@@ -472,19 +483,10 @@ def test_text_prefix_cached_training_equals_live(tmp_path, capsys, recompute):
         "train.checkpoint_every=null",
         f"train.gradient_checkpointing={str(recompute).lower()}",
     ]
-    live = train(tiny_config(*common, f"train.output_dir={tmp_path / 'live'}"))
-    AcceleratorState._reset_state(True)
-    capsys.readouterr()
-    cached = train(
-        tiny_config(*common, "train.cache_features=true", f"train.output_dir={tmp_path / 'cached'}")
-    )
-    out = capsys.readouterr().out
+    live, cached, out = _live_and_cached(tmp_path, capsys, common)
     assert "feature cache written (text tower's frozen prefix, entering encoder.layer.1)" in out
     assert "feature cache written (image tower's frozen prefix, entering " in out
-    a, b = _losses(tmp_path / "live"), _losses(tmp_path / "cached")
-    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
-    for step in a:
-        assert b[step] == pytest.approx(a[step], abs=1e-5), step
+    _same_losses(tmp_path)
     live_w = load_file(str(tmp_path / "live" / "final" / "model.safetensors"))
     cached_w = load_file(str(tmp_path / "cached" / "final" / "model.safetensors"))
     for k in live_w:
