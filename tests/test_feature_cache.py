@@ -302,21 +302,25 @@ def test_retrieval_cached_evaluation_equals_live(tmp_path):
 NO_TEXT_DROPOUT = (
     'model.text_encoder.config_overrides={"hidden_dropout_prob": 0, "attention_probs_dropout_prob": 0}'
 )
-TEXT_TOP = ["model.text_encoder.tuning=last_blocks", "model.text_encoder.last_blocks=1", NO_TEXT_DROPOUT]
+TEXT_TOP = {
+    "text_top": ["model.text_encoder.tuning=last_blocks", "model.text_encoder.last_blocks=1"],
+    "text_top_lora": ["model.text_encoder.tuning=lora", "model.text_encoder.lora.last_blocks=1"],
+}
 
 
-@pytest.mark.parametrize("mode", ["none", "text", "text_top"])
+@pytest.mark.parametrize("mode", ["none", "text", "text_top", "text_top_lora"])
 def test_retrieval_run_with_and_without_cache_reach_the_same_metrics(tmp_path, capsys, mode):
     # none: only the projections learn; text: LiT (a locked, cached image tower, the text tower learns);
-    # text_top: LiT with the text tower's last layer learning, its frozen layer's output cached
+    # text_top(_lora): LiT with the text tower's last layer learning (or LoRA in it only), its frozen
+    # layer's output cached
     from helpers import write_flickr_layout
 
     folder = write_flickr_layout(tmp_path)
     common = [
         *RETRIEVAL,
         f"data.dataset={folder}",
-        f"model.trainable_encoders={mode.removesuffix('_top')}",
-        *(TEXT_TOP if mode == "text_top" else []),
+        f"model.trainable_encoders={mode.split('_')[0]}",
+        *(TEXT_TOP[mode] + [NO_TEXT_DROPOUT] if mode in TEXT_TOP else []),
         "data.train_split=train",
         "data.eval_split=test",
         "train.batch_size=8",
@@ -333,7 +337,7 @@ def test_retrieval_run_with_and_without_cache_reach_the_same_metrics(tmp_path, c
     for key in ("i2t_r@1", "t2i_r@1", "mean_recall"):
         assert cached[key] == pytest.approx(live[key], abs=1e-4), key
     out = capsys.readouterr().out
-    assert ("written (text tower's frozen prefix, entering encoder.layer.1)" in out) == (mode == "text_top")
+    assert ("written (text tower's frozen prefix, entering encoder.layer.1)" in out) == (mode in TEXT_TOP)
 
 
 def test_towers_served_by_the_cache_stay_off_the_accelerator():

@@ -201,15 +201,9 @@ class ImageEncoder(TunableTower, nn.Module):
         return EncoderOutput(tokens=tokens, pooled=pooled, grid=grid)
 
     # ----------------------------------------------------------------------------------- frozen prefix
-    def split(self) -> TowerSplit | str:
-        """The tower cut before its first learnable block (``vlfuse.encoders.prefix``), for the
-        parameters that learn now; or why it cannot be cut."""
-        learnable = frozenset(n[len("model.") :] for n, p in self.named_parameters() if p.requires_grad)
-        cached = getattr(self, "_split", None)
-        if cached is None or cached[0] != learnable:
-            found = split_tower(self.model, set(learnable), self.cfg.image_size)
-            self._split = (learnable, found)
-        return self._split[1]
+    def cut(self, learnable: set[str]) -> TowerSplit | str:
+        """The tower cut before its first learnable block (``vlfuse.encoders.prefix``), or why not."""
+        return split_tower(self.model, learnable, self.cfg.image_size)
 
     def prefix(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The frozen prefix's output for ``pixel_values`` (what the feature cache stores)."""
@@ -222,12 +216,6 @@ class ImageEncoder(TunableTower, nn.Module):
         """``forward`` from the frozen prefix's output: only the learnable blocks and the head run."""
         features = self._require_split().suffix(prefix)
         return self._output(features, (self.cfg.image_size, self.cfg.image_size), with_pooled)
-
-    def _require_split(self) -> TowerSplit:
-        split = self.split()
-        if isinstance(split, str):
-            raise ValueError(f"{self.KEY}: the tower cannot be cut before its learnable blocks: {split}")
-        return split
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.model.set_grad_checkpointing(enable)

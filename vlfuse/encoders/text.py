@@ -202,17 +202,11 @@ class TextEncoder(TunableTower, nn.Module):
         return blocks_by_prefix([n for n, _ in self.named_parameters()], f"model.{stack}", len(layers))
 
     # ----------------------------------------------------------------------------------- frozen prefix
-    def split(self) -> TextSplit | str:
-        """The tower cut before its first learnable layer (``vlfuse.encoders.text_prefix``), for the
-        parameters that learn now; or why it cannot be cut."""
-        learnable = frozenset(n[len("model.") :] for n, p in self.named_parameters() if p.requires_grad)
-        cached = getattr(self, "_split", None)
-        if cached is None or cached[0] != learnable:
-            stack, _ = self._stack()
-            blocks = [[n[len("model.") :] for n in block] for block in self.blocks()]
-            found = split_text_tower(self.model, stack, blocks, set(learnable), self.tokenizer)
-            self._split = (learnable, found)
-        return self._split[1]
+    def cut(self, learnable: set[str]) -> TextSplit | str:
+        """The tower cut before its first learnable layer (``vlfuse.encoders.text_prefix``), or why not."""
+        stack, _ = self._stack()
+        blocks = [[n[len("model.") :] for n in block] for block in self.blocks()]
+        return split_text_tower(self.model, stack, blocks, learnable, self.tokenizer)
 
     def prefix(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The frozen prefix's output: the hidden states entering the first learnable layer (what the
@@ -228,12 +222,6 @@ class TextEncoder(TunableTower, nn.Module):
             hidden, attention_mask = hidden[:, keep], attention_mask[:, keep]
         split = self._require_split()
         return self._output(split.suffix(self.model, hidden, attention_mask.long()), attention_mask)
-
-    def _require_split(self) -> TextSplit:
-        split = self.split()
-        if isinstance(split, str):
-            raise ValueError(f"{self.KEY}: the tower cannot be cut before its learnable layers: {split}")
-        return split
 
     @property
     def max_length(self) -> int:

@@ -55,6 +55,25 @@ class TunableTower:
             within = {n.removeprefix("model.").rpartition(".")[0] for n in top}
         add_lora(self.model, self.cfg.lora, self.KEY, within)
 
+    def cut(self, learnable: set[str]) -> Any:
+        """The tower cut before the first of ``learnable`` (names relative to ``model``), or why not."""
+        raise NotImplementedError
+
+    def split(self) -> Any:
+        """The tower cut before its first learnable block (``cut``) for the parameters that learn now, or
+        why it cannot be: kept until what learns changes."""
+        learnable = frozenset(n[len("model.") :] for n, p in self.named_parameters() if p.requires_grad)
+        cached = getattr(self, "_split", None)
+        if cached is None or cached[0] != learnable:
+            self._split = (learnable, self.cut(set(learnable)))
+        return self._split[1]
+
+    def _require_split(self) -> Any:
+        split = self.split()
+        if isinstance(split, str):
+            raise ValueError(f"{self.KEY}: the tower cannot be cut before its learnable blocks: {split}")
+        return split
+
     def learnable_parameter_names(self) -> set[str]:
         """The parameters that learn when this tower is trainable, as ``cfg.tuning`` says."""
         names = [n for n, _ in self.named_parameters()]
