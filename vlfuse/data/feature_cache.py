@@ -103,12 +103,9 @@ def tower_key(model, dataset: ImageTextDataset, split: str, dtype: str, tower: s
     if tower in ("image", "image_prefix"):
         enc = model.image_encoder
         key["image_files"] = image_files_key(dataset)
-        if tower == "image_prefix":  # only the frozen prefix's weights: the learnable blocks may differ
-            split_ = enc.split()
-            state = enc.model.state_dict()
-            weights = state_fingerprint({n: state[n] for n in split_.prefix_state})
-            key["prefix"] = {"boundary": split_.boundary, "shape": list(split_.prefix_shape)}
-            key["tokens"] = None  # the fusion's reading does not change the prefix
+        if tower == "image_prefix":
+            weights = _prefix_key(enc, key)
+            key["prefix"]["shape"] = list(enc.split().prefix_shape)
         else:
             weights = module_fingerprint(enc)
         key["encoder"] = {
@@ -125,13 +122,7 @@ def tower_key(model, dataset: ImageTextDataset, split: str, dtype: str, tower: s
     else:
         enc = model.text_encoder
         vocab = json.dumps(enc.tokenizer.get_vocab(), sort_keys=True).encode()
-        weights = module_fingerprint(enc)
-        if tower == "text_prefix":  # only the frozen layers' weights: the learnable ones may differ
-            split_ = enc.split()
-            state = enc.model.state_dict()
-            weights = state_fingerprint({n: state[n] for n in split_.prefix_state})
-            key["prefix"] = {"boundary": split_.boundary}
-            key["tokens"] = None
+        weights = _prefix_key(enc, key) if tower == "text_prefix" else module_fingerprint(enc)
         key["encoder"] = {
             "name": enc.cfg.name,
             "weights": weights,
@@ -142,6 +133,16 @@ def tower_key(model, dataset: ImageTextDataset, split: str, dtype: str, tower: s
             "max_length": enc.max_length,
         }
     return key
+
+
+def _prefix_key(enc, key: dict[str, Any]) -> str:
+    """The fingerprint of a cut tower's frozen prefix weights only (the learnable blocks may differ from
+    trial to trial); adds the cut to ``key``. The fusion's reading does not change the prefix."""
+    split = enc.split()
+    state = enc.model.state_dict()
+    key["prefix"] = {"boundary": split.boundary}
+    key["tokens"] = None
+    return state_fingerprint({n: state[n] for n in split.prefix_state})
 
 
 def _plain(mapping: Mapping[str, Any]) -> dict[str, Any]:
